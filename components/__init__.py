@@ -1,0 +1,1 @@
+"""Plugins: one file per component. Every module here is imported by `registry.discover()`."""

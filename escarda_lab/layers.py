@@ -1,0 +1,96 @@
+"""Shared primitives: RMSNorm, decoupled RoPE, SwiGLU, causal SDPA. Plugins build from these."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing import NamedTuple
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rope(nn.Module):
+    """Rotary embedding of the last `rope_dim` dims of each head; the first dims stay position-free.
+
+    `style="half"` pairs dim i with i + r/2 (Llama / NeoX); `"interleaved"` pairs 2i with 2i+1
+    (DeepSeek / GPT-J). Frequencies theta^(-2i/r), i < r/2, as in both families.
+    """
+
+    def __init__(self, rope_dim: int, max_seq_len: int, theta: float = 10000.0, style: str = "half"):
+        super().__init__()
+        self.rope_dim, self.style = rope_dim, style
+        inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / max(rope_dim, 1))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [L, r/2]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def at(self, start: int, length: int) -> "Rotary":
+        """The rotation for positions start .. start+length-1."""
+        return Rotary(self.cos[start:start + length], self.sin[start:start + length], self.style)
+
+
+class Rotary(NamedTuple):
+    """Rotation for a run of positions; `rotary(x)` rotates the last rope_dim dims of x."""
+
+    cos: Tensor  # [T, r/2]
+    sin: Tensor  # [T, r/2]
+    style: str
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x: [B, H, T, hd] -> same shape."""
+        r = 2 * self.cos.shape[-1]
+        if r == 0:
+            return x
+        cos, sin = self.cos, self.sin
+        hd = x.shape[-1]
+        nope, rot = x[..., : hd - r], x[..., hd - r:]
+        if self.style == "half":
+            x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+            rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        return torch.cat([nope, rot], dim=-1) if r < hd else rot
+
+
+class SwiGLU(nn.Module):
+    """y = W_2 (silu(W_1 x) * W_3 x), with W_1 and W_3 fused into one matmul."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+    """Causal SDPA. q: [B, H, T, hd]; k, v: [B, Hkv, past + T, hd] -> [B, H, T, hd].
+
+    Query i sits at position past + i and sees keys 0 .. past + i. Grouped heads share K/V.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,0 +1,146 @@
+"""EscardaLM: assembles the enabled plugins of every slot into a pre-norm decoder.
+
+    x = embed(ids) (+ embedding plugins)
+    S = residual.expand(x)
+    per block:  S = residual.sublayer(S, attn∘norm)   S = residual.sublayer(S, ffn∘norm)
+    h = refine(residual.collapse(S));  logits = head(norm(h))
+
+Branching lives here (which plugin fills which slot); the math lives in the plugins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from escarda_lab import registry
+from escarda_lab.layers import RMSNorm, Rope
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    hidden: Tensor  # [B, T, D] final hidden state, before the final norm
+    aux_losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)  # name -> (term, weight)
+    stats: dict[str, float] = field(default_factory=dict)  # filled when forward(with_stats=True)
+    cache: "Cache | None" = None
+
+
+class Cache:
+    """Decoding state: the position reached and one state dict per stateful module."""
+
+    def __init__(self, max_len: int):
+        self.pos = 0
+        self.max_len = max_len
+        self._states: dict[int, dict[str, Any]] = {}
+
+    def state(self, module: nn.Module) -> dict[str, Any]:
+        return self._states.setdefault(id(module), {})
+
+
+class Block(nn.Module):
+    def __init__(self, m, comps, layer: int):
+        super().__init__()
+        (att, att_cfg), = registry.enabled("attention", comps)
+        (ffn, ffn_cfg), = registry.enabled("ffn", comps)
+        modifiers = [e.cls(m, c) for e, c in registry.enabled("attention_modifier", comps)]
+        self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.attn = att.cls(m, att_cfg, layer=layer, modifiers=modifiers)
+        self.ffn_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.ffn = ffn.cls(m, ffn_cfg, layer=layer)
+        self.layer = layer
+
+    def forward(self, S, residual, rotary, cache: Cache | None):
+        S = residual.sublayer(S, lambda x: self.attn(self.attn_norm(x), rotary, cache), 2 * self.layer)
+        return residual.sublayer(S, lambda x: self.ffn(self.ffn_norm(x)), 2 * self.layer + 1)
+
+
+class EscardaLM(nn.Module):
+    def __init__(self, cfg):
+        """cfg: the full config object (uses cfg.model and cfg.components)."""
+        super().__init__()
+        m, comps = cfg.model, cfg.components
+        if m.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building")
+        self.cfg = m
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.embedders = nn.ModuleList(e.cls(m, c) for e, c in registry.enabled("embedding", comps))
+        (res, res_cfg), = registry.enabled("residual", comps)
+        self.residual = res.cls(m, res_cfg, n_sites=2 * m.n_layers)
+        self.blocks = nn.ModuleList(Block(m, comps, i) for i in range(m.n_layers))
+        refine = registry.enabled("refine", comps)
+        self.refine = refine[0][0].cls(m, refine[0][1]) if refine else None
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.rope = Rope(m.rope_dim, m.max_seq_len, m.rope_theta, m.rope_style)
+        # Objectives may own parameters (JEPA predictor, MTP heads): they live in the model.
+        self.objectives = nn.ModuleDict(
+            {e.name: e.cls(m, c) for e, c in registry.enabled("objective", comps)})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix; then each plugin's own `init_weights()`."""
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, std=self.cfg.init_std)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+        for mod in self.modules():
+            if mod is not self and hasattr(mod, "init_weights"):
+                mod.init_weights()
+
+    def new_cache(self) -> Cache:
+        return Cache(self.cfg.max_seq_len)
+
+    def forward(self, ids: Tensor, cache: Cache | None = None, with_stats: bool = False) -> ModelOutput:
+        """ids: [B, T] -> ModelOutput. With a cache, ids continue the cached sequence."""
+        T = ids.shape[1]
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(ids)
+        for e in self.embedders:
+            x = e(ids, x, cache)
+        rotary = self.rope.at(pos, T)
+        S = self.residual.expand(x)
+        for block in self.blocks:
+            S = block(S, self.residual, rotary, cache)
+        h = self.residual.collapse(S)
+        if self.refine is not None:
+            h = self.refine(h)
+        logits = self.head(self.norm(h))
+        if cache is not None:
+            cache.pos += T
+        out = ModelOutput(logits, h, self.aux_losses(), cache=cache)
+        if with_stats:
+            out.stats = self.stats()
+        return out
+
+    def plugin_modules(self) -> list[tuple[str, nn.Module]]:
+        """(component name, module) for every plugin instance in the model."""
+        return [(m.component_name, m) for m in self.modules() if hasattr(m, "component_name")]
+
+    def aux_losses(self) -> dict[str, tuple[Tensor, float]]:
+        """Losses plugins left during forward (`self.aux_loss = (term, weight)`), summed by name."""
+        out: dict[str, tuple[Tensor, float]] = {}
+        for name, mod in self.plugin_modules():
+            aux = getattr(mod, "aux_loss", None)
+            if aux is not None:
+                term, weight = aux
+                out[name] = (out[name][0] + term, weight) if name in out else (term, weight)
+        return out
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        """Health signals of every plugin, `<component>/<stat>`, averaged over its instances."""
+        acc: dict[str, list[float]] = {}
+        for name, mod in self.plugin_modules():
+            if hasattr(mod, "stats"):
+                for k, v in mod.stats().items():
+                    acc.setdefault(f"{name}/{k}", []).append(float(v))
+        return {k: sum(v) / len(v) for k, v in acc.items()}

@@ -1,0 +1,151 @@
+"""LightningModule: training step, AdamW + warmup/cosine, grad clipping, logging, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from escarda_lab.errors import Diverged
+from escarda_lab.evaluate import summarize, window_nll
+from escarda_lab.model import EscardaLM
+from escarda_lab.objectives import total_loss
+
+
+def lr_factor(step: int, t) -> float:
+    """Linear warmup to 1, then `schedule` down to min_lr_ratio at max_steps."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases, gates and scales (ndim < 2, or a parameter a plugin
+    marked `no_weight_decay = True`) are not decayed."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EscardaModule(L.LightningModule):
+    def __init__(self, cfg, token_bytes: Tensor, flops_per_token: float = 0.0, peak_flops: float = 0.0):
+        super().__init__()
+        self.cfg = cfg
+        self.model = EscardaLM(cfg)
+        self.register_buffer("token_bytes", token_bytes, persistent=False)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.train_seconds = 0.0  # summed over resumes (saved in checkpoints)
+        self._window_seconds, self._window_steps = 0.0, 0
+        self._val_sums: Tensor | None = None
+        self.last_val: dict[str, float] = {}
+        if cfg.train.compile:
+            self.model.compile()
+
+    # --------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        t = self.cfg.train
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
+                                betas=(t.beta1, t.beta2), **fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def compute_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        return total_loss(self.model, batch, self.model(batch["ids"]))
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, terms = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise Diverged(self.global_step, "the training loss")
+        if self._should_log():
+            self.log("train/loss", loss.detach())
+            for name, term in terms.items():
+                self.log(f"train/{name}", term.detach())
+            self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not torch.isfinite(norm):
+            raise Diverged(self.global_step, "the gradient norm")
+        if self._should_log():
+            self.log("grad_norm", norm)
+
+    def _should_log(self) -> bool:
+        return self.global_step % self.cfg.train.log_every == 0
+
+    # ------------------------------------------------------------------------------ throughput
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t0
+        self.train_seconds += dt
+        self._window_seconds += dt
+        self._window_steps += 1
+        step = self.global_step  # already counts this step
+        if step % self.cfg.train.log_every == 0:
+            tps = self._window_steps * self.tokens_per_step / self._window_seconds
+            self.log("perf/tokens_per_s", tps)
+            if self.flops_per_token and self.peak_flops:
+                self.log("perf/mfu", tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
+            for key, value in self.model.stats().items():
+                self.log(f"components/{key}", value)
+            self._window_seconds, self._window_steps = 0.0, 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["train_seconds"] = self.train_seconds
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.train_seconds = checkpoint.get("train_seconds", 0.0)
+
+    # ------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._val_sums += window_nll(self.model, batch, self.token_bytes)
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        self.last_val = summarize(sums.cpu())
+        self.log("val/loss", self.last_val["loss"], sync_dist=False, rank_zero_only=True)
+        self.log("val/bpb", self.last_val["bpb"], sync_dist=False, rank_zero_only=True)
+
+
+class AtomicCheckpoint(L.Callback):
+    """Saves `last.ckpt` every `every` steps and at the end, via temp file + rename."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), every
+
+    def save(self, trainer: L.Trainer) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer)
