@@ -100,10 +100,17 @@ TOKENIZERS = {"bpe", "byte"}
 
 def schema_class() -> type:
     """The root dataclass, with a `components` field per registered (toggleable) plugin."""
-    comps = make_dataclass(
-        "ComponentsConfig",
-        [(n, e.config, field(default_factory=e.config)) for n, e in registry.toggleable().items()],
-    )
+    plugins = tuple((n, e.config) for n, e in registry.toggleable().items())
+    if plugins not in _schemas:
+        _schemas[plugins] = _make_schema(plugins)
+    return _schemas[plugins]
+
+
+_schemas: dict[tuple, type] = {}
+
+
+def _make_schema(plugins: tuple) -> type:
+    comps = make_dataclass("ComponentsConfig", [(n, c, field(default_factory=c)) for n, c in plugins])
     return make_dataclass(
         "Config",
         [

@@ -262,7 +262,7 @@ def prepare(data_cfg, source: str = "data") -> TokenData:
     tk = data_cfg.tokenizer
     tok_id = "byte" if tk.kind == "byte" else f"bpe{tk.vocab_size}"
     folder = cache_root(data_cfg) / f"{corpus_id}-{tok_id}"
-    with file_lock(folder.with_suffix(".lock")):
+    with file_lock(folder.parent / f"{folder.name}.lock"):
         if not (folder / "meta.json").exists():
             _build(files, data_cfg, folder, source)
     meta = json.loads((folder / "meta.json").read_text())

@@ -51,6 +51,7 @@ class EscardaModule(L.LightningModule):
         self.train_seconds = 0.0  # summed over resumes (saved in checkpoints)
         self._window_seconds, self._window_steps = 0.0, 0
         self._val_sums: Tensor | None = None
+        self._pending: dict[str, Tensor | float] = {}
         self.last_val: dict[str, float] = {}
         if cfg.train.compile:
             self.model.compile()
@@ -71,11 +72,10 @@ class EscardaModule(L.LightningModule):
         loss, terms = self.compute_loss(batch)
         if not torch.isfinite(loss):
             raise Diverged(self.global_step, "the training loss")
-        if self._should_log():
-            self.log("train/loss", loss.detach())
-            for name, term in terms.items():
-                self.log(f"train/{name}", term.detach())
-            self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        if self._log_now():
+            self._pending["train/loss"] = loss.detach()
+            self._pending.update({f"train/{name}": term.detach() for name, term in terms.items()})
+            self._pending["lr"] = self.lr_schedulers().get_last_lr()[0]
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -83,11 +83,17 @@ class EscardaModule(L.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if not torch.isfinite(norm):
             raise Diverged(self.global_step, "the gradient norm")
-        if self._should_log():
-            self.log("grad_norm", norm)
+        if self._log_now():
+            self._pending["grad_norm"] = norm
 
-    def _should_log(self) -> bool:
+    def _log_now(self) -> bool:
+        """Log at steps 0, log_every, 2 log_every, ... (counted before the optimizer step)."""
         return self.global_step % self.cfg.train.log_every == 0
+
+    def write_metrics(self, metrics: dict, step: int) -> None:
+        """Straight to the logger at `step` (Lightning's self.log would repeat stale values)."""
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     # ------------------------------------------------------------------------------ throughput
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -100,15 +106,17 @@ class EscardaModule(L.LightningModule):
         self.train_seconds += dt
         self._window_seconds += dt
         self._window_steps += 1
-        step = self.global_step  # already counts this step
-        if step % self.cfg.train.log_every == 0:
-            tps = self._window_steps * self.tokens_per_step / self._window_seconds
-            self.log("perf/tokens_per_s", tps)
-            if self.flops_per_token and self.peak_flops:
-                self.log("perf/mfu", tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
-            for key, value in self.model.stats().items():
-                self.log(f"components/{key}", value)
-            self._window_seconds, self._window_steps = 0.0, 0
+        if not self._pending:
+            return
+        step = self.global_step - 1  # the step whose loss was computed
+        tps = self._window_steps * self.tokens_per_step / self._window_seconds
+        self._pending["perf/tokens_per_s"] = tps
+        if self.flops_per_token and self.peak_flops:
+            self._pending["perf/mfu"] = tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size)
+        self._pending.update({f"components/{k}": v for k, v in self.model.stats().items()})
+        self.write_metrics(self._pending, step)
+        self._pending = {}
+        self._window_seconds, self._window_steps = 0.0, 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["train_seconds"] = self.train_seconds
@@ -126,8 +134,8 @@ class EscardaModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         self.last_val = summarize(sums.cpu())
-        self.log("val/loss", self.last_val["loss"], sync_dist=False, rank_zero_only=True)
-        self.log("val/bpb", self.last_val["bpb"], sync_dist=False, rank_zero_only=True)
+        self.write_metrics({"val/loss": self.last_val["loss"], "val/bpb": self.last_val["bpb"]},
+                           self.global_step)
 
 
 class AtomicCheckpoint(L.Callback):

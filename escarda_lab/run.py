@@ -96,6 +96,8 @@ def train(cfg, source: str = "experiment") -> dict:
     ckpt = folder / "last.ckpt"
     resume = ckpt if ckpt.exists() else None
     start_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if resume else 0
+    if resume:
+        log.info("%s: resuming from step %d", folder, start_step)
     logger = TensorBoardLogger(save_dir=str(folder), name="", version="", default_hp_metric=False,
                                purge_step=start_step or None)
     t = cfg.train

@@ -1,0 +1,57 @@
+"""Test-only plugins, loaded through `plugins: [tests.plugins.dummy]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from escarda_lab.registry import ComponentConfig, component
+from components.attention import MultiHeadAttention
+
+
+@dataclass
+class ScaledAttentionConfig(ComponentConfig):
+    scale: float = 1.0
+
+
+@component("scaled_attention", slot="attention", config=ScaledAttentionConfig)
+class ScaledAttention(MultiHeadAttention):
+    """mha whose output is multiplied by a constant: a minimal user plugin."""
+
+    def __init__(self, m, cfg, layer=0, modifiers=()):
+        super().__init__(m, cfg, layer, modifiers)
+        self.scale = cfg.scale
+
+    def forward(self, x, rotary, cache=None):
+        return self.scale * super().forward(x, rotary, cache)
+
+    def stats(self):
+        return {"scale": self.scale}
+
+
+@component("other_attention", slot="attention")
+class OtherAttention(MultiHeadAttention):
+    pass
+
+
+@dataclass
+class ExplodeConfig(ComponentConfig):
+    at_call: int = 3
+
+
+@component("explode", slot="objective", config=ExplodeConfig)
+class Explode(nn.Module):
+    """An objective that turns NaN after `at_call` training calls (divergence tests)."""
+
+    weight = 1.0
+
+    def __init__(self, m, cfg):
+        super().__init__()
+        self.at_call, self.calls = cfg.at_call, 0
+
+    def forward(self, batch, out):
+        self.calls += 1
+        bad = torch.tensor(float("nan") if self.calls > self.at_call else 0.0)
+        return out.logits.sum() * 0 + bad

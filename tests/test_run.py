@@ -1,0 +1,127 @@
+"""End to end through the CLI: run folder, skip, determinism, TensorBoard, kill-and-resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from escarda_lab.io import read_json
+from escarda_lab.run import main
+from tests.conftest import ROOT, tiny_overrides
+
+TAGS = ["train/loss", "train/cross_entropy", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu",
+        "lr", "grad_norm"]
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["experiments/escarda.yaml", *tiny_overrides(corpus, out)]) == 0
+    return out / "escarda" / "seed0"
+
+
+def test_run_folder_holds_config_metrics_checkpoint_and_events(finished):
+    names = {p.name for p in finished.iterdir()}
+    assert {"config.yaml", "metrics.json", "last.ckpt"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert not any(n.endswith(".tmp") for n in names)
+
+
+def test_resolved_config_records_the_tokenizer_vocab(finished):
+    assert "vocab_size: 264" in (finished / "config.yaml").read_text()
+
+
+def test_metrics_json_has_final_numbers(finished):
+    m = read_json(finished / "metrics.json")
+    assert m["status"] == "finished" and m["step"] == 6
+    assert 0 < m["val_bpb"] < 9 and m["val_loss"] > 0 and m["params"]["total"] > 0
+    assert m["flops_per_token"] > 0 and m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1
+
+
+def test_tensorboard_reader_finds_the_fixed_tags(finished):
+    tags = scalars(finished)
+    for t in TAGS + ["train/z_loss"]:
+        assert t in tags, t
+    assert [s for s, _ in tags["train/loss"]] == list(range(6))  # log_every=1
+    assert [s for s, _ in tags["val/bpb"]] == [3, 6]
+
+
+def test_tensorboard_hparams_hold_every_flattened_key(finished):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    ea = EventAccumulator(str(finished))
+    ea.Reload()
+    content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert {"model.d_model", "components.z_loss.enabled", "train.lr", "data.corpus"} <= set(hp)
+    assert hp["components.z_loss.enabled"].bool_value is True
+
+
+def test_rerunning_a_finished_run_skips_it(finished, corpus):
+    before = read_json(finished / "metrics.json")
+    events = sorted(finished.glob("events.*"))
+    assert main(["experiments/escarda.yaml", *tiny_overrides(corpus, finished.parent.parent)]) == 0
+    assert read_json(finished / "metrics.json") == before and sorted(finished.glob("events.*")) == events
+
+
+def test_changed_config_in_an_existing_run_folder_is_refused(finished, corpus, capsys):
+    (finished / "metrics.json").rename(finished / "metrics.bak")  # pretend it was interrupted
+    try:
+        args = tiny_overrides(corpus, finished.parent.parent, **{"train.lr": 0.01})
+        assert main(["experiments/escarda.yaml", *args]) == 2
+        assert "train.lr" in capsys.readouterr().err
+    finally:
+        (finished / "metrics.bak").rename(finished / "metrics.json")
+
+
+def test_same_seed_gives_identical_losses_for_20_steps(corpus, tmp_path):
+    extra = {"train.max_steps": 20, "train.val_every": 20, "train.checkpoint_every": 20}
+    for name in ("a", "b"):
+        assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name=name, **extra)]) == 0
+    a, b = (scalars(tmp_path / n / "seed0")["train/loss"] for n in ("a", "b"))
+    assert len(a) == 20 and a == b
+
+
+def test_other_seed_gives_other_losses(corpus, tmp_path):
+    for seed in (0, 1):
+        assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, seed=seed)]) == 0
+    a, b = (scalars(tmp_path / "vanilla" / f"seed{s}")["train/loss"] for s in (0, 1))
+    assert a != b
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(corpus, tmp_path):
+    extra = {"train.max_steps": 400, "train.val_every": 100, "train.checkpoint_every": 40,
+             "train.log_every": 20, "model.d_model": 64, "model.ffn_hidden": 128}
+    cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
+    killed = tiny_overrides(corpus, tmp_path, name="killed", **extra)
+    folder = tmp_path / "killed" / "seed0"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd + killed, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (folder / "last.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_json(folder / "metrics.json")["status"] == "running"  # really interrupted
+    resumed = subprocess.run(cmd + killed, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="whole", **extra)]) == 0
+    a, b = read_json(folder / "metrics.json"), read_json(tmp_path / "whole" / "seed0" / "metrics.json")
+    assert a["step"] == b["step"] == 400
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-5
