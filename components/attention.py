@@ -1,62 +1,224 @@
-"""Attention plugins. `mha`: the baseline multi-head attention of the Escarda block.
+"""Attention plugins: `mha` (the baseline) and `mla` (Escarda's and DeepSeek's latent attention).
 
-Source: Vaswani et al. 2017; GQA (Ainslie et al. 2023) / MQA (Shazeer 2019) by `n_kv_heads`;
-QK-norm (Dehghani et al. 2023); decoupled RoPE as in DeepSeek-V2 / the Escarda-86M card.
+mha -- Vaswani et al. 2017; GQA (Ainslie et al. 2023) / MQA (Shazeer 2019) by `n_kv_heads`;
+QK-norm (Dehghani et al. 2023); decoupled RoPE as in DeepSeek-V2 and the Escarda-86M card:
 
     q = W_q x,  [k; v] = W_kv x                    (H query heads, H_kv key/value heads)
     q, k <- RMSNorm_hd(q), RMSNorm_hd(k)           (optional; one norm over head_dim, all heads)
     q, k <- RoPE on their last rope_dim dims       (the other head_dim - rope_dim stay NoPE)
     y = softmax(q k^T / sqrt(hd) + causal) v;  y <- modifiers(y, v);  out = W_o y
+
+mla, variant `escarda` (the released model): low-rank queries and output, direct K/V heads
+
+    q = W_qb RMSNorm(W_qa x)   (rank q_lora_rank)        out = W_ob W_oa y   (rank o_lora_rank)
+
+mla, variant `deepseek` (DeepSeek-V2, arXiv:2405.04434 §2.1): a shared KV latent
+    c = RMSNorm(W_dkv x)                  [kv_lora_rank]      the only thing cached, with k^R
+    k^C_i = W_uk,i c,  v_i = W_uv,i c     per head (head_dim - rope_dim and head_dim dims)
+    k^R = RoPE(W_kr x)                    [rope_dim], one rotary key shared by all heads
+    q_i = [q^C_i; RoPE(q^R_i)] = W_qb RMSNorm(W_qa x)
+    score_i = (q^C_i·k^C_i + q^R_i·k^R) / sqrt(head_dim)
+Decoding uses the absorbed form: q^C_i W_uk,i is scored against c directly and the attention output
+in latent space is mapped by W_uv,i afterwards, so K/V are never materialised.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from escarda_lab.layers import RMSNorm, causal_attention
-from escarda_lab.registry import component
+from escarda_lab.registry import ComponentConfig, component
 
 
-class KVCache:
-    """Preallocated per-layer K/V buffers: [B, H_kv, max_len, hd]; writes at the cache position."""
+def cached(cache, module: nn.Module, **new: Tensor) -> tuple[dict[str, Tensor], int]:
+    """Append `new` tensors ([B, ..., T, d], time on dim -2) to the module's preallocated cache.
 
-    @staticmethod
-    def update(state: dict, k: Tensor, v: Tensor, pos: int, max_len: int) -> tuple[Tensor, Tensor]:
-        if "k" not in state:
-            shape = (k.shape[0], k.shape[1], max_len, k.shape[3])
-            state["k"], state["v"] = k.new_empty(shape), v.new_empty(shape)
-        T = k.shape[2]
-        state["k"][:, :, pos:pos + T] = k
-        state["v"][:, :, pos:pos + T] = v
-        return state["k"][:, :, : pos + T], state["v"][:, :, : pos + T]
+    Returns the tensors for positions 0 .. past + T and `past`. Without a cache: (new, 0).
+    """
+    if cache is None:
+        return new, 0
+    state, past = cache.state(module), cache.pos
+    out = {}
+    for name, t in new.items():
+        if name not in state:
+            shape = (*t.shape[:-2], cache.max_len, t.shape[-1])
+            state[name] = t.new_empty(shape)
+        state[name][..., past:past + t.shape[-2], :] = t
+        out[name] = state[name][..., : past + t.shape[-2], :]
+    return out, past
+
+
+class AttentionProbe:
+    """Keeps a detached sample of one forward's queries and keys for a cheap entropy estimate."""
+
+    def remember(self, q: Tensor, k: Tensor) -> None:
+        if self.training and not torch.compiler.is_compiling():
+            self._probe = (q[:1, :, -32:].detach(), k[:1].detach())
+
+    def attention_entropy(self) -> float | None:
+        """Mean entropy (nats) of the attention rows of the last 32 queries of one sequence."""
+        probe = getattr(self, "_probe", None)
+        if probe is None:
+            return None
+        q, k = probe
+        T, S = q.shape[-2], k.shape[-2]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+
+    def stats(self) -> dict[str, float]:
+        h = self.attention_entropy()
+        return {f"entropy_layer{self.layer}": h} if h is not None else {}
 
 
 @component("mha", slot="attention")
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(AttentionProbe, nn.Module):
     def __init__(self, m, cfg=None, layer: int = 0, modifiers: list[nn.Module] = ()):
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv, self.hd = m.n_heads, m.n_kv_heads, m.head_dim
-        self.wq = nn.Linear(m.d_model, m.n_heads * m.head_dim, bias=False)
+        self.build_queries(m, cfg)
         self.wkv = nn.Linear(m.d_model, 2 * m.n_kv_heads * m.head_dim, bias=False)
-        self.wo = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=False)
+        self.build_output(m, cfg)
         self.q_norm = RMSNorm(m.head_dim, m.norm_eps) if m.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(m.head_dim, m.norm_eps) if m.qk_norm else nn.Identity()
         self.modifiers = nn.ModuleList(modifiers)
 
+    def build_queries(self, m, cfg) -> None:
+        self.wq = nn.Linear(m.d_model, m.n_heads * m.head_dim, bias=False)
+
+    def build_output(self, m, cfg) -> None:
+        self.wo = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=False)
+
+    def queries(self, x: Tensor) -> Tensor:
+        return self.wq(x)
+
+    def output(self, y: Tensor) -> Tensor:
+        return self.wo(y)
+
     def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
         """x: [B, T, D] -> [B, T, D]."""
-        q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=self.hd)
+        q = rearrange(self.queries(x), "b t (h d) -> b h t d", d=self.hd)
         k, v = rearrange(self.wkv(x), "b t (two h d) -> two b h t d", two=2, d=self.hd)
         q, k = rotary(self.q_norm(q)), rotary(self.k_norm(k))
-        past = 0
-        if cache is not None:
-            past = cache.pos
-            k_all, v_all = KVCache.update(cache.state(self), k, v, past, cache.max_len)
+        kv, past = cached(cache, self, k=k, v=v)
+        self.remember(q, kv["k"])
+        y = causal_attention(q, kv["k"], kv["v"], past)
+        for mod in self.modifiers:
+            y = mod(y, v)
+        return self.output(rearrange(y, "b h t d -> b t (h d)"))
+
+
+@dataclass
+class MLAConfig(ComponentConfig):
+    variant: str = "escarda"  # escarda | deepseek
+    q_lora_rank: int = 128  # query bottleneck (both variants)
+    o_lora_rank: int = 128  # output bottleneck (escarda)
+    kv_lora_rank: int = 128  # shared KV latent (deepseek)
+
+    def check(self, m) -> list[tuple[str, str, str]]:
+        problems = []
+        if self.variant not in ("escarda", "deepseek"):
+            problems.append(("variant", f"unknown MLA variant {self.variant!r}", "use escarda or deepseek"))
+        for key in ("q_lora_rank", "o_lora_rank", "kv_lora_rank"):
+            if getattr(self, key) <= 0:
+                problems.append((key, f"{key} must be positive", "use e.g. 32 at CPU scale, 128 released"))
+        if self.variant == "deepseek" and m.rope_dim >= m.head_dim:
+            problems.append(("variant", "deepseek MLA needs a position-free part (rope_dim < head_dim)",
+                             "lower model.rope_dim"))
+        return problems
+
+
+class EscardaMLA(MultiHeadAttention):
+    """Low-rank queries and output around the baseline's K/V heads, QK-norm and RoPE."""
+
+    component_name = "mla"
+
+    def build_queries(self, m, cfg: MLAConfig) -> None:
+        self.wq_a = nn.Linear(m.d_model, cfg.q_lora_rank, bias=False)
+        self.q_lat_norm = RMSNorm(cfg.q_lora_rank, m.norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, m.n_heads * m.head_dim, bias=False)
+
+    def build_output(self, m, cfg: MLAConfig) -> None:
+        self.wo_a = nn.Linear(m.n_heads * m.head_dim, cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_lora_rank, m.d_model, bias=False)
+
+    def queries(self, x: Tensor) -> Tensor:
+        return self.wq_b(self.q_lat_norm(self.wq_a(x)))
+
+    def output(self, y: Tensor) -> Tensor:
+        return self.wo_b(self.wo_a(y))
+
+
+class DeepSeekMLA(AttentionProbe, nn.Module):
+    component_name = "mla"
+
+    def __init__(self, m, cfg: MLAConfig, layer: int = 0, modifiers: list[nn.Module] = ()):
+        super().__init__()
+        self.layer = layer
+        self.H, self.hd, self.r = m.n_heads, m.head_dim, m.rope_dim
+        self.nope = m.head_dim - m.rope_dim
+        self.rank = cfg.kv_lora_rank
+        self.wq_a = nn.Linear(m.d_model, cfg.q_lora_rank, bias=False)
+        self.q_lat_norm = RMSNorm(cfg.q_lora_rank, m.norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, m.n_heads * m.head_dim, bias=False)
+        self.w_dkv = nn.Linear(m.d_model, cfg.kv_lora_rank + m.rope_dim, bias=False)  # [c; k^R]
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, m.norm_eps)
+        self.w_uk = nn.Parameter(torch.empty(m.n_heads, self.nope, cfg.kv_lora_rank))
+        self.w_uv = nn.Parameter(torch.empty(m.n_heads, m.head_dim, cfg.kv_lora_rank))
+        self.wo = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=False)
+        self.init_std = m.init_std
+        self.modifiers = nn.ModuleList(modifiers)
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.w_uk, std=self.init_std)
+        nn.init.normal_(self.w_uv, std=self.init_std)
+
+    def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
+        q = rearrange(self.wq_b(self.q_lat_norm(self.wq_a(x))), "b t (h d) -> b h t d", d=self.hd)
+        q_c, q_r = q[..., : self.nope], rotary(q[..., self.nope:])
+        c, k_r = self.w_dkv(x).split([self.rank, self.r], dim=-1)
+        c, k_r = self.kv_norm(c), rotary(k_r.unsqueeze(1))  # [B, T, rank], [B, 1, T, r]
+        if cache is None:
+            y, v = self.naive(q_c, q_r, c, k_r)
         else:
-            k_all, v_all = k, v
-        y = causal_attention(q, k_all, v_all, past)
+            lat, past = cached(cache, self, c=c.unsqueeze(1), k_r=k_r)
+            y = self.absorbed(q_c, q_r, lat["c"], lat["k_r"], past)
+            v = torch.einsum("hdr,btr->bhtd", self.w_uv, c) if len(self.modifiers) else None
         for mod in self.modifiers:
             y = mod(y, v)
         return self.wo(rearrange(y, "b h t d -> b t (h d)"))
+
+    def naive(self, q_c, q_r, c, k_r) -> tuple[Tensor, Tensor]:
+        """Training path: materialise per-head K and V from the latent."""
+        k_c = torch.einsum("hdr,btr->bhtd", self.w_uk, c)
+        v = torch.einsum("hdr,btr->bhtd", self.w_uv, c)
+        k = torch.cat([k_c, k_r.expand(-1, self.H, -1, -1)], dim=-1)
+        q = torch.cat([q_c, q_r], dim=-1)
+        self.remember(q, k)
+        return causal_attention(q, k, v, 0), v
+
+    def absorbed(self, q_c, q_r, c, k_r, past: int) -> Tensor:
+        """Decode path: score queries against the cached latent c [B,1,S,rank] and k^R [B,1,S,r]."""
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_c, self.w_uk)  # W_uk absorbed into the query
+        q = torch.cat([q_lat, q_r], dim=-1)
+        k = torch.cat([c, k_r], dim=-1)  # one shared "head": multi-query attention in latent space
+        T, S = q.shape[-2], k.shape[-2]
+        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        o_lat = F.scaled_dot_product_attention(q, k.expand(-1, self.H, -1, -1), c.expand(-1, self.H, -1, -1),
+                                               attn_mask=mask, scale=1 / math.sqrt(self.hd))
+        return torch.einsum("bhtr,hdr->bhtd", o_lat, self.w_uv)  # W_uv applied after attention
+
+
+@component("mla", slot="attention", config=MLAConfig)
+def multi_head_latent_attention(m, cfg: MLAConfig, layer: int = 0, modifiers=()) -> nn.Module:
+    cls = EscardaMLA if cfg.variant == "escarda" else DeepSeekMLA
+    return cls(m, cfg, layer=layer, modifiers=modifiers)

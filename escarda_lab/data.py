@@ -157,6 +157,13 @@ class Tokenizer(abc.ABC):
     def special_id(self, token: str) -> int:
         return SPECIALS.index(token)
 
+    def save(self, folder: Path) -> None:
+        """Write what `load_tokenizer(folder, kind)` needs (nothing for the byte tokenizer)."""
+
+
+def load_tokenizer(folder: Path, kind: str) -> Tokenizer:
+    return ByteTokenizer() if kind == "byte" else BPETokenizer.load(Path(folder) / "tokenizer.json")
+
 
 class ByteTokenizer(Tokenizer):
     """Ids 0..7 are the specials, 8 + b is byte b."""
@@ -202,8 +209,8 @@ class BPETokenizer(Tokenizer):
 
         return cls(HF.from_file(str(path)))
 
-    def save(self, path: Path) -> None:
-        atomic_write(path, self.hf.to_str())
+    def save(self, folder: Path) -> None:
+        atomic_write(Path(folder) / "tokenizer.json", self.hf.to_str())
 
     def encode_batch(self, texts):
         return [e.ids for e in self.hf.encode_batch(texts)]
@@ -266,7 +273,7 @@ def prepare(data_cfg, source: str = "data") -> TokenData:
         if not (folder / "meta.json").exists():
             _build(files, data_cfg, folder, source)
     meta = json.loads((folder / "meta.json").read_text())
-    tok = ByteTokenizer() if tk.kind == "byte" else BPETokenizer.load(folder / "tokenizer.json")
+    tok = load_tokenizer(folder, tk.kind)
     dtype = np.dtype(meta["dtype"])
     streams = {s: np.memmap(folder / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
     return TokenData(tok, streams["train"], streams["val"], meta)
@@ -279,7 +286,7 @@ def _build(files, data_cfg, folder: Path, source: str) -> None:
         tok: Tokenizer = ByteTokenizer()
     else:
         tok = BPETokenizer.train(train_docs, data_cfg.tokenizer.vocab_size)
-        tok.save(folder / "tokenizer.json")
+        tok.save(folder)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "corpus": data_cfg.corpus}
     for name, docs in (("train", train_docs), ("val", val_docs)):

@@ -40,6 +40,15 @@ class Cache:
     def state(self, module: nn.Module) -> dict[str, Any]:
         return self._states.setdefault(id(module), {})
 
+    def numbers_per_token(self) -> float:
+        """Cached numbers per token over all layers (buffers are preallocated to max_len)."""
+        total = 0
+        for state in self._states.values():
+            for t in state.values():
+                if isinstance(t, Tensor):
+                    total += t.numel() / (t.shape[0] * self.max_len)
+        return total
+
 
 class Block(nn.Module):
     def __init__(self, m, comps, layer: int):

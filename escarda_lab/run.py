@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import sys
-import textwrap
 import time
 import warnings
 from dataclasses import replace
@@ -20,7 +19,7 @@ import torch
 
 from escarda_lab import config
 from escarda_lab.errors import ConfigError, Diverged, UserError
-from escarda_lab.io import read_json, run_dir, write_json
+from escarda_lab.io import atomic_write, read_json, run_dir, write_json
 
 log = logging.getLogger("escarda_lab")
 
@@ -85,7 +84,9 @@ def train(cfg, source: str = "experiment") -> dict:
     resolved = config.to_yaml(cfg)
     check_same_config(folder, resolved, source)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(resolved) if not (folder / "config.yaml").exists() else None
+    if not (folder / "config.yaml").exists():
+        atomic_write(folder / "config.yaml", resolved)
+        tokens.tokenizer.save(folder)  # generate / evaluate / export read it from the run folder
 
     L.seed_everything(cfg.seed, verbose=False)
     peak = accounting.matmul_peak_flops(seconds=0.3)
@@ -159,7 +160,7 @@ def write_hparams(folder: Path, cfg, metrics: dict) -> None:
 
 
 def user_error(e: UserError) -> str:
-    return textwrap.fill(f"escarda_lab: error in {e}", width=100)
+    return f"escarda_lab: error in {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
