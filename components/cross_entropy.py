@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from escarda_lab.registry import component
@@ -16,5 +15,5 @@ class CrossEntropy(nn.Module):
         super().__init__()
 
     def forward(self, batch: dict, out) -> Tensor:
-        return F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                               ignore_index=-100)
+        nll, _ = out.nll_lse(batch["labels"])
+        return nll.sum() / (batch["labels"] != -100).sum().clamp(min=1)

@@ -30,5 +30,5 @@ class ZLoss(nn.Module):
 
     def forward(self, batch: dict, out) -> Tensor:
         valid = batch["labels"] != -100
-        z = out.logits.float().logsumexp(dim=-1)  # [B, T]
-        return (z.square() * valid).sum() / valid.sum().clamp(min=1)
+        _, lse = out.nll_lse(batch["labels"])  # shared with cross-entropy: one softmax pass
+        return (lse.square() * valid).sum() / valid.sum().clamp(min=1)

@@ -1,10 +1,14 @@
-"""Benchmark: `python -m escarda_lab.bench EXPERIMENT.yaml [key=value ...] [--steps N] [--json]`.
+"""Benchmark: `python -m escarda_lab.bench EXP.yaml [EXP2.yaml ...] [key=value ...] [--decode] [--json]`.
 
-Trains the experiment's model two ways in one process, interleaved (A B A B ...) to cancel drift:
-  lightning  -- our LightningModule under lightning.Trainer (what `escarda_lab.run` does)
-  plain      -- a hand-written PyTorch loop over the identical model, optimizer and batches
-and prints steady-state tokens/s, ms/step, FLOPs/token (FlopCounterMode) and MFU against a matmul
-peak probed before and after (the probe varies by about ±7% here; we use the mean).
+Everything is measured in one process, interleaved (A B A B ...) to cancel drift:
+  * loop overhead: the first experiment trained by our LightningModule under lightning.Trainer
+    (what `escarda_lab.run` does) vs a hand-written PyTorch loop over the identical model,
+    optimizer and batches;
+  * variants: train step time of every experiment (the plain loop), and its ratio to the first;
+  * --decode: greedy decoding of max_seq_len/2 new tokens after a max_seq_len/2 prompt, with the
+    KV cache and without it (full recompute per token).
+FLOPs/token come from FlopCounterMode; MFU is against a matmul peak probed before and after (the
+probe varies by about ±7% here; we use the mean). Overrides apply to every experiment.
 """
 
 from __future__ import annotations
@@ -74,61 +78,110 @@ def steady_seconds_per_step(stamps: list[float], warmup: int) -> float:
     return (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
 
 
-def bench(cfg, steps: int, rounds: int, warmup: int) -> dict:
-    tokens = data.prepare(cfg.data)
-    cfg = with_vocab(cfg, tokens.tokenizer.vocab_size, "bench")
+def decode_tokens_per_s(model, prompt_len: int, new: int, use_cache: bool) -> float:
+    from escarda_lab.generate import generate
+
+    prompt = torch.randint(8, model.cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    out = generate(model, prompt.tolist(), new, temperature=0.0, use_cache=use_cache)
+    return len(out) / (time.perf_counter() - t0)
+
+
+def load_variants(experiments: list[str], overrides: list[str]) -> tuple[list, data.TokenData]:
+    cfgs = [config.load(e, overrides) for e in experiments]
+    tokens = data.prepare(cfgs[0].data)
+    for c in cfgs[1:]:
+        if c.data != cfgs[0].data:
+            raise UserError(c.name, "data", "benchmarked experiments use different data settings",
+                            "compare experiments that share `data:` (or override it for all)")
+    return [with_vocab(c, tokens.tokenizer.vocab_size, "bench") for c in cfgs], tokens
+
+
+def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: int, decode: bool) -> dict:
     from escarda_lab.model import EscardaLM
 
-    model = EscardaLM(cfg)
-    flops = accounting.train_flops_per_token(model, lambda b: total_loss(model, b, model(b["ids"]))[0],
-                                             cfg.data.seq_len)
-    params = accounting.param_counts(model)["total"]
+    base = cfgs[0]
+    tokens_per_step = base.data.batch_size * base.data.seq_len
     peak_before = accounting.matmul_peak_flops()
-    times: dict[str, list[float]] = {"plain": [], "lightning": []}
+    loop: dict[str, list[float]] = {"plain": [], "lightning": []}
+    train: list[list[float]] = [[] for _ in cfgs]
     for _ in range(rounds):
-        for name, loop in (("plain", plain_loop), ("lightning", lightning_loop)):
-            times[name].append(steady_seconds_per_step(loop(cfg, tokens, steps), warmup))
+        loop["lightning"].append(steady_seconds_per_step(lightning_loop(base, tokens, steps), warmup))
+        for i, cfg in enumerate(cfgs):
+            train[i].append(steady_seconds_per_step(plain_loop(cfg, tokens, steps), warmup))
+    loop["plain"] = train[0]
     peak = (peak_before + accounting.matmul_peak_flops()) / 2
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    out = {"experiment": cfg.name, "params": params, "flops_per_token": flops, "peak_flops": peak,
-           "tokens_per_step": tokens_per_step, "variants": []}
-    for name, secs in times.items():
+
+    out = {"peak_flops": peak, "tokens_per_step": tokens_per_step, "loop_overhead": [], "variants": []}
+    base_flops = 0.0
+    for name, secs in loop.items():
         s = statistics.median(secs)
-        out["variants"].append({"name": name, "ms_per_step": 1e3 * s, "tokens_per_s": tokens_per_step / s,
-                                "mfu": tokens_per_step / s * flops / peak})
-    plain_tps = out["variants"][0]["tokens_per_s"]
-    for v in out["variants"]:
+        out["loop_overhead"].append({"name": name, "ms_per_step": 1e3 * s, "tokens_per_s": tokens_per_step / s})
+    plain_tps = out["loop_overhead"][0]["tokens_per_s"]
+    for v in out["loop_overhead"]:
         v["ratio_to_plain"] = v["tokens_per_s"] / plain_tps
+    for i, cfg in enumerate(cfgs):
+        model = EscardaLM(cfg)
+        flops = accounting.train_flops_per_token(model, lambda b: total_loss(model, b, model(b["ids"]))[0],
+                                                 cfg.data.seq_len)
+        base_flops = base_flops or flops
+        s = statistics.median(train[i])
+        v = {"name": cfg.name, "params": accounting.param_counts(model)["total"], "flops_per_token": flops,
+             "ms_per_step": 1e3 * s, "tokens_per_s": tokens_per_step / s, "mfu": tokens_per_step / s * flops / peak,
+             "ratio_to_baseline": s / statistics.median(train[0])}
+        if decode:
+            half = cfg.model.max_seq_len // 2
+            v["decode_tokens_per_s"] = decode_tokens_per_s(model, half, half, True)
+            v["decode_uncached_tokens_per_s"] = decode_tokens_per_s(model, half, half, False)
+            v["cache_speedup"] = v["decode_tokens_per_s"] / v["decode_uncached_tokens_per_s"]
+            cache = model.new_cache()
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+            v["cache_numbers_per_token"] = cache.numbers_per_token()
+        out["variants"].append(v)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     p = argparse.ArgumentParser(prog="python -m escarda_lab.bench", description=__doc__.splitlines()[0])
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("args", nargs="+", help="experiment files (the first is the baseline), then key=value overrides")
     p.add_argument("--steps", type=int, default=30, help="steps per timed run (default 30)")
     p.add_argument("--rounds", type=int, default=3, help="A/B rounds (default 3)")
     p.add_argument("--warmup", type=int, default=5, help="steps not timed at the start of each run")
+    p.add_argument("--decode", action="store_true", help="also time decoding with and without the KV cache")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = p.parse_args(argv)
+    experiments = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
     quiet_libraries()
     prepare_torch()
     try:
-        cfg = config.load(args.experiment, args.overrides)
+        if not experiments:
+            raise UserError("command line", None, "no experiment file given", "pass e.g. experiments/vanilla.yaml")
         if args.steps <= args.warmup + 1:
             raise UserError("command line", "--steps", f"--steps {args.steps} leaves nothing to time after "
                             f"--warmup {args.warmup}", "use more steps than warmup + 1")
-        res = bench(cfg, args.steps, args.rounds, args.warmup)
+        cfgs, tokens = load_variants(experiments, overrides)
+        res = bench(cfgs, tokens, args.steps, args.rounds, args.warmup, args.decode)
     except UserError as e:
         print(user_error(e), file=sys.stderr)
         return 2
-    print(f"{res['experiment']}: {res['params']:,} params, {res['flops_per_token'] / 1e6:.2f} MFLOP/token, "
-          f"matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s, {res['tokens_per_step']} tokens/step")
-    print(f"{'loop':<10} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7} {'vs plain':>9}")
+    print(f"matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s, {res['tokens_per_step']} tokens/step, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"\nloop overhead ({res['variants'][0]['name']}):")
+    for v in res["loop_overhead"]:
+        print(f"  {v['name']:<10} {v['ms_per_step']:8.1f} ms/step {v['tokens_per_s']:9.0f} tokens/s "
+              f"{v['ratio_to_plain']:7.3f}x of plain")
+    print(f"\n{'variant':<16} {'params':>10} {'MFLOP/tok':>10} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "
+          f"{'step ratio':>10}" + (f" {'decode/s':>9} {'no-cache/s':>10} {'speedup':>8} {'cache/tok':>9}"
+                                   if args.decode else ""))
     for v in res["variants"]:
-        print(f"{v['name']:<10} {v['ms_per_step']:9.1f} {v['tokens_per_s']:10.0f} {100 * v['mfu']:6.1f}% "
-              f"{v['ratio_to_plain']:8.3f}x")
+        line = (f"{v['name']:<16} {v['params']:>10,} {v['flops_per_token'] / 1e6:>10.2f} {v['ms_per_step']:>8.1f} "
+                f"{v['tokens_per_s']:>9.0f} {100 * v['mfu']:>5.1f}% {v['ratio_to_baseline']:>9.3f}x")
+        if args.decode:
+            line += (f" {v['decode_tokens_per_s']:>9.0f} {v['decode_uncached_tokens_per_s']:>10.0f} "
+                     f"{v['cache_speedup']:>7.1f}x {v['cache_numbers_per_token']:>9.0f}")
+        print(line)
     if args.json:
         print(json.dumps(res))
     return 0

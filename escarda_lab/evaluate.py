@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -19,10 +18,9 @@ def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
 
 def window_nll(model, batch: dict, token_bytes: Tensor) -> Tensor:
     """[nll_sum, n_tokens, n_bytes] (float64) over the valid labels of one batch."""
-    logits = model(batch["ids"]).logits
     labels = batch["labels"]
     valid = labels != -100
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    nll = model(batch["ids"]).nll_lse(labels)[0].sum()
     n_bytes = token_bytes.to(labels.device)[labels.clamp(min=0)][valid].sum()
     return torch.stack([nll.double(), valid.sum().double(), n_bytes.double()])
 

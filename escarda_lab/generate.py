@@ -42,7 +42,7 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: floa
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_ids: tuple[int, ...] = (), seed: int | None = None,
              use_cache: bool = True) -> list[int]:

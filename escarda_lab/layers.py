@@ -94,3 +94,36 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class _NllLogSumExp(torch.autograd.Function):
+    """(nll, lse) per row of x [N, V]; one softmax in backward serves both outputs.
+
+    nll = lse - x[y], lse = log Σ exp x.  d nll/dx = softmax - onehot(y), d lse/dx = softmax, so
+    grad_x = (g_nll + g_lse) softmax(x) - g_nll onehot(y): no [N, V] log-softmax is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor):
+        valid = y != -100
+        yc = y.clamp(min=0)[:, None]
+        # One fused log-softmax pass (torch.logsumexp takes several); lse = x_y - log p_y.
+        logp_y = torch.log_softmax(x, dim=-1).gather(1, yc).squeeze(1)
+        lse = x.gather(1, yc).squeeze(1) - logp_y
+        ctx.save_for_backward(x, yc, valid)
+        return -logp_y * valid, lse
+
+    @staticmethod
+    def backward(ctx, g_nll: Tensor, g_lse: Tensor):
+        x, yc, valid = ctx.saved_tensors
+        g_nll = g_nll * valid
+        grad = torch.softmax(x, dim=-1).mul_((g_nll + g_lse)[:, None])
+        grad.scatter_add_(1, yc, -g_nll[:, None])
+        return grad, None
+
+
+def nll_and_logsumexp(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """logits [..., V], labels [...] (-100 = ignore) -> (nll, logsumexp), each [...], in fp32."""
+    shape = labels.shape
+    nll, lse = _NllLogSumExp.apply(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    return nll.view(shape), lse.view(shape)

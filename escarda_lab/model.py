@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from escarda_lab import registry
-from escarda_lab.layers import RMSNorm, Rope
+from escarda_lab.layers import RMSNorm, Rope, nll_and_logsumexp
 
 
 @dataclass
@@ -27,6 +27,16 @@ class ModelOutput:
     aux_losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)  # name -> (term, weight)
     stats: dict[str, float] = field(default_factory=dict)  # filled when forward(with_stats=True)
     cache: "Cache | None" = None
+    _nll_lse: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def nll_lse(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-position NLL and logsumexp of the logits ([B, T] each; NLL is 0 where label = -100).
+
+        Computed once per output and shared by every objective that needs them (CE, z-loss).
+        """
+        if self._nll_lse is None or self._nll_lse[0] is not labels:
+            self._nll_lse = (labels, *nll_and_logsumexp(self.logits, labels))
+        return self._nll_lse[1], self._nll_lse[2]
 
 
 class Cache:
@@ -91,6 +101,8 @@ class EscardaLM(nn.Module):
         self.objectives = nn.ModuleDict(
             {e.name: e.cls(m, c) for e, c in registry.enabled("objective", comps)})
         self.reset_parameters()
+        self._aux_modules = tuple((n, mod) for n, mod in self.plugin_modules()
+                                  if getattr(mod, "emits_aux_loss", False))
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix; then each plugin's own `init_weights()`."""
@@ -135,9 +147,12 @@ class EscardaLM(nn.Module):
         return [(m.component_name, m) for m in self.modules() if hasattr(m, "component_name")]
 
     def aux_losses(self) -> dict[str, tuple[Tensor, float]]:
-        """Losses plugins left during forward (`self.aux_loss = (term, weight)`), summed by name."""
+        """Losses plugins left during forward (`self.aux_loss = (term, weight)`), summed by name.
+
+        Only plugins whose class sets `emits_aux_loss = True` are asked (listed once at init).
+        """
         out: dict[str, tuple[Tensor, float]] = {}
-        for name, mod in self.plugin_modules():
+        for name, mod in self._aux_modules:
             aux = getattr(mod, "aux_loss", None)
             if aux is not None:
                 term, weight = aux

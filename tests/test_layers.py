@@ -61,3 +61,25 @@ def test_chunked_causal_attention_matches_full(past, T, groups):
     full = causal_attention(q, k, v, 0)
     chunk = causal_attention(q[:, :, past:], k, v, past)
     assert torch.allclose(full[:, :, past:], chunk, atol=1e-5)
+
+
+@given(N=st.integers(1, 6), V=st.integers(2, 9), seed=st.integers(0, 1000))
+@settings(max_examples=25, deadline=None)
+def test_fused_nll_and_logsumexp_match_autograd_reference(N, V, seed):
+    from escarda_lab.layers import nll_and_logsumexp
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[0] = -100
+    w_nll, w_lse = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    xa = x.clone().requires_grad_()
+    nll, lse = nll_and_logsumexp(xa, y)
+    ((nll * w_nll).sum() + (lse * w_lse).sum()).backward()
+    xb = x.clone().requires_grad_()
+    ref_nll = torch.nn.functional.cross_entropy(xb, y, ignore_index=-100, reduction="none")
+    ref_lse = xb.logsumexp(-1)
+    ((ref_nll * w_nll).sum() + (ref_lse * w_lse).sum()).backward()
+    assert torch.allclose(nll.double(), ref_nll.double(), atol=1e-5)
+    assert torch.allclose(lse.double(), ref_lse.double(), atol=1e-5)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
