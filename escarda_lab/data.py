@@ -389,7 +389,8 @@ class EscardaData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_starts)
 
-    def loader(self, starts: np.ndarray) -> DataLoader:
-        rank, world = self._rank_world()
+    def loader(self, starts: np.ndarray, shard: bool = True) -> DataLoader:
+        """Validation windows at `starts`; split across processes unless shard=False."""
+        rank, world = self._rank_world() if shard else (0, 1)
         ds = Windows(self.tokens.val, starts[rank::world], self.cfg.data.seq_len)
         return DataLoader(ds, batch_size=self.cfg.data.batch_size, collate_fn=collate)

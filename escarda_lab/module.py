@@ -109,6 +109,9 @@ class EscardaModule(L.LightningModule):
         if not self._pending:
             return
         step = self.global_step - 1  # the step whose loss was computed
+        if self.trainer.world_size > 1:  # every rank logs at the same steps: average the losses
+            self._pending = {k: self.trainer.strategy.reduce(v, reduce_op="mean") if k.startswith("train/") else v
+                             for k, v in self._pending.items()}
         tps = self._window_steps * self.tokens_per_step / self._window_seconds
         self._pending["perf/tokens_per_s"] = tps
         if self.flops_per_token and self.peak_flops:

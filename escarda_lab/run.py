@@ -126,7 +126,7 @@ def train(cfg, source: str = "experiment") -> dict:
         return {}
 
     # The number a grid compares: the whole validation split in non-overlapping windows.
-    final = score(module.model, dm.loader(dm.all_val_starts), tokens.token_bytes, module.device)
+    final = score(module.model, dm.loader(dm.all_val_starts, shard=False), tokens.token_bytes, module.device)
     from escarda_lab.evaluate import summarize
 
     val = summarize(final)

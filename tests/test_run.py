@@ -125,3 +125,22 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(corpus, tmp_path
     a, b = read_json(folder / "metrics.json"), read_json(tmp_path / "whole" / "seed0" / "metrics.json")
     assert a["step"] == b["step"] == 400
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_cpu_ddp_with_two_processes_matches_one_process(corpus, tmp_path):
+    """Same global batch: DDP (gloo, 2 ranks) logs the same losses as a single process."""
+    extra = {"train.max_steps": 8, "train.val_every": 4, "train.checkpoint_every": 4, "train.log_every": 2}
+    cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ddp = tiny_overrides(corpus, tmp_path, name="ddp", **extra) + [
+        "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    res = subprocess.run(cmd + ddp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="one", **extra)]) == 0
+    a, b = scalars(tmp_path / "ddp" / "seed0"), scalars(tmp_path / "one" / "seed0")
+    for tag in ("train/loss", "val/loss"):
+        assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]]
+        assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a[tag], b[tag]))
+    fa, fb = read_json(tmp_path / "ddp" / "seed0" / "metrics.json"), read_json(tmp_path / "one" / "seed0" / "metrics.json")
+    assert abs(fa["val_loss"] - fb["val_loss"]) < 1e-4
