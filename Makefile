@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-DEMO    ?= experiments/vanilla.yaml
+DEMO    ?= experiments/no_engram.yaml
 
 .PHONY: setup demo test test-fast bench clean
 

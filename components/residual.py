@@ -20,3 +20,9 @@ class PlainResidual(nn.Module):
 
     def collapse(self, S: Tensor) -> Tensor:
         return S
+
+    def read(self, S: Tensor) -> Tensor:
+        return S
+
+    def add(self, S: Tensor, delta: Tensor) -> Tensor:
+        return S + delta

@@ -101,6 +101,7 @@ class EscardaLM(nn.Module):
         self.objectives = nn.ModuleDict(
             {e.name: e.cls(m, c) for e, c in registry.enabled("objective", comps)})
         self.reset_parameters()
+        self._block_hooks = tuple(e for e in self.embedders if hasattr(e, "before_block"))
         self._aux_modules = tuple((n, mod) for n, mod in self.plugin_modules()
                                   if getattr(mod, "emits_aux_loss", False))
 
@@ -130,6 +131,8 @@ class EscardaLM(nn.Module):
         rotary = self.rope.at(pos, T)
         S = self.residual.expand(x)
         for block in self.blocks:
+            for e in self._block_hooks:
+                S = e.before_block(ids, S, self.residual, block.layer, cache)
             S = block(S, self.residual, rotary, cache)
         h = self.residual.collapse(S)
         if self.refine is not None:
@@ -158,6 +161,21 @@ class EscardaLM(nn.Module):
                 term, weight = aux
                 out[name] = (out[name][0] + term, weight) if name in out else (term, weight)
         return out
+
+    def health(self, final: dict[str, float], peak: dict[str, float]) -> dict[str, str]:
+        """{component: why it looks dead} from each plugin's `health(final, peak)` check.
+
+        final: the last `stats()`; peak: the largest |value| each stat reached during the run.
+        """
+        flags: dict[str, str] = {}
+        for name, mod in self.plugin_modules():
+            if name in flags or not hasattr(mod, "health"):
+                continue
+            own = lambda d: {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(name + "/")}
+            reason = mod.health(own(final), own(peak))
+            if reason:
+                flags[name] = reason
+        return flags
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:

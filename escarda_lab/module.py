@@ -53,6 +53,7 @@ class EscardaModule(L.LightningModule):
         self._val_sums: Tensor | None = None
         self._pending: dict[str, Tensor | float] = {}
         self.last_val: dict[str, float] = {}
+        self.stat_peak: dict[str, float] = {}  # largest |stat| seen at a log step (dead-component checks)
         if cfg.train.compile:
             self.model.compile()
 
@@ -116,16 +117,21 @@ class EscardaModule(L.LightningModule):
         self._pending["perf/tokens_per_s"] = tps
         if self.flops_per_token and self.peak_flops:
             self._pending["perf/mfu"] = tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size)
-        self._pending.update({f"components/{k}": v for k, v in self.model.stats().items()})
+        stats = self.model.stats()
+        for k, v in stats.items():
+            self.stat_peak[k] = max(self.stat_peak.get(k, 0.0), abs(v))
+        self._pending.update({f"components/{k}": v for k, v in stats.items()})
         self.write_metrics(self._pending, step)
         self._pending = {}
         self._window_seconds, self._window_steps = 0.0, 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["train_seconds"] = self.train_seconds
+        checkpoint["stat_peak"] = self.stat_peak
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
+        self.stat_peak = checkpoint.get("stat_peak", {})
 
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:

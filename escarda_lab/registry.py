@@ -44,9 +44,11 @@ SLOTS: dict[str, Slot] = {
         Slot("ffn", True, "swiglu",
              "__init__(model_cfg, cfg, layer); forward(x[B,T,D]) -> y[B,T,D]; may set self.aux_loss"),
         Slot("residual", True, "plain",
-             "__init__(model_cfg, cfg, n_sites); expand(x)->S, sublayer(S, fn, site)->S, collapse(S)->x"),
+             "__init__(model_cfg, cfg, n_sites); expand(x)->S, sublayer(S, fn, site)->S, collapse(S)->x, "
+             "read(S)->h[B,T,D] (the state a block sees), add(S, delta[B,T,D])->S"),
         Slot("embedding", False, None,
-             "__init__(model_cfg, cfg); forward(ids[B,T], x[B,T,D], cache) -> x[B,T,D]"),
+             "__init__(model_cfg, cfg); forward(ids[B,T], x[B,T,D], cache) -> x[B,T,D]; optional "
+             "before_block(ids, S, residual, layer, cache) -> S, called before every block"),
         Slot("refine", True, None, "__init__(model_cfg, cfg); forward(h[B,T,D]) -> h[B,T,D]"),
         Slot("objective", False, "cross_entropy",
              "__init__(model_cfg, cfg); forward(batch, out: ModelOutput) -> scalar; `weight` attribute"),

@@ -138,6 +138,9 @@ def train(cfg, source: str = "experiment") -> dict:
         "train_seconds": module.train_seconds, "wall_seconds_this_process": time.perf_counter() - t0,
         "stats": module.model.stats(),
     }
+    metrics["dead_components"] = module.model.health(metrics["stats"], module.stat_peak)
+    for name, why in metrics["dead_components"].items():
+        log.warning("%s: component %s looks dead: %s", folder, name, why)
     metrics["mfu"] = metrics["tokens_per_s"] * module.flops_per_token / peak
     write_hparams(folder, cfg, metrics)
     write_json(folder / "metrics.json", metrics)

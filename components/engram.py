@@ -1,0 +1,222 @@
+"""`engram`: n-gram memory -- hash the local n-grams into learned tables and gate them in.
+
+For every n in 2..max_ngram and every hash head k there is a table E_{n,k} of `table_size` rows
+(G = (max_ngram - 1) · heads tables). Position t looks up the n-gram of tokens t-n+1 .. t
+(pad id before the start; strictly causal), concatenates the G rows e_t [G · dim] and adds
+
+    escarda / ids   x_t <- x_t + σ(w · x_t + gate_bias) · W_e e_t          (at the embedding)
+    deepseek        h_t <- h_t + Ṽ_t + SiLU(DWConv(RMSNorm(Ṽ)))_t,  Ṽ_t = α_t W_v e_t,
+                    α_t = σ(ssqrt(⟨RMSNorm(W_k e_t), RMSNorm(h_t)⟩ / √D))  (before the listed blocks)
+
+The key of an n-gram:
+    escarda   (as released) a frozen random projection of its token embeddings to compress_dim
+              dims, sign-quantised: bucket = Σ_i [p_i > 0] 2^i mod table_size. It can collapse
+              (the released model sent every key to bucket 0), which `stats()` exposes.
+    ids       multiplicative hash of the token ids: (Σ_j id_{t-j} a_{g,j}) mod P mod table_size
+    deepseek  DeepSeek's Engram (2026): multiplicative-XOR hash, XOR_j (id_{t-j} a_{g,j}) mod p_g,
+              with a distinct prime p_g <= table_size per (n, head)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from escarda_lab.data import PAD
+from escarda_lab.layers import RMSNorm
+from escarda_lab.registry import ComponentConfig, component
+
+VARIANTS = ("escarda", "ids", "deepseek")
+PRIME = 2_147_483_629
+
+
+def primes_below(n: int, count: int) -> list[int]:
+    """The `count` largest primes <= n (distinct moduli for the deepseek hash)."""
+    out, k = [], n
+    while len(out) < count and k > 1:
+        if all(k % d for d in range(2, int(k**0.5) + 1)):
+            out.append(k)
+        k -= 1
+    return out
+
+
+@dataclass
+class EngramConfig(ComponentConfig):
+    variant: str = "escarda"  # escarda | ids | deepseek
+    max_ngram: int = 3
+    table_size: int = 4096
+    heads: int = 2
+    compress_dim: int = 32  # escarda key: projection width before sign-quantisation
+    dim: int = 32  # width of one table row
+    gate_bias: float = -1.0  # escarda / ids: gate σ(-1) ≈ 0.27 at init, "mostly off"
+    layers: list[int] = field(default_factory=lambda: [1])  # deepseek: blocks it is inserted before
+    conv_kernel: int = 4  # deepseek: causal depthwise convolution width
+
+    def check(self, m) -> list[tuple[str, str, str]]:
+        out = []
+        if self.variant not in VARIANTS:
+            out.append(("variant", f"unknown variant {self.variant!r}", f"use one of {list(VARIANTS)}"))
+        if self.max_ngram < 2:
+            out.append(("max_ngram", "n-grams start at n = 2", "use max_ngram >= 2 (3 released)"))
+        for key in ("table_size", "heads", "compress_dim", "dim", "conv_kernel"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"{key} must be positive", "use a positive integer"))
+        if self.variant == "deepseek" and not all(0 <= i < m.n_layers for i in self.layers):
+            out.append(("layers", f"layers {self.layers} must be block indices < {m.n_layers}",
+                        "list blocks between 0 and n_layers - 1"))
+        return out
+
+
+@component("engram", slot="embedding", config=EngramConfig)
+class Engram(nn.Module):
+    def __init__(self, m, cfg: EngramConfig):
+        super().__init__()
+        N, K = cfg.max_ngram, cfg.heads
+        self.variant, self.N, self.size = cfg.variant, N, cfg.table_size
+        self.G = (N - 1) * K
+        n_of = torch.arange(2, N + 1).repeat_interleave(K)  # n of each table g
+        self.register_buffer("offsets", torch.arange(self.G) * cfg.table_size, persistent=False)
+        # ctx[..., j] is the token j steps back; table g uses j < n_g only.
+        used = (torch.arange(N)[None, :] < n_of[:, None]).long()  # [G, N]
+        gen = torch.Generator().manual_seed(20240601)
+        mult = torch.randint(1, PRIME - 1, (self.G, N), generator=gen) | 1
+        self.register_buffer("mult", mult * used, persistent=False)
+        self.register_buffer("moduli", torch.tensor(primes_below(cfg.table_size, self.G)), persistent=False)
+        if cfg.variant == "escarda":
+            proj = torch.randn(N, m.d_model, self.G, cfg.compress_dim, generator=gen)
+            proj = proj * used.T[:, None, :, None]  # zero the rows of tokens outside table g's n-gram
+            self.register_buffer("key_proj", proj.flatten(0, 1).flatten(1), persistent=True)
+            self.bits = min(cfg.compress_dim, 31)
+        self.tables = nn.Embedding(self.G * cfg.table_size, cfg.dim)
+        width = self.G * cfg.dim
+        if cfg.variant == "deepseek":
+            self.layers = list(cfg.layers)
+            self.w_k = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
+            self.w_v = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
+            self.k_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
+            self.h_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
+            self.v_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
+            self.conv = nn.Parameter(torch.zeros(len(self.layers), m.d_model, cfg.conv_kernel))
+            self.kernel = cfg.conv_kernel
+        else:
+            self.w_e = nn.Linear(width, m.d_model, bias=False)
+            self.gate = nn.Linear(m.d_model, 1)
+            self.gate_bias = cfg.gate_bias
+        self._probe: dict[str, Tensor] = {}
+
+    def init_weights(self) -> None:
+        if hasattr(self, "gate"):
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, self.gate_bias)
+        if hasattr(self, "conv"):
+            nn.init.zeros_(self.conv)
+
+    # ------------------------------------------------------------------------------------ keys
+    def context(self, t: Tensor, state: dict | None, name: str, pad) -> Tensor:
+        """[B, T, ...] -> [B, T, N, ...]: index j holds position t - j (pad / cache before t=0)."""
+        B, T = t.shape[:2]
+        tail = state.get(name) if state is not None else None
+        if tail is None:
+            tail = torch.full((B, self.N - 1, *t.shape[2:]), pad, dtype=t.dtype, device=t.device)
+        full = torch.cat([tail, t], dim=1)
+        if state is not None:
+            state[name] = full[:, T:]
+        windows = full.unfold(1, self.N, 1)  # [B, T, ..., N] oldest first
+        return windows.flip(-1).movedim(-1, 2)
+
+    def buckets(self, ids: Tensor, x: Tensor, state: dict | None) -> Tensor:
+        """[B, T, G] row index of every table (offsets not added)."""
+        ctx = self.context(ids.long(), state, "ids", PAD)  # [B, T, N]
+        if self.training and not torch.compiler.is_compiling():
+            self._probe["ctx"] = ctx.detach()
+        if self.variant == "escarda":
+            xc = self.context(x.detach(), state, "x", 0.0)  # [B, T, N, D]
+            p = (xc.flatten(2) @ self.key_proj).unflatten(-1, (self.G, -1))[..., : self.bits]
+            weights = 2 ** torch.arange(self.bits, device=x.device)
+            return ((p > 0).long() * weights).sum(-1) % self.size
+        if self.variant == "ids":
+            return ((ctx.unsqueeze(-2) * self.mult).sum(-1) % PRIME) % self.size
+        h = torch.zeros(ctx.shape[:2] + (self.G,), dtype=torch.long, device=ids.device)
+        for j in range(self.N):  # XOR over the n-gram's tokens (N <= max_ngram, not over positions)
+            h = h ^ (ctx[..., j, None] * self.mult[:, j])
+        return h % self.moduli
+
+    def lookup(self, ids: Tensor, x: Tensor, cache) -> Tensor:
+        state = cache.state(self) if cache is not None else None
+        b = self.buckets(ids, x, state)
+        if self.training and not torch.compiler.is_compiling():
+            self._probe["buckets"] = b.detach()
+        return self.tables(b + self.offsets).flatten(-2)  # [B, T, G·dim]
+
+    # ------------------------------------------------------------------------------- injection
+    def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
+        if self.variant == "deepseek":
+            self._memory = self.lookup(ids, x, cache)
+            return x
+        gate = torch.sigmoid(self.gate(x))
+        if self.training and not torch.compiler.is_compiling():
+            self._probe["gate"] = gate.detach().mean()
+        return x + gate * self.w_e(self.lookup(ids, x, cache))
+
+    def before_block(self, ids: Tensor, S: Tensor, residual, layer: int, cache=None) -> Tensor:
+        if self.variant != "deepseek" or layer not in self.layers:
+            return S
+        i = self.layers.index(layer)
+        e, h = self._memory, residual.read(S)
+        s = (self.k_norm[i](self.w_k[i](e)) * self.h_norm[i](h)).sum(-1, keepdim=True) / math.sqrt(h.shape[-1])
+        alpha = torch.sigmoid(s.sign() * (s.abs() + 1e-6).sqrt())
+        v = alpha * self.w_v[i](e)
+        if self.training and not torch.compiler.is_compiling():
+            self._probe["gate"] = alpha.detach().mean()
+        return residual.add(S, v + F.silu(self.causal_conv(self.v_norm[i](v), i, cache)))
+
+    def causal_conv(self, u: Tensor, i: int, cache) -> Tensor:
+        """Depthwise causal convolution over time of u [B, T, D] with kernel conv[i] [D, k]."""
+        state = cache.state(self) if cache is not None else None
+        B, T, D = u.shape
+        name = f"conv{i}"
+        tail = state.get(name) if state is not None else None
+        if tail is None:
+            tail = u.new_zeros(B, self.kernel - 1, D)
+        full = torch.cat([tail, u], dim=1)
+        if state is not None:
+            state[name] = full[:, T:]
+        return F.conv1d(full.transpose(1, 2), self.conv[i].unsqueeze(1), groups=D).transpose(1, 2)
+
+    # ---------------------------------------------------------------------------------- health
+    def stats(self) -> dict[str, float]:
+        """Per table g over the last training batch:
+        occupancy_t{g}  share of the table's buckets used
+        spread_t{g}     buckets used / min(table_size, distinct n-grams seen): 1 = no collisions
+                        beyond the table's capacity, ≈ 0 = keys collapsed into few buckets
+        entropy_t{g}    usage entropy / log(table_size)"""
+        b, ctx = self._probe.get("buckets"), self._probe.get("ctx")
+        if b is None or ctx is None:
+            return {}
+        out = {}
+        n_of = [n for n in range(2, self.N + 1) for _ in range(self.G // (self.N - 1))]
+        for g in range(self.G):
+            counts = torch.bincount(b[..., g].flatten(), minlength=self.size).float()
+            p = counts / counts.sum()
+            used = float((counts > 0).sum())
+            distinct = len(torch.unique(ctx[..., : n_of[g]].reshape(-1, n_of[g]), dim=0))
+            out[f"occupancy_t{g}"] = used / self.size
+            out[f"spread_t{g}"] = used / min(self.size, distinct)
+            out[f"entropy_t{g}"] = float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(self.size))
+        if "gate" in self._probe:
+            out["gate_mean"] = float(self._probe["gate"])
+        return out
+
+    @staticmethod
+    def health(final: dict[str, float], peak: dict[str, float]) -> str | None:
+        spread = {k: v for k, v in final.items() if k.startswith("spread")}
+        worst = min(spread, key=spread.get) if spread else None
+        if worst is not None and spread[worst] <= 0.01:
+            g = worst.split("_t")[-1]
+            return (f"keys collapsed: table {g} put the last batch's n-grams into "
+                    f"{100 * final[f'occupancy_t{g}']:.2f}% of its buckets (the released model's bucket-0 bug)")
+        return None

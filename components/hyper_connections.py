@@ -1,0 +1,146 @@
+"""`hyper_connections`: m residual streams mixed around every sublayer.
+
+Hyper-Connections (Zhu et al. 2024, arXiv:2409.19606); mHC (DeepSeek, arXiv:2512.24880).
+The stream state is X [B, T, m, D]. Around every sublayer F (attention or FFN), with
+coefficients pre [m], post [m], R [m, m] (per token in the dynamic variants):
+
+    x_in  = Σ_i pre_i X_i
+    X'_k  = post_k · F(x_in) + Σ_j R_jk X_j
+
+variants
+    static   pre, post, R learned per sublayer (init: pre = e_(site mod m), post = 1, R = I)
+    dynamic  + input-dependent terms: [pre; post; R] += φ · RMSNorm(vec X), φ zero-initialised
+    mhc      dynamic with pre = σ(·), post = 2σ(·), R = Sinkhorn-Knopp(exp(·)) (doubly stochastic)
+The embedding is copied into every stream (expand); before the head the streams are mixed by a
+learned softmax (collapse), initialised to the mean. Coefficients of all sublayers live in
+stacked tensors, one row per sublayer ("site").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from escarda_lab.registry import ComponentConfig, component
+
+VARIANTS = ("static", "dynamic", "mhc")
+
+
+@dataclass
+class HyperConnectionsConfig(ComponentConfig):
+    variant: str = "mhc"  # static | dynamic | mhc
+    streams: int = 2  # m (hc_mult=2 released)
+    sinkhorn_iters: int = 20
+    eps: float = 1.0e-6
+
+    def check(self, m) -> list[tuple[str, str, str]]:
+        out = []
+        if self.variant not in VARIANTS:
+            out.append(("variant", f"unknown variant {self.variant!r}", f"use one of {list(VARIANTS)}"))
+        if self.streams < 1:
+            out.append(("streams", "needs at least one stream", "use 2 (the released value)"))
+        if self.sinkhorn_iters < 1:
+            out.append(("sinkhorn_iters", "needs at least one iteration", "use 20 (the released value)"))
+        return out
+
+
+def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
+    """Sinkhorn-Knopp: exp(logits) [..., m, m] alternately row- and column-normalised."""
+    M = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        M = M / (M.sum(dim=-1, keepdim=True) + eps)
+        M = M / (M.sum(dim=-2, keepdim=True) + eps)
+    return M
+
+
+def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
+    """X [B, T, m, D]; pre, post [..., m]; R [..., m, m] -> X' [B, T, m, D]."""
+    x_in = torch.einsum("...m,...md->...d", pre, X)
+    mixed = torch.einsum("...jk,...jd->...kd", R, X)
+    return mixed + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
+
+
+@component("hyper_connections", slot="residual", config=HyperConnectionsConfig)
+class HyperConnections(nn.Module):
+    def __init__(self, m, cfg: HyperConnectionsConfig, n_sites: int):
+        super().__init__()
+        self.m, self.variant, self.iters, self.eps = cfg.streams, cfg.variant, cfg.sinkhorn_iters, cfg.eps
+        n, S = cfg.streams, n_sites
+        self.pre_b = nn.Parameter(torch.zeros(S, n))
+        self.post_b = nn.Parameter(torch.zeros(S, n))
+        self.res_b = nn.Parameter(torch.zeros(S, n, n))
+        self.collapse_w = nn.Parameter(torch.zeros(n))
+        if cfg.variant != "static":
+            self.phi = nn.Parameter(torch.zeros(S, n * m.d_model, 2 * n + n * n))
+        for p in (self.pre_b, self.post_b, self.res_b, self.collapse_w):
+            p.no_weight_decay = True
+        self._probe: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        n = self.m
+        read = F.one_hot(torch.arange(self.pre_b.shape[0]) % n, n).float()  # site s reads stream s mod m
+        eye = torch.eye(n)
+        if self.variant == "mhc":  # pre = σ(b) ≈ 0.9 / 0.1, post = 2σ(0) = 1, R leaning to I
+            self.pre_b.copy_(math.log(9) * (2 * read - 1))
+            self.post_b.zero_()
+            # Off-diagonal logits -1 (R = [[.73, .27], [.27, .73]] for m = 2): near-permutation
+            # matrices make Sinkhorn converge slowly, and 20 iterations must reach 1e-3.
+            self.res_b.copy_(eye - 1)
+        else:
+            self.pre_b.copy_(read)
+            self.post_b.fill_(1.0)
+            self.res_b.copy_(eye.expand_as(self.res_b))
+        self.collapse_w.zero_()
+        if hasattr(self, "phi"):
+            self.phi.zero_()
+
+    def coefficients(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
+        n = self.m
+        pre, post, R = self.pre_b[site], self.post_b[site], self.res_b[site]
+        if self.variant != "static":
+            xn = F.rms_norm(X.flatten(-2), (X.shape[-2] * X.shape[-1],), eps=1e-6)
+            c = xn @ self.phi[site]  # [B, T, 2m + m²]
+            pre, post = pre + c[..., :n], post + c[..., n:2 * n]
+            R = R + c[..., 2 * n:].unflatten(-1, (n, n))
+        if self.variant == "mhc":
+            pre, post, R = torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(R, self.iters, self.eps)
+        return pre, post, R
+
+    def expand(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(-2).expand(*x.shape[:-1], self.m, x.shape[-1])
+
+    def sublayer(self, X: Tensor, fn, site: int) -> Tensor:
+        pre, post, R = self.coefficients(X, site)
+        if self.training and not torch.compiler.is_compiling():
+            self._probe[site] = (pre.detach(), post.detach(), R.detach())
+        return hc_update(X, fn, pre, post, R)
+
+    def collapse(self, X: Tensor) -> Tensor:
+        return torch.einsum("m,...md->...d", self.collapse_w.softmax(0), X)
+
+    def read(self, X: Tensor) -> Tensor:
+        return X.mean(dim=-2)
+
+    def add(self, X: Tensor, delta: Tensor) -> Tensor:
+        return X + delta.unsqueeze(-2)
+
+    def stats(self) -> dict[str, float]:
+        """Sinkhorn residuals, distance of R from I, and mean pre/post over the last forward."""
+        if not self._probe:
+            return {}
+        n = self.m
+        pre, post, R = (torch.cat([p[i].reshape(-1, *(n,) * (1 + (i == 2))) for p in self._probe.values()])
+                        for i in range(3))
+        return {
+            "sinkhorn_row_err": float((R.sum(-1) - 1).abs().max()),
+            "sinkhorn_col_err": float((R.sum(-2) - 1).abs().max()),
+            "res_minus_identity": float((R - torch.eye(n)).abs().mean()),
+            "pre_mean": float(pre.mean()),
+            "post_mean": float(post.mean()),
+        }
