@@ -106,15 +106,16 @@ class MultiHeadAttention(AttentionProbe, nn.Module):
 
     def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
         """x: [B, T, D] -> [B, T, D]."""
-        q = rearrange(self.queries(x), "b t (h d) -> b h t d", d=self.hd)
-        k, v = rearrange(self.wkv(x), "b t (two h d) -> two b h t d", two=2, d=self.hd)
+        B, T, _ = x.shape
+        q = self.queries(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k, v = self.wkv(x).view(B, T, 2, self.n_kv, self.hd).permute(2, 0, 3, 1, 4)  # [B, H_kv, T, hd]
         q, k = rotary(self.q_norm(q)), rotary(self.k_norm(k))
         kv, past = cached(cache, self, k=k, v=v)
         self.remember(q, kv["k"])
         y = causal_attention(q, kv["k"], kv["v"], past)
         for mod in self.modifiers:
             y = mod(y, v)
-        return self.output(rearrange(y, "b h t d -> b t (h d)"))
+        return self.output(y.transpose(1, 2).reshape(B, T, -1))
 
 
 @dataclass

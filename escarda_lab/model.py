@@ -51,11 +51,12 @@ class Cache:
         return self._states.setdefault(id(module), {})
 
     def numbers_per_token(self) -> float:
-        """Cached numbers per token over all layers (buffers are preallocated to max_len)."""
-        total = 0
+        """Numbers cached per token, all layers together: the per-position buffers, which are
+        preallocated to max_len along dim -2 (fixed-size states such as n-gram tails excluded)."""
+        total = 0.0
         for state in self._states.values():
             for t in state.values():
-                if isinstance(t, Tensor):
+                if isinstance(t, Tensor) and t.dim() >= 3 and t.shape[-2] == self.max_len:
                     total += t.numel() / (t.shape[0] * self.max_len)
         return total
 

@@ -49,6 +49,7 @@ def test_metrics_json_has_final_numbers(finished):
     assert m["status"] == "finished" and m["step"] == 6
     assert 0 < m["val_bpb"] < 9 and m["val_loss"] > 0 and m["params"]["total"] > 0
     assert m["flops_per_token"] > 0 and m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1
+    assert isinstance(m["dead_components"], dict) and "engram/gate_mean" in m["stats"]
 
 
 def test_tensorboard_reader_finds_the_fixed_tags(finished):
