@@ -32,7 +32,8 @@ _register_cpu_attention()
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    """{"total": n, "<component>": n, ...}: shared (tied) weights counted once, plugins by name."""
+    """{"total": n, "active": n, "<component>": n, ...}: shared (tied) weights counted once,
+    plugins by name; "active" leaves out what a token does not use (unselected MoE experts)."""
     seen: set[int] = set()
     out: dict[str, int] = {"total": 0}
     owner: dict[int, str] = {}
@@ -48,7 +49,9 @@ def param_counts(model: nn.Module) -> dict[str, int]:
         out["total"] += p.numel()
         key = owner.get(id(p), "backbone")
         out[key] = out.get(key, 0) + p.numel()
-    return out
+    out["active"] = out["total"] - sum(m.inactive_params() for m in model.modules() if hasattr(m, "inactive_params"))
+    order = {"total": 0, "active": 1}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
 
 
 def train_flops_per_token(model: nn.Module, loss_fn, seq_len: int, device="cpu") -> float:
@@ -79,3 +82,43 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, 
 def _sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def build_on_meta(cfg) -> nn.Module:
+    """The model of `cfg` with meta tensors: shapes and counts, no memory."""
+    from escarda_lab.model import EscardaLM
+
+    if cfg.model.vocab_size is None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.data.tokenizer.vocab_size))
+    with torch.device("meta"):
+        return EscardaLM(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m escarda_lab.accounting EXPERIMENT.yaml [key=value ...]`: parameter breakdown."""
+    import argparse
+    import sys
+
+    from escarda_lab import config
+    from escarda_lab.errors import UserError
+    from escarda_lab.run import user_error
+
+    p = argparse.ArgumentParser(prog="python -m escarda_lab.accounting", description=main.__doc__)
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        cfg = config.load(args.experiment, args.overrides)
+    except UserError as e:
+        print(user_error(e), file=sys.stderr)
+        return 2
+    counts = param_counts(build_on_meta(cfg))
+    for name, n in counts.items():
+        print(f"{name:<20} {n:>14,}  {100 * n / counts['total']:6.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

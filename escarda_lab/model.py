@@ -10,6 +10,7 @@ Branching lives here (which plugin fills which slot); the math lives in the plug
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ class ModelOutput:
     aux_losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)  # name -> (term, weight)
     stats: dict[str, float] = field(default_factory=dict)  # filled when forward(with_stats=True)
     cache: "Cache | None" = None
+    model: "EscardaLM | None" = field(default=None, repr=False)  # objectives reach head / embed here
     _nll_lse: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     def nll_lse(self, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,15 +52,24 @@ class Cache:
     def state(self, module: nn.Module) -> dict[str, Any]:
         return self._states.setdefault(id(module), {})
 
-    def numbers_per_token(self) -> float:
-        """Numbers cached per token, all layers together: the per-position buffers, which are
+    def numbers_per_token(self, in_bytes: bool = False) -> float:
+        """Numbers (or bytes) cached per token, all layers together: the per-position buffers,
         preallocated to max_len along dim -2 (fixed-size states such as n-gram tails excluded)."""
         total = 0.0
         for state in self._states.values():
             for t in state.values():
                 if isinstance(t, Tensor) and t.dim() >= 3 and t.shape[-2] == self.max_len:
-                    total += t.numel() / (t.shape[0] * self.max_len)
+                    total += t.numel() * (t.element_size() if in_bytes else 1) / (t.shape[0] * self.max_len)
         return total
+
+
+def cache_bytes_per_token(model: "EscardaLM", dtype: torch.dtype = torch.float32) -> float:
+    """KV-cache bytes one token costs for any config (one cached forward of one token)."""
+    probe = copy.deepcopy(model).to(dtype).eval()
+    cache = probe.new_cache()
+    with torch.no_grad():
+        probe(torch.zeros(1, 1, dtype=torch.long, device=next(probe.parameters()).device), cache=cache)
+    return cache.numbers_per_token(in_bytes=True)
 
 
 class Block(nn.Module):
@@ -73,8 +84,10 @@ class Block(nn.Module):
         self.ffn = ffn.cls(m, ffn_cfg, layer=layer)
         self.layer = layer
 
-    def forward(self, S, residual, rotary, cache: Cache | None):
+    def forward(self, S, residual, rotary, cache: Cache | None, ids: Tensor | None = None):
         S = residual.sublayer(S, lambda x: self.attn(self.attn_norm(x), rotary, cache), 2 * self.layer)
+        if getattr(self.ffn, "needs_ids", False):  # e.g. MoE routed by a token-id hash
+            return residual.sublayer(S, lambda x: self.ffn(self.ffn_norm(x), ids=ids), 2 * self.layer + 1)
         return residual.sublayer(S, lambda x: self.ffn(self.ffn_norm(x)), 2 * self.layer + 1)
 
 
@@ -117,6 +130,10 @@ class EscardaLM(nn.Module):
             if mod is not self and hasattr(mod, "init_weights"):
                 mod.init_weights()
 
+    def logits(self, h: Tensor) -> Tensor:
+        """The output head on hidden states h [.., D] (final norm, then the tied projection)."""
+        return self.head(self.norm(h))
+
     def new_cache(self) -> Cache:
         return Cache(self.cfg.max_seq_len)
 
@@ -134,14 +151,14 @@ class EscardaLM(nn.Module):
         for block in self.blocks:
             for e in self._block_hooks:
                 S = e.before_block(ids, S, self.residual, block.layer, cache)
-            S = block(S, self.residual, rotary, cache)
+            S = block(S, self.residual, rotary, cache, ids)
         h = self.residual.collapse(S)
         if self.refine is not None:
             h = self.refine(h)
-        logits = self.head(self.norm(h))
+        logits = self.logits(h)
         if cache is not None:
             cache.pos += T
-        out = ModelOutput(logits, h, self.aux_losses(), cache=cache)
+        out = ModelOutput(logits, h, self.aux_losses(), cache=cache, model=self)
         if with_stats:
             out.stats = self.stats()
         return out

@@ -54,6 +54,7 @@ class EscardaModule(L.LightningModule):
         self._pending: dict[str, Tensor | float] = {}
         self.last_val: dict[str, float] = {}
         self.stat_peak: dict[str, float] = {}  # largest |stat| seen at a log step (dead-component checks)
+        self._after_step = [m for _, m in self.model.plugin_modules() if hasattr(m, "after_step")]
         if cfg.train.compile:
             self.model.compile()
 
@@ -101,6 +102,8 @@ class EscardaModule(L.LightningModule):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        for mod in self._after_step:  # e.g. MoE's aux-loss-free bias update
+            mod.after_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t0

@@ -42,7 +42,8 @@ SLOTS: dict[str, Slot] = {
         Slot("attention_modifier", False, None,
              "forward(y[B,H,T,hd], v[B,H,T,hd]) -> y': edits per-head attention output"),
         Slot("ffn", True, "swiglu",
-             "__init__(model_cfg, cfg, layer); forward(x[B,T,D]) -> y[B,T,D]; may set self.aux_loss"),
+             "__init__(model_cfg, cfg, layer); forward(x[B,T,D]) -> y[B,T,D]; may set self.aux_loss, "
+             "take ids (class attribute needs_ids), define after_step() and inactive_params()"),
         Slot("residual", True, "plain",
              "__init__(model_cfg, cfg, n_sites); expand(x)->S, sublayer(S, fn, site)->S, collapse(S)->x, "
              "read(S)->h[B,T,D] (the state a block sees), add(S, delta[B,T,D])->S"),

@@ -122,6 +122,11 @@ def train(cfg, source: str = "experiment") -> dict:
         if trainer.is_global_zero:
             write_json(folder / "metrics.json", {**base, "status": "diverged", "step": e.step, "error": str(e)})
         raise
+    except Exception as e:  # recorded so that a grid can report it; the checkpoint stays for a rerun
+        if trainer.is_global_zero:
+            write_json(folder / "metrics.json", {**base, "status": "failed", "step": trainer.global_step,
+                                                 "error": f"{type(e).__name__}: {e}"})
+        raise
     if not trainer.is_global_zero:
         return {}
 

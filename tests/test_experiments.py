@@ -10,10 +10,10 @@ from escarda_lab.io import read_json
 from escarda_lab.run import main
 from tests.conftest import ROOT, tiny_overrides
 
-EXPERIMENTS = sorted(p.relative_to(ROOT) for p in (ROOT / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted(p.relative_to(ROOT) for p in (ROOT / "experiments").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[str(p.relative_to("experiments").with_suffix("")) for p in EXPERIMENTS])
 def test_experiment_trains_two_steps(experiment: Path, corpus, tmp_path):
     over = tiny_overrides(corpus, tmp_path, **{"train.max_steps": 2, "train.warmup_steps": 1,
                                                "train.val_every": 2, "train.checkpoint_every": 2})

@@ -34,7 +34,8 @@ def test_init_std_comes_from_config(tiny_model_cfg):
 
 def test_param_counts_split_by_plugin_and_sum_to_total(tiny_model_cfg):
     counts = param_counts(EscardaLM(tiny_model_cfg()))
-    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "active"))
+    assert counts["active"] == counts["total"]  # no MoE: every parameter is active
     assert counts["swiglu"] == 2 * (32 * 2 * 48 + 48 * 32)
 
 

@@ -86,3 +86,11 @@ def test_attention_entropy_stat_is_logged_per_layer(tiny_model_cfg):
     model(torch.randint(0, 97, (2, 16)))
     stats = model.stats()
     assert 0 < stats["mha/entropy_layer0"] <= torch.log(torch.tensor(16.0))
+
+
+def test_cache_bytes_per_token_helper(tiny_model_cfg):
+    from escarda_lab.model import cache_bytes_per_token
+
+    model = build(tiny_model_cfg, "mla_deepseek", False, {"rope_dim": 4})
+    assert cache_bytes_per_token(model) == 4 * (12 + 4) * model.cfg.n_layers
+    assert cache_bytes_per_token(model, torch.bfloat16) == 2 * (12 + 4) * model.cfg.n_layers

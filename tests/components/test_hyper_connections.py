@@ -23,6 +23,17 @@ def test_sinkhorn_is_doubly_stochastic(m, scale, seed):
     assert (R.sum(-1) - 1).abs().max() < 1e-3 and (R.sum(-2) - 1).abs().max() < 1e-3
 
 
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 3.0))
+@settings(max_examples=30, deadline=None)
+def test_two_stream_closed_form_is_the_limit_of_the_iterations(seed, scale):
+    logits = torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    M = torch.exp(logits)
+    for _ in range(2000):
+        M = M / M.sum(-1, keepdim=True)
+        M = M / M.sum(-2, keepdim=True)
+    assert torch.allclose(sinkhorn(logits, iters=20, eps=0.0), M, atol=1e-6)
+
+
 def test_identity_coefficients_reproduce_the_plain_residual_exactly():
     X = torch.randn(2, 5, 3, 8)
     fn = lambda x: torch.tanh(x) * 3

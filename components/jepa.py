@@ -1,0 +1,50 @@
+"""`jepa`: next-latent prediction (JEPA-style auxiliary loss; weight 0.1 in Escarda-86M).
+
+A predictor P = W_2 W_1 RMSNorm(·) (D -> pred_dim -> D) maps the final hidden state h_t to a
+prediction of the stop-gradient hidden state h_{t+k} (k = horizon):
+
+    L_jepa = mean over valid t of 1 - cos(P(h_t), sg(h_{t+k}))
+
+Training only: generation never calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from escarda_lab.layers import RMSNorm
+from escarda_lab.registry import ComponentConfig, component
+
+
+@dataclass
+class JEPAConfig(ComponentConfig):
+    pred_dim: int = 256
+    horizon: int = 1
+    weight: float = 0.1
+
+    def check(self, m) -> list[tuple[str, str, str]]:
+        out = []
+        if self.pred_dim <= 0 or self.horizon <= 0:
+            out.append(("horizon", "pred_dim and horizon must be positive", "use pred_dim 64, horizon 1"))
+        if self.weight < 0:
+            out.append(("weight", "weight must be >= 0", "use 0.1 (the released value)"))
+        return out
+
+
+@component("jepa", slot="objective", config=JEPAConfig)
+class JEPA(nn.Module):
+    def __init__(self, m, cfg: JEPAConfig):
+        super().__init__()
+        self.weight, self.k = cfg.weight, cfg.horizon
+        self.predictor = nn.Sequential(RMSNorm(m.d_model, m.norm_eps), nn.Linear(m.d_model, cfg.pred_dim, bias=False),
+                                       nn.Linear(cfg.pred_dim, m.d_model, bias=False))
+
+    def forward(self, batch: dict, out) -> Tensor:
+        h, k = out.hidden, self.k
+        pred, target = self.predictor(h[:, :-k]), h[:, k:].detach()  # stop-gradient target
+        valid = (batch["labels"][:, :-k] != -100) & (batch["labels"][:, k:] != -100)
+        loss = 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
+        return (loss * valid).sum() / valid.sum().clamp(min=1)

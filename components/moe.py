@@ -1,0 +1,175 @@
+"""`moe`: DeepSeek-style mixture-of-experts FFN (DeepSeek-V3 §2.1; dense in Escarda-86M).
+
+    s_i  = score(x · e_i)                 score ∈ {softmax, sigmoid, sqrtsoftplus = √softplus}
+    S    = top-k of (s_i + b_i)           the bias b only selects (aux-loss-free balancing)
+    g_i  = s_i / Σ_{j∈S} s_j (norm_topk) · routed_scaling            for i ∈ S
+    y    = Σ_shared FFN_s(x) + Σ_{i∈S} g_i FFN_i(x)                   (SwiGLU experts)
+
+After every optimizer step b_i -= bias_update_speed · sign(load_i - mean load). An optional
+sequence-level balance loss L = Σ_i f_i P_i (f_i: E/(kT) × tokens of the sequence sent to i,
+P_i: mean normalised score of i) is added with weight aux_loss_coef. `routing: hash` routes the
+first `hash_layers` MoE layers by a fixed token-id hash (DeepSeek-V4's hash layers).
+Dispatch is dropless and vectorised: tokens sorted by expert into a padded [E, C, D] buffer, one
+batched matmul for all experts, scattered back with their weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from components.hash_lookup import token_hash
+from components.swiglu import SwiGLUFFN
+from escarda_lab.layers import SwiGLU
+from escarda_lab.registry import ComponentConfig, component
+
+SCORES = {
+    "softmax": lambda z: z.softmax(-1),
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda z: F.softplus(z).sqrt(),
+}
+
+
+@dataclass
+class MoEConfig(ComponentConfig):
+    n_routed: int = 6
+    n_shared: int = 1
+    top_k: int = 2
+    expert_hidden: int = 0  # 0: ffn_hidden // (top_k + n_shared), so active params ≈ the dense FFN
+    scoring: str = "sqrtsoftplus"  # softmax | sigmoid | sqrtsoftplus
+    norm_topk: bool = True
+    routed_scaling: float = 1.0
+    bias_update_speed: float = 1.0e-3
+    aux_loss_coef: float = 0.01
+    layers: Any = "all"  # "all" or a list of block indices; the other blocks keep the dense FFN
+    routing: str = "learned"  # learned | hash
+    hash_layers: int = 1  # with routing: hash, the first hash_layers MoE layers route by token id
+
+    def check(self, m) -> list[tuple[str, str, str]]:
+        out = []
+        if not 1 <= self.top_k <= self.n_routed:
+            out.append(("top_k", f"top_k={self.top_k} must lie in [1, n_routed={self.n_routed}]",
+                        "pick at most n_routed experts per token"))
+        if self.scoring not in SCORES:
+            out.append(("scoring", f"unknown scoring {self.scoring!r}", f"use one of {sorted(SCORES)}"))
+        if self.routing not in ("learned", "hash"):
+            out.append(("routing", f"unknown routing {self.routing!r}", "use learned or hash"))
+        if self.layers != "all" and not (isinstance(self.layers, list)
+                                         and all(isinstance(i, int) and 0 <= i < m.n_layers for i in self.layers)):
+            out.append(("layers", f"layers must be `all` or block indices below {m.n_layers}",
+                        "write e.g. `layers: all` or `layers: [1, 3]`"))
+        if self.n_shared < 0 or self.expert_hidden < 0:
+            out.append(("n_shared", "n_shared and expert_hidden must be >= 0", "use 1 and 0 (auto)"))
+        return out
+
+    def moe_layers(self, n_layers: int) -> list[int]:
+        return list(range(n_layers)) if self.layers == "all" else list(self.layers)
+
+
+class MoE(nn.Module):
+    component_name = "moe"
+    emits_aux_loss = True
+    needs_ids = True
+
+    def __init__(self, m, cfg: MoEConfig, hash_routed: bool):
+        super().__init__()
+        E, H = cfg.n_routed, cfg.expert_hidden or max(1, m.ffn_hidden // (cfg.top_k + cfg.n_shared))
+        self.E, self.k, self.H, self.cfg, self.hash_routed = E, cfg.top_k, H, cfg, hash_routed
+        self.score = SCORES[cfg.scoring]
+        self.router = nn.Linear(m.d_model, E, bias=False)
+        self.w13 = nn.Parameter(torch.empty(E, m.d_model, 2 * H))
+        self.w2 = nn.Parameter(torch.empty(E, H, m.d_model))
+        self.shared = SwiGLU(m.d_model, cfg.n_shared * H) if cfg.n_shared else None
+        self.register_buffer("bias", torch.zeros(E))
+        self.register_buffer("load", torch.zeros(E))  # token-expert pairs per expert, last forward
+        self.init_std = m.init_std
+        self.aux_loss = None
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.w13, std=self.init_std)
+        nn.init.normal_(self.w2, std=self.init_std)
+
+    def route(self, x: Tensor, ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, D] -> scores s [N, E], selected experts [N, k], weights [N, k]."""
+        s = self.score(self.router(x).float())
+        if self.hash_routed:
+            first = token_hash(ids.reshape(-1), 0, self.E)
+            sel = (first[:, None] + torch.arange(self.k, device=x.device)) % self.E  # k distinct experts
+        else:
+            sel = (s + self.bias).topk(self.k, dim=-1).indices
+        w = s.gather(1, sel)
+        if self.cfg.norm_topk:
+            w = w / w.sum(-1, keepdim=True).clamp_min(1e-9)
+        return s, sel, w * self.cfg.routed_scaling
+
+    def experts(self, x: Tensor, sel: Tensor, w: Tensor) -> Tensor:
+        """Dropless dispatch: sort (token, expert) pairs by expert, pad to [E, C, D], one bmm."""
+        N, D = x.shape
+        flat = sel.reshape(-1)
+        order = flat.argsort(stable=True)
+        expert = flat[order]
+        token = order // self.k
+        counts = torch.bincount(flat, minlength=self.E)
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(flat.numel(), device=x.device) - starts[expert]
+        buf = x.new_zeros(self.E, int(counts.max()), D)
+        buf[expert, slot] = x[token]
+        a, b = torch.bmm(buf, self.w13).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(a) * b, self.w2)  # [E, C, D]
+        contrib = out[expert, slot] * w.reshape(-1)[order, None].to(out.dtype)
+        if self.training:
+            self.load = counts.float().detach()
+        return x.new_zeros(N, D).index_add_(0, token, contrib)
+
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> Tensor:
+        B, T, D = x.shape
+        xf = x.reshape(-1, D)
+        s, sel, w = self.route(xf, ids)
+        y = self.experts(xf, sel, w)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        self.aux_loss = None
+        if self.cfg.aux_loss_coef > 0 and not self.hash_routed and self.training:
+            self.aux_loss = (self.balance_loss(s.view(B, T, -1), sel.view(B, T, -1)), self.cfg.aux_loss_coef)
+        return y.view(B, T, D)
+
+    def balance_loss(self, s: Tensor, sel: Tensor) -> Tensor:
+        """Sequence-level: mean over sequences of Σ_i f_i P_i (DeepSeek-V3 eq. 17-20)."""
+        T = s.shape[1]
+        chosen = torch.zeros_like(s).scatter_(-1, sel, 1.0)  # [B, T, E]
+        f = chosen.sum(1) * self.E / (self.k * T)
+        P = (s / s.sum(-1, keepdim=True)).mean(1)
+        return (f * P).sum(-1).mean()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Aux-loss-free balancing: lower the bias of overloaded experts, raise the others'."""
+        if not self.hash_routed and self.load.sum() > 0:
+            self.bias -= self.cfg.bias_update_speed * torch.sign(self.load - self.load.mean())
+
+    def inactive_params(self) -> int:
+        """Routed-expert parameters a token does not use (total - active)."""
+        return (self.E - self.k) * (self.w13[0].numel() + self.w2[0].numel())
+
+    def stats(self) -> dict[str, float]:
+        if self.load.sum() == 0:
+            return {}
+        frac = self.load / self.load.sum()
+        out = {f"load_e{i}": float(v) for i, v in enumerate(frac)}
+        out["load_cv"] = float(frac.std(unbiased=False) / frac.mean())
+        out["dropped"] = 0.0  # dropless by construction: every (token, expert) pair is computed
+        out["bias_norm"] = float(self.bias.norm())
+        return out
+
+
+@component("moe", slot="ffn", config=MoEConfig)
+def mixture_of_experts(m, cfg: MoEConfig, layer: int = 0) -> nn.Module:
+    layers = cfg.moe_layers(m.n_layers)
+    if layer not in layers:
+        return SwiGLUFFN(m, None, layer)
+    hash_routed = cfg.routing == "hash" and layers.index(layer) < cfg.hash_layers
+    return MoE(m, cfg, hash_routed)
