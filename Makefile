@@ -4,6 +4,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= experiments/no_engram.yaml
+# 400 steps keeps set-up + training under 10 minutes on 2 cores; drop the overrides for the full run.
+DEMO_ARGS ?= name=demo_no_engram train.max_steps=400 train.warmup_steps=40
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m escarda_lab.run $(DEMO)
+	$(BIN)/python -m escarda_lab.run $(DEMO) $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q
