@@ -54,7 +54,7 @@ def test_metrics_json_has_final_numbers(finished):
 
 def test_tensorboard_reader_finds_the_fixed_tags(finished):
     tags = scalars(finished)
-    for t in TAGS + ["train/z_loss"]:
+    for t in TAGS + ["train/z_loss", "train/jepa", "train/mtp"]:
         assert t in tags, t
     assert [s for s, _ in tags["train/loss"]] == list(range(6))  # log_every=1
     assert [s for s, _ in tags["val/bpb"]] == [3, 6]
