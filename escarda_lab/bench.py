@@ -1,6 +1,6 @@
 """Benchmark: `python -m escarda_lab.bench EXP.yaml [EXP2.yaml ...] [key=value ...] [--decode] [--json]`.
 
-Everything is measured in one process, interleaved (A B A B ...) to cancel drift:
+Everything is measured in one process, interleaved (A B C, then C B A, ...) to cancel drift:
   * loop overhead: the first experiment trained by our LightningModule under lightning.Trainer
     (what `escarda_lab.run` does) vs a hand-written PyTorch loop over the identical model,
     optimizer and batches;
@@ -105,9 +105,10 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     peak_before = accounting.matmul_peak_flops()
     loop: dict[str, list[float]] = {"plain": [], "lightning": []}
     train: list[list[float]] = [[] for _ in cfgs]
-    for _ in range(rounds):
+    for r in range(rounds):
         loop["lightning"].append(steady_seconds_per_step(lightning_loop(base, tokens, steps), warmup))
-        for i, cfg in enumerate(cfgs):
+        order = list(enumerate(cfgs))
+        for i, cfg in order if r % 2 == 0 else order[::-1]:  # alternate the order: no position bias
             train[i].append(steady_seconds_per_step(plain_loop(cfg, tokens, steps), warmup))
     loop["plain"] = train[0]
     peak = (peak_before + accounting.matmul_peak_flops()) / 2
