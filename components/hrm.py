@@ -3,7 +3,7 @@
     anchor = h
     for t in 1..steps:  h = h + tanh(g_t) · W_up silu(W_down [RMSNorm(h); anchor])
 
-W_down: 2D -> dim and W_up: dim -> D are random-initialised (std 0.02), the gates g_t start at 0:
+W_down: 2D -> dim (held as its two D -> dim halves) and W_up: dim -> D are random-initialised (std 0.02), the gates g_t start at 0:
 an exact identity at init whose gates still receive gradient. (A zero-initialised W_up would sit
 at a saddle where the block stays an identity forever -- the bug the model card's authors hit.)
 `one_step_grad`: HRM's one-step gradient, all steps but the last under no_grad.
@@ -41,7 +41,10 @@ class HRMRefine(nn.Module):
         super().__init__()
         self.steps, self.one_step_grad = cfg.steps, cfg.one_step_grad
         self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.down = nn.Linear(2 * m.d_model, cfg.dim, bias=False)
+        # W_down [RMSNorm(h); anchor] split into its two halves: the anchor half is computed once
+        # for all steps and no [B, T, 2D] concatenation is materialised.
+        self.down = nn.Linear(m.d_model, cfg.dim, bias=False)
+        self.down_anchor = nn.Linear(m.d_model, cfg.dim, bias=False)
         self.up = nn.Linear(cfg.dim, m.d_model, bias=False)
         self.gates = nn.Parameter(torch.zeros(cfg.steps))
         self.gates.no_weight_decay = True
@@ -50,19 +53,19 @@ class HRMRefine(nn.Module):
     def init_weights(self) -> None:
         nn.init.zeros_(self.gates)
 
-    def step(self, h: Tensor, anchor: Tensor, t: int) -> Tensor:
-        update = self.up(torch.nn.functional.silu(self.down(torch.cat([self.norm(h), anchor], dim=-1))))
+    def step(self, h: Tensor, anchor_term: Tensor, t: int) -> Tensor:
+        update = self.up(torch.nn.functional.silu(self.down(self.norm(h)) + anchor_term))
         return h + torch.tanh(self.gates[t]) * update
 
     def forward(self, h: Tensor) -> Tensor:
         """h: [B, T, D] -> [B, T, D]. Position-wise, so cached decoding needs no state."""
-        anchor = h
+        anchor_term = self.down_anchor(h)  # W_down's anchor half, shared by every step
         for t in range(self.steps):
             if self.one_step_grad and t < self.steps - 1:
                 with torch.no_grad():
-                    h = self.step(h, anchor, t)
+                    h = self.step(h, anchor_term, t)
             else:
-                h = self.step(h, anchor, t)
+                h = self.step(h, anchor_term, t)
         return h
 
     def stats(self) -> dict[str, float]:
