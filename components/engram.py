@@ -91,6 +91,7 @@ class Engram(nn.Module):
             proj = proj * used.T[:, None, :, None]  # zero the rows of tokens outside table g's n-gram
             self.register_buffer("key_proj", proj.flatten(0, 1).flatten(1), persistent=True)
             self.bits = min(cfg.compress_dim, 31)
+            self.register_buffer("bit_values", 2 ** torch.arange(self.bits), persistent=False)
         self.tables = nn.Embedding(self.G * cfg.table_size, cfg.dim)
         width = self.G * cfg.dim
         if cfg.variant == "deepseek":
@@ -136,8 +137,7 @@ class Engram(nn.Module):
         if self.variant == "escarda":
             xc = self.context(x.detach(), state, "x", 0.0)  # [B, T, N, D]
             p = (xc.flatten(2) @ self.key_proj).unflatten(-1, (self.G, -1))[..., : self.bits]
-            weights = 2 ** torch.arange(self.bits, device=x.device)
-            return ((p > 0).long() * weights).sum(-1) % self.size
+            return ((p > 0).long() * self.bit_values).sum(-1) % self.size
         if self.variant == "ids":
             return ((ctx.unsqueeze(-2) * self.mult).sum(-1) % PRIME) % self.size
         h = torch.zeros(ctx.shape[:2] + (self.G,), dtype=torch.long, device=ids.device)
