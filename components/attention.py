@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -79,6 +78,15 @@ class AttentionProbe:
         return {f"entropy_layer{self.layer}": h} if h is not None else {}
 
 
+class LowRank(nn.Sequential):
+    """x -> W_b N(W_a x): a rank-r factorisation of a d_in x d_out map (N = RMSNorm or identity)."""
+
+    def __init__(self, d_in: int, rank: int, d_out: int, norm_eps: float | None = None):
+        super().__init__(nn.Linear(d_in, rank, bias=False),
+                         RMSNorm(rank, norm_eps) if norm_eps is not None else nn.Identity(),
+                         nn.Linear(rank, d_out, bias=False))
+
+
 @component("mha", slot="attention")
 class MultiHeadAttention(AttentionProbe, nn.Module):
     def __init__(self, m, cfg=None, layer: int = 0, modifiers: list[nn.Module] = ()):
@@ -98,16 +106,10 @@ class MultiHeadAttention(AttentionProbe, nn.Module):
     def build_output(self, m, cfg) -> None:
         self.wo = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=False)
 
-    def queries(self, x: Tensor) -> Tensor:
-        return self.wq(x)
-
-    def output(self, y: Tensor) -> Tensor:
-        return self.wo(y)
-
     def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
         """x: [B, T, D] -> [B, T, D]."""
         B, T, _ = x.shape
-        q = self.queries(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k, v = self.wkv(x).view(B, T, 2, self.n_kv, self.hd).permute(2, 0, 3, 1, 4)  # [B, H_kv, T, hd]
         q, k = rotary(self.q_norm(q)), rotary(self.k_norm(k))
         kv, past = cached(cache, self, k=k, v=v)
@@ -115,7 +117,7 @@ class MultiHeadAttention(AttentionProbe, nn.Module):
         y = causal_attention(q, kv["k"], kv["v"], past)
         for mod in self.modifiers:
             y = mod(y, v)
-        return self.output(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 @dataclass
@@ -144,19 +146,10 @@ class EscardaMLA(MultiHeadAttention):
     component_name = "mla"
 
     def build_queries(self, m, cfg: MLAConfig) -> None:
-        self.wq_a = nn.Linear(m.d_model, cfg.q_lora_rank, bias=False)
-        self.q_lat_norm = RMSNorm(cfg.q_lora_rank, m.norm_eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, m.n_heads * m.head_dim, bias=False)
+        self.wq = LowRank(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
 
     def build_output(self, m, cfg: MLAConfig) -> None:
-        self.wo_a = nn.Linear(m.n_heads * m.head_dim, cfg.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(cfg.o_lora_rank, m.d_model, bias=False)
-
-    def queries(self, x: Tensor) -> Tensor:
-        return self.wq_b(self.q_lat_norm(self.wq_a(x)))
-
-    def output(self, y: Tensor) -> Tensor:
-        return self.wo_b(self.wo_a(y))
+        self.wo = LowRank(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model)
 
 
 class DeepSeekMLA(AttentionProbe, nn.Module):
@@ -168,9 +161,7 @@ class DeepSeekMLA(AttentionProbe, nn.Module):
         self.H, self.hd, self.r = m.n_heads, m.head_dim, m.rope_dim
         self.nope = m.head_dim - m.rope_dim
         self.rank = cfg.kv_lora_rank
-        self.wq_a = nn.Linear(m.d_model, cfg.q_lora_rank, bias=False)
-        self.q_lat_norm = RMSNorm(cfg.q_lora_rank, m.norm_eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, m.n_heads * m.head_dim, bias=False)
+        self.wq = LowRank(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
         self.w_dkv = nn.Linear(m.d_model, cfg.kv_lora_rank + m.rope_dim, bias=False)  # [c; k^R]
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, m.norm_eps)
         self.w_uk = nn.Parameter(torch.empty(m.n_heads, self.nope, cfg.kv_lora_rank))
@@ -184,7 +175,7 @@ class DeepSeekMLA(AttentionProbe, nn.Module):
         nn.init.normal_(self.w_uv, std=self.init_std)
 
     def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
-        q = rearrange(self.wq_b(self.q_lat_norm(self.wq_a(x))), "b t (h d) -> b h t d", d=self.hd)
+        q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=self.hd)
         q_c, q_r = q[..., : self.nope], rotary(q[..., self.nope:])
         c, k_r = self.w_dkv(x).split([self.rank, self.r], dim=-1)
         c, k_r = self.kv_norm(c), rotary(k_r.unsqueeze(1))  # [B, T, rank], [B, 1, T, r]
@@ -212,10 +203,7 @@ class DeepSeekMLA(AttentionProbe, nn.Module):
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_c, self.w_uk)  # W_uk absorbed into the query
         q = torch.cat([q_lat, q_r], dim=-1)
         k = torch.cat([c, k_r], dim=-1)  # one shared "head": multi-query attention in latent space
-        T, S = q.shape[-2], k.shape[-2]
-        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        o_lat = F.scaled_dot_product_attention(q, k.expand(-1, self.H, -1, -1), c.expand(-1, self.H, -1, -1),
-                                               attn_mask=mask, scale=1 / math.sqrt(self.hd))
+        o_lat = causal_attention(q, k, c, past, scale=1 / math.sqrt(self.hd))
         return torch.einsum("bhtr,hdr->bhtd", o_lat, self.w_uv)  # W_uv applied after attention
 
 

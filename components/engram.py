@@ -117,15 +117,21 @@ class Engram(nn.Module):
             nn.init.zeros_(self.conv)
 
     # ------------------------------------------------------------------------------------ keys
-    def context(self, t: Tensor, state: dict | None, name: str, pad) -> Tensor:
-        """[B, T, ...] -> [B, T, N, ...]: index j holds position t - j (pad / cache before t=0)."""
-        B, T = t.shape[:2]
+    @staticmethod
+    def with_history(t: Tensor, n: int, state: dict | None, name: str, pad) -> Tensor:
+        """[B, T, ...] -> [B, n + T, ...]: the n positions before t (the cached tail when decoding,
+        else `pad`) prepended; the new tail is stored back for the next decoding step."""
         tail = state.get(name) if state is not None else None
         if tail is None:
-            tail = torch.full((B, self.N - 1, *t.shape[2:]), pad, dtype=t.dtype, device=t.device)
+            tail = torch.full((t.shape[0], n, *t.shape[2:]), pad, dtype=t.dtype, device=t.device)
         full = torch.cat([tail, t], dim=1)
         if state is not None:
-            state[name] = full[:, T:]
+            state[name] = full[:, t.shape[1]:]
+        return full
+
+    def context(self, t: Tensor, state: dict | None, name: str, pad) -> Tensor:
+        """[B, T, ...] -> [B, T, N, ...]: index j holds position t - j (pad / cache before t=0)."""
+        full = self.with_history(t, self.N - 1, state, name, pad)
         windows = full.unfold(1, self.N, 1)  # [B, T, ..., N] oldest first
         return windows.flip(-1).movedim(-1, 2)
 
@@ -177,15 +183,8 @@ class Engram(nn.Module):
     def causal_conv(self, u: Tensor, i: int, cache) -> Tensor:
         """Depthwise causal convolution over time of u [B, T, D] with kernel conv[i] [D, k]."""
         state = cache.state(self) if cache is not None else None
-        B, T, D = u.shape
-        name = f"conv{i}"
-        tail = state.get(name) if state is not None else None
-        if tail is None:
-            tail = u.new_zeros(B, self.kernel - 1, D)
-        full = torch.cat([tail, u], dim=1)
-        if state is not None:
-            state[name] = full[:, T:]
-        return F.conv1d(full.transpose(1, 2), self.conv[i].unsqueeze(1), groups=D).transpose(1, 2)
+        full = self.with_history(u, self.kernel - 1, state, f"conv{i}", 0.0)
+        return F.conv1d(full.transpose(1, 2), self.conv[i].unsqueeze(1), groups=u.shape[-1]).transpose(1, 2)
 
     # ---------------------------------------------------------------------------------- health
     def stats(self) -> dict[str, float]:

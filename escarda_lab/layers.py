@@ -78,22 +78,23 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(a) * b)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
-    """Causal SDPA. q: [B, H, T, hd]; k, v: [B, Hkv, past + T, hd] -> [B, H, T, hd].
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int, scale: float | None = None) -> Tensor:
+    """Causal SDPA. q: [B, H, T, dq]; k: [B, Hkv, past + T, dq]; v: [B, Hkv, past + T, dv]
+    -> [B, H, T, dv]. Query i sits at position past + i and sees keys 0 .. past + i.
 
-    Query i sits at position past + i and sees keys 0 .. past + i. Grouped heads share K/V.
+    Grouped heads share K/V; a single K/V head is broadcast as a view (no copy per head).
     """
-    T, S = q.shape[-2], k.shape[-2]
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+    T, S, H = q.shape[-2], k.shape[-2], q.shape[1]
+    if k.shape[1] == 1:
+        k, v = k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1)
+    elif k.shape[1] != H:
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
     if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if T == 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class _NllLogSumExp(torch.autograd.Function):

@@ -10,7 +10,6 @@ Branching lives here (which plugin fills which slot); the math lives in the plug
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,6 @@ class ModelOutput:
     logits: Tensor  # [B, T, V]
     hidden: Tensor  # [B, T, D] final hidden state, before the final norm
     aux_losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)  # name -> (term, weight)
-    stats: dict[str, float] = field(default_factory=dict)  # filled when forward(with_stats=True)
     cache: "Cache | None" = None
     model: "EscardaLM | None" = field(default=None, repr=False)  # objectives reach head / embed here
     _nll_lse: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
@@ -52,24 +50,28 @@ class Cache:
     def state(self, module: nn.Module) -> dict[str, Any]:
         return self._states.setdefault(id(module), {})
 
-    def numbers_per_token(self, in_bytes: bool = False) -> float:
-        """Numbers (or bytes) cached per token, all layers together: the per-position buffers,
-        preallocated to max_len along dim -2 (fixed-size states such as n-gram tails excluded)."""
+    def numbers_per_token(self) -> float:
+        """Numbers cached per token, all layers together: the per-position buffers, preallocated
+        to max_len along dim -2 (fixed-size states such as n-gram tails excluded)."""
         total = 0.0
         for state in self._states.values():
             for t in state.values():
                 if isinstance(t, Tensor) and t.dim() >= 3 and t.shape[-2] == self.max_len:
-                    total += t.numel() * (t.element_size() if in_bytes else 1) / (t.shape[0] * self.max_len)
+                    total += t.numel() / (t.shape[0] * self.max_len)
         return total
 
 
+@torch.no_grad()
+def cache_numbers_per_token(model: "EscardaLM") -> float:
+    """Numbers the decoding cache holds per token for any config (one cached one-token forward)."""
+    cache = model.new_cache()
+    model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), cache=cache)
+    return cache.numbers_per_token()
+
+
 def cache_bytes_per_token(model: "EscardaLM", dtype: torch.dtype = torch.float32) -> float:
-    """KV-cache bytes one token costs for any config (one cached forward of one token)."""
-    probe = copy.deepcopy(model).to(dtype).eval()
-    cache = probe.new_cache()
-    with torch.no_grad():
-        probe(torch.zeros(1, 1, dtype=torch.long, device=next(probe.parameters()).device), cache=cache)
-    return cache.numbers_per_token(in_bytes=True)
+    """KV-cache bytes one token costs, with the cache kept in `dtype`."""
+    return cache_numbers_per_token(model) * torch.tensor([], dtype=dtype).element_size()
 
 
 class Block(nn.Module):
@@ -82,13 +84,13 @@ class Block(nn.Module):
         self.attn = att.cls(m, att_cfg, layer=layer, modifiers=modifiers)
         self.ffn_norm = RMSNorm(m.d_model, m.norm_eps)
         self.ffn = ffn.cls(m, ffn_cfg, layer=layer)
+        self.ffn_needs_ids = getattr(self.ffn, "needs_ids", False)  # e.g. MoE routed by token-id hash
         self.layer = layer
 
     def forward(self, S, residual, rotary, cache: Cache | None, ids: Tensor | None = None):
         S = residual.sublayer(S, lambda x: self.attn(self.attn_norm(x), rotary, cache), 2 * self.layer)
-        if getattr(self.ffn, "needs_ids", False):  # e.g. MoE routed by a token-id hash
-            return residual.sublayer(S, lambda x: self.ffn(self.ffn_norm(x), ids=ids), 2 * self.layer + 1)
-        return residual.sublayer(S, lambda x: self.ffn(self.ffn_norm(x)), 2 * self.layer + 1)
+        kw = {"ids": ids} if self.ffn_needs_ids else {}
+        return residual.sublayer(S, lambda x: self.ffn(self.ffn_norm(x), **kw), 2 * self.layer + 1)
 
 
 class EscardaLM(nn.Module):
@@ -137,7 +139,7 @@ class EscardaLM(nn.Module):
     def new_cache(self) -> Cache:
         return Cache(self.cfg.max_seq_len)
 
-    def forward(self, ids: Tensor, cache: Cache | None = None, with_stats: bool = False) -> ModelOutput:
+    def forward(self, ids: Tensor, cache: Cache | None = None) -> ModelOutput:
         """ids: [B, T] -> ModelOutput. With a cache, ids continue the cached sequence."""
         T = ids.shape[1]
         pos = cache.pos if cache is not None else 0
@@ -158,10 +160,7 @@ class EscardaLM(nn.Module):
         logits = self.logits(h)
         if cache is not None:
             cache.pos += T
-        out = ModelOutput(logits, h, self.aux_losses(), cache=cache, model=self)
-        if with_stats:
-            out.stats = self.stats()
-        return out
+        return ModelOutput(logits, h, self.aux_losses(), cache=cache, model=self)
 
     def plugin_modules(self) -> list[tuple[str, nn.Module]]:
         """(component name, module) for every plugin instance in the model."""

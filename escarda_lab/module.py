@@ -52,7 +52,6 @@ class EscardaModule(L.LightningModule):
         self._window_seconds, self._window_steps = 0.0, 0
         self._val_sums: Tensor | None = None
         self._pending: dict[str, Tensor | float] = {}
-        self.last_val: dict[str, float] = {}
         self.stat_peak: dict[str, float] = {}  # largest |stat| seen at a log step (dead-component checks)
         self._after_step = [m for _, m in self.model.plugin_modules() if hasattr(m, "after_step")]
         if cfg.train.compile:
@@ -145,9 +144,8 @@ class EscardaModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        self.last_val = summarize(sums.cpu())
-        self.write_metrics({"val/loss": self.last_val["loss"], "val/bpb": self.last_val["bpb"]},
-                           self.global_step)
+        val = summarize(sums.cpu())
+        self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"]}, self.global_step)
 
 
 class AtomicCheckpoint(L.Callback):

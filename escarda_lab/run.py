@@ -68,7 +68,7 @@ def train(cfg, source: str = "experiment") -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from escarda_lab import accounting, data
-    from escarda_lab.evaluate import score
+    from escarda_lab.evaluate import score, summarize
     from escarda_lab.module import AtomicCheckpoint, EscardaModule
 
     quiet_libraries()
@@ -132,8 +132,6 @@ def train(cfg, source: str = "experiment") -> dict:
 
     # The number a grid compares: the whole validation split in non-overlapping windows.
     final = score(module.model, dm.loader(dm.all_val_starts, shard=False), tokens.token_bytes, module.device)
-    from escarda_lab.evaluate import summarize
-
     val = summarize(final)
     metrics = {
         **base, "status": "finished", "step": trainer.global_step,

@@ -13,8 +13,8 @@ MLA = {"mla": {"enabled": True, "q_lora_rank": 8, "o_lora_rank": 6, "kv_lora_ran
 def test_escarda_mla_has_low_rank_query_and_output(tiny_model_cfg):
     attn = EscardaLM(tiny_model_cfg(components=MLA)).blocks[0].attn
     assert isinstance(attn, EscardaMLA)
-    assert (attn.wq_a.out_features, attn.wq_b.in_features) == (8, 8)
-    assert (attn.wo_a.out_features, attn.wo_b.in_features) == (6, 6)
+    assert (attn.wq[0].out_features, attn.wq[2].in_features) == (8, 8)
+    assert (attn.wo[0].out_features, attn.wo[2].in_features) == (6, 6)
 
 
 def test_mla_parameters_are_accounted_to_mla(tiny_model_cfg):
