@@ -185,11 +185,19 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
                           "write dotted overrides like `model.d_model=96`") from None
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Load, merge and validate an experiment file; returns the typed config object."""
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+         variant: tuple[str, dict] | None = None, forced: dict | None = None) -> Any:
+    """Load, merge and validate an experiment file; returns the typed config object.
+
+    `variant` = (source, dotted overrides) is a grid variant, merged between the files and the
+    command line; the file's own `grid:` block is then ignored (see `read_grid`). `forced` dotted
+    keys (a grid run's name, seed and folder) are merged last."""
     chain = read_chain(Path(path))
+    if variant is not None:
+        chain = [(src, {k: v for k, v in raw.items() if k != "grid"}) for src, raw in chain]
+        chain.append((variant[0], _from_dotted(variant[1])))
     over = parse_overrides(overrides)
-    sources = chain + ([(CLI, over)] if over else [])
+    sources = chain + ([(CLI, over)] if over else []) + ([("grid", _from_dotted(forced))] if forced else [])
     plugins: list[str] = []
     for src, raw in sources:
         p = raw.get("plugins", [])
@@ -205,13 +213,43 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     return obj
 
 
+def _dot_value(v: Any) -> str:
+    """A Python value as OmegaConf dotlist text (lists and None included)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True).strip()
+    return str(v)
+
+
+def _from_dotted(d: dict) -> dict:
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={_dot_value(v)}" for k, v in d.items()]))
+
+
+def read_grid(path: str | Path) -> tuple[dict, str] | None:
+    """The merged `grid:` block of a file and its parents, with the file that set it; None if none."""
+    grid, src = None, None
+    for source, raw in read_chain(Path(path)):
+        if "grid" in raw:
+            if not isinstance(raw["grid"], dict):
+                raise ConfigError(source, "grid", "`grid:` must be a mapping",
+                                  "write e.g. `grid: {seeds: [0, 1], leave_one_out: [engram]}`")
+            grid = OmegaConf.to_container(OmegaConf.merge(grid or {}, raw["grid"]))
+            src = source
+    return (grid, src) if grid is not None else None
+
+
 def merge(sources: list[tuple[str, dict]]) -> DictConfig:
     cfg = OmegaConf.structured(schema_class())
     OmegaConf.set_struct(cfg, True)
     for src, raw in sources:
         if "grid" in raw:
-            raise ConfigError(src, "grid", "grid files are not supported by this version",
-                              "run the variants as separate experiment files")
+            raise ConfigError(src, "grid", "this is a grid file (it has a `grid:` block), which only "
+                              "`python -m escarda_lab.run` and `escarda_lab.bench` accept",
+                              "run it with `python -m escarda_lab.run FILE`, or pass one of its run "
+                              "folders' config.yaml")
         try:
             cfg = OmegaConf.merge(cfg, raw)
         except oc_errors.ConfigKeyError as e:

@@ -84,9 +84,9 @@ def train(cfg, source: str = "experiment") -> dict:
     resolved = config.to_yaml(cfg)
     check_same_config(folder, resolved, source)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "config.yaml").exists():
+    if not (folder / "config.yaml").exists():  # a grid writes it before starting the run
         atomic_write(folder / "config.yaml", resolved)
-        tokens.tokenizer.save(folder)  # generate / evaluate / export read it from the run folder
+    tokens.tokenizer.save(folder)  # generate / evaluate / export read it from the run folder
 
     L.seed_everything(cfg.seed, verbose=False)
     peak = accounting.matmul_peak_flops(seconds=0.3)
@@ -169,13 +169,26 @@ def user_error(e: UserError) -> str:
     return f"escarda_lab: error in {e}"
 
 
+def run_grid(args) -> int:
+    from escarda_lab import grid
+
+    results = grid.run_grid(args.experiment, args.overrides, dry_run=args.dry_run, echo=log.info)
+    bad = [r for r in results if r["status"] != "finished"]
+    for r in bad:
+        log.warning("%s seed%d: %s: %s", r["variant"], r["seed"], r["status"], r.get("error", ""))
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m escarda_lab.run", description=__doc__.splitlines()[0])
     p.add_argument("experiment", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    p.add_argument("--dry-run", action="store_true", help="grids: print the expanded runs and stop")
     args = p.parse_args(argv)
     try:
+        if config.read_grid(args.experiment) is not None:
+            return run_grid(args)
         cfg = config.load(args.experiment, args.overrides)
         metrics = train(cfg, args.experiment)
     except UserError as e:

@@ -1,0 +1,421 @@
+"""Grids: a YAML with a `grid:` block expands into many runs, trained one process each.
+
+    extends: escarda.yaml
+    name: leave_one_out            # runs go to <output.dir>/leave_one_out/<variant>/seed<k>/
+    grid:
+      baseline: full               # "full" is the file itself; any variant name may be the baseline
+      seeds: [0, 1, 2]
+      leave_one_out: [engram, xsa] # variants no_engram, no_xsa
+      add_one_in: [engram]         # variants vanilla (every plugin off) and with_engram
+      variants: {wide: {model.d_model: 192}}
+      axes: {model.n_layers: [2, 4]}
+      match: params                # none | params
+      parallel: 1
+      launcher: local              # local | submitit
+
+Each run's fully resolved config is written to its folder as config.yaml before it starts, so
+`python -m escarda_lab.run runs/<grid>/<variant>/seed<k>/config.yaml` reruns one run by hand.
+`results.jsonl` in the grid folder holds one line per run; `grid.json` holds the plan that
+`escarda_lab.compare` reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from escarda_lab import config, registry
+from escarda_lab.errors import ConfigError, UserError
+from escarda_lab.io import atomic_write, read_json, run_dir, write_json
+
+
+@dataclass
+class SubmititConfig:
+    cluster: str | None = None  # None: SLURM when available; "local" runs the same path on this machine
+    partition: str | None = None
+    timeout_min: int = 240
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: int = 16
+    nodes: int = 1
+
+
+@dataclass
+class GridConfig:
+    baseline: str = "full"
+    seeds: list = field(default_factory=lambda: [0])
+    leave_one_out: list = field(default_factory=list)
+    add_one_in: list = field(default_factory=list)
+    variants: dict = field(default_factory=dict)
+    axes: dict = field(default_factory=dict)
+    match: str = "none"  # none | params
+    parallel: int = 1
+    launcher: str = "local"  # local | submitit
+    submitit: SubmititConfig = field(default_factory=SubmititConfig)
+
+
+@dataclass
+class Variant:
+    name: str
+    change: str  # what differs from the file, for tables: "-engram", "+engram", "model.d_model=192"
+    kind: str  # base | removed | added | changed
+    overrides: dict  # dotted key -> value
+    baseline: str = ""  # the variant this one is compared with (same axes values)
+
+
+@dataclass
+class Run:
+    variant: Variant
+    seed: int
+    cfg: Any
+    adjust: dict = field(default_factory=dict)  # match: params resizing, {key: [old, new]}
+
+    @property
+    def folder(self) -> Path:
+        return run_dir(self.cfg)
+
+
+# ------------------------------------------------------------------------------------ expansion
+
+
+def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, str] | None:
+    """The grid block of `path`, with `grid.key=value` command-line overrides applied."""
+    found = config.read_grid(path)
+    if found is None:
+        return None
+    raw, src = found
+    if overrides:
+        cli = config.parse_overrides(overrides)["grid"]
+        raw = {**raw, **cli}
+        src = f"{src} or the command line"
+    known = {f.name for f in fields(GridConfig)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(src, f"grid.{key}", "unknown grid key", f"valid keys: {', '.join(sorted(known))}")
+    sub = raw.pop("submitit", None) or {}
+    sub_known = {f.name for f in fields(SubmititConfig)}
+    for key in sub:
+        if key not in sub_known:
+            raise ConfigError(src, f"grid.submitit.{key}", "unknown key",
+                              f"valid keys: {', '.join(sorted(sub_known))}")
+    spec = GridConfig(**raw, submitit=SubmititConfig(**sub))
+    check_spec(spec, src)
+    return spec, src
+
+
+def check_spec(g: GridConfig, src: str) -> None:
+    def need(ok: bool, key: str, problem: str, fix: str) -> None:
+        if not ok:
+            raise ConfigError(src, f"grid.{key}", problem, fix)
+
+    plugins = registry.toggleable()
+    need(isinstance(g.seeds, list) and g.seeds and all(isinstance(s, int) for s in g.seeds), "seeds",
+         f"seeds must be a non-empty list of integers, got {g.seeds!r}", "write e.g. `seeds: [0, 1, 2]`")
+    for key in ["leave_one_out", "add_one_in"]:
+        names = getattr(g, key)
+        need(isinstance(names, list), key, f"{key} must be a list of component names", "write e.g. `[engram, xsa]`")
+        for n in names:
+            need(n in plugins, key, f"unknown component `{n}`", f"registered components are: {', '.join(plugins)}")
+    need(isinstance(g.variants, dict) and all(isinstance(v, dict) for v in g.variants.values()), "variants",
+         "variants must map a name to a set of overrides", "write e.g. `variants: {wide: {model.d_model: 192}}`")
+    need(isinstance(g.axes, dict) and all(isinstance(v, list) and v for v in g.axes.values()), "axes",
+         "axes must map a dotted key to a non-empty list of values", "write e.g. `axes: {model.d_model: [64, 128]}`")
+    need(g.match in ("none", "params"), "match", f"unknown match {g.match!r}", "use none or params")
+    need(isinstance(g.parallel, int) and g.parallel >= 1, "parallel", f"parallel must be >= 1, got {g.parallel}",
+         "give the number of runs to train at once")
+    need(g.launcher in ("local", "submitit"), "launcher", f"unknown launcher {g.launcher!r}", "use local or submitit")
+
+
+def variants(g: GridConfig) -> list[Variant]:
+    """The variants of a grid before axes: full, no_X, vanilla, with_X, then the named ones."""
+    out = [Variant("full", "(the file as written)", "base", {})]
+    for p in g.leave_one_out:
+        out.append(Variant(f"no_{p}", f"-{p}", "removed", {f"components.{p}.enabled": False}))
+    if g.add_one_in:
+        off = {f"components.{n}.enabled": False for n in registry.toggleable()}
+        out.append(Variant("vanilla", "every plugin off", "removed", off))
+        for p in g.add_one_in:
+            out.append(Variant(f"with_{p}", f"vanilla +{p}", "added", {**off, f"components.{p}.enabled": True}))
+    for name, over in g.variants.items():
+        flat = config.flatten(over)
+        out.append(Variant(str(name), ", ".join(f"{k}={v}" for k, v in flat.items()), "changed", flat))
+    return out
+
+
+def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
+    if not g.axes:
+        return [replace(v, baseline=g.baseline) for v in vs]
+    keys = list(g.axes)
+    out = []
+    for combo in itertools.product(*g.axes.values()):
+        tag = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, combo))
+        over = dict(zip(keys, combo))
+        for v in vs:
+            out.append(Variant(f"{v.name}-{tag}", v.change, v.kind, {**v.overrides, **over},
+                               baseline=f"{g.baseline}-{tag}"))
+    return out
+
+
+def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[GridConfig, list[Run], Path]:
+    """The grid's spec, its fully resolved runs, and the grid folder. Validates every run's config."""
+    grid_over = [o for o in overrides if o.startswith("grid.")]
+    overrides = [o for o in overrides if not o.startswith("grid.")]
+    base = config.load(path, overrides, variant=(f"{path} (grid)", {}))  # also discovers plugins
+    found = read_spec(path, grid_over)
+    if found is None:
+        raise ConfigError(str(path), "grid", "this file has no `grid:` block", "run it as a single experiment")
+    g, src = found
+    vs = with_axes(variants(g), g)
+    names = [v.name for v in vs]
+    if g.baseline not in [v.name for v in variants(g)]:
+        raise ConfigError(src, "grid.baseline", f"baseline {g.baseline!r} is not one of the variants",
+                          f"use one of: {', '.join(v.name for v in variants(g))}")
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(src, "grid.variants", f"variant names {sorted(dupes)} occur twice",
+                          "rename the named variant (no_X, with_X, vanilla and full are taken)")
+    grid_dir = Path(base.output.dir) / base.name
+    runs = []
+    for seed in g.seeds:  # seed-major: a grid stopped early still has every variant once
+        for v in vs:
+            cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides),
+                              forced={"seed": seed, "name": v.name, "output.dir": str(grid_dir)})
+            runs.append(Run(v, seed, cfg))
+    runs = with_vocab(runs, str(path))
+    if g.match == "params":
+        runs = match_params(runs, g, src)
+    return g, runs, grid_dir
+
+
+def with_vocab(runs: list[Run], source: str) -> list[Run]:
+    """Fill model.vocab_size from each run's tokenizer (built once per data config, cached)."""
+    from escarda_lab import data
+    from escarda_lab.run import with_vocab as fill
+
+    sizes: dict[str, int] = {}
+    out = []
+    for r in runs:
+        key = config.to_yaml(r.cfg.data)
+        if key not in sizes:
+            sizes[key] = data.prepare(r.cfg.data, source).tokenizer.vocab_size
+        out.append(replace(r, cfg=fill(r.cfg, sizes[key], source)))
+    return out
+
+
+def total_params(cfg) -> int:
+    from escarda_lab.accounting import build_on_meta, param_counts
+
+    return param_counts(build_on_meta(cfg))["total"]
+
+
+def match_params(runs: list[Run], g: GridConfig, src: str, tol: float = 0.01) -> list[Run]:
+    """Resize each variant's FFN width (expert width under MoE) to the baseline's total params ±1%."""
+    target: dict[str, int] = {}
+    for r in runs:
+        if r.variant.name == r.variant.baseline:
+            target[r.variant.name] = total_params(r.cfg)
+    cache: dict[str, tuple[Any, dict]] = {}
+    out = []
+    for r in runs:
+        goal = target[r.variant.baseline]
+        if r.variant.name not in cache:
+            cache[r.variant.name] = resize(r.cfg, goal, tol, src, r.variant.name)
+        cfg, adjust = cache[r.variant.name]
+        out.append(replace(r, cfg=replace(cfg, seed=r.seed), adjust=adjust))
+    return out
+
+
+def resize(cfg, goal: int, tol: float, src: str, name: str) -> tuple[Any, dict]:
+    if abs(total_params(cfg) - goal) <= tol * goal:
+        return cfg, {}
+    moe = getattr(cfg.components, "moe", None)
+    if moe is not None and moe.enabled:
+        key = "components.moe.expert_hidden"
+        old = moe.expert_hidden or cfg.model.ffn_hidden // (moe.top_k + moe.n_shared)
+
+        def at(h):
+            return replace(cfg, components=replace(cfg.components, moe=replace(moe, expert_hidden=h)))
+    else:
+        key, old = "model.ffn_hidden", cfg.model.ffn_hidden
+
+        def at(h):
+            return replace(cfg, model=replace(cfg.model, ffn_hidden=h))
+
+    lo, hi = 1, max(2 * old, 8)
+    while total_params(at(hi)) < goal and hi < 1 << 20:
+        hi *= 2
+    while lo < hi:  # smallest width reaching the goal; params grow with the width
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if total_params(at(mid)) < goal else (lo, mid)
+    best = min({max(lo - 1, 1), lo}, key=lambda h: abs(total_params(at(h)) - goal))
+    if abs(total_params(at(best)) - goal) > tol * goal:
+        raise ConfigError(src, "grid.match", f"variant `{name}` cannot reach the baseline's {goal:,} params "
+                          f"within {tol:.0%} by resizing {key} (closest: {total_params(at(best)):,})",
+                          "use `match: none`, or change the variant so the FFN width can absorb the difference")
+    return at(best), {key: [old, best]}
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def plan_table(runs: list[Run], grid_dir: Path) -> str:
+    base = {r.variant.name: total_params(r.cfg) for r in runs if r.variant.name == r.variant.baseline}
+    rows = [("variant", "seed", "params", "vs base", "status", "what differs")]
+    for r in runs:
+        n = total_params(r.cfg)
+        b = base[r.variant.baseline]
+        m = read_json(r.folder / "metrics.json") or {}
+        adj = "; ".join(f"{k} {a}->{b_}" for k, (a, b_) in r.adjust.items())
+        rows.append((r.variant.name, str(r.seed), f"{n:,}", f"{100 * (n - b) / b:+.2f}%",
+                     m.get("status", "new"), r.variant.change + (f" [{adj}]" if adj else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return f"grid {grid_dir}: {len(runs)} runs\n" + "\n".join(lines)
+
+
+def child_env(parallel: int) -> dict:
+    """Each run gets its share of the cores (two tiny runs on two cores beat one run on both)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_one(config_path: str, parallel: int = 1) -> dict:
+    """Train one run in its own process; its output is appended to log.txt in the run folder."""
+    folder = Path(config_path).parent
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m escarda_lab.run {config_path}\n".encode())
+        log.flush()
+        proc = subprocess.run([sys.executable, "-m", "escarda_lab.run", config_path], stdout=log,
+                              stderr=subprocess.STDOUT, env=child_env(parallel))
+    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - t0}
+
+
+def last_error(folder: Path) -> str:
+    try:
+        lines = [ln for ln in (folder / "log.txt").read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errs = [ln for ln in lines if ln.startswith("escarda_lab:") or "Error" in ln]
+    return (errs or lines or [""])[-1][:500]
+
+
+def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
+    m = read_json(r.folder / "metrics.json") or {}
+    status = m.get("status", "failed")
+    rc = outcome.get("returncode", 0)
+    if status == "running" and "skipped" not in outcome:  # the process ended without finishing
+        status = "failed"
+    rec = {"variant": r.variant.name, "seed": r.seed, "baseline": r.variant.baseline,
+           "change": r.variant.change, "kind": r.variant.kind, "folder": str(r.folder.relative_to(grid_dir)),
+           "status": status, "adjust": r.adjust, **outcome}
+    if status != "finished":
+        rec["error"] = m.get("error") or last_error(r.folder) or f"exit code {rc}"
+        if rc is not None and rc < 0:
+            rec["error"] = f"killed by signal {-rc}; rerun the grid to resume. Last output: {rec['error']}"
+    for k in ["val_loss", "val_bpb", "params", "flops_per_token", "tokens_per_s", "mfu", "dead_components", "step"]:
+        if k in m:
+            rec[k] = m[k]
+    return rec
+
+
+def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str) -> None:
+    seen: dict[str, dict] = {}
+    for r in runs:
+        v = r.variant
+        seen.setdefault(v.name, {"name": v.name, "change": v.change, "kind": v.kind, "baseline": v.baseline,
+                                 "overrides": v.overrides, "adjust": r.adjust})
+    write_json(grid_dir / "grid.json", {"source": source, "baseline": g.baseline, "seeds": g.seeds,
+                                        "match": g.match, "variants": list(seen.values())})
+
+
+def prepare_folder(r: Run) -> str | None:
+    """Write the run's config.yaml (or check the one there); returns an error message or None."""
+    from escarda_lab.run import check_same_config
+
+    text = config.to_yaml(r.cfg)
+    try:
+        check_same_config(r.folder, text, "grid")
+    except UserError as e:
+        return str(e)
+    if not (r.folder / "config.yaml").exists():
+        atomic_write(r.folder / "config.yaml", text)
+    return None
+
+
+def run_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_run: bool = False,
+             echo=print) -> list[dict]:
+    g, runs, grid_dir = expand(path, overrides)
+    echo(plan_table(runs, grid_dir))
+    if dry_run:
+        return []
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    write_plan(g, runs, grid_dir, str(path))
+    results: dict[tuple[str, int], dict] = {}
+    lock = threading.Lock()
+
+    def save(r: Run, rec: dict) -> None:
+        with lock:
+            results[(r.variant.name, r.seed)] = rec
+            lines = [json.dumps(results[(x.variant.name, x.seed)], sort_keys=True, default=str)
+                     for x in runs if (x.variant.name, x.seed) in results]
+            atomic_write(grid_dir / "results.jsonl", "\n".join(lines) + "\n")
+            echo(f"[{len(results)}/{len(runs)}] {rec['variant']} seed{rec['seed']}: {rec['status']}"
+                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})"))
+
+    todo = []
+    for r in runs:
+        problem = prepare_folder(r)
+        m = read_json(r.folder / "metrics.json") or {}
+        if problem:
+            save(r, {**record(r, grid_dir, {}), "status": "failed", "error": problem})
+        elif m.get("status") == "finished":
+            save(r, record(r, grid_dir, {"skipped": True}))
+        else:
+            todo.append(r)
+    if g.launcher == "submitit":
+        launch_submitit(g, todo, grid_dir, save)
+    else:
+        with ThreadPoolExecutor(max_workers=g.parallel) as pool:
+            for r, outcome in zip(todo, pool.map(lambda r: run_one(str(r.folder / "config.yaml"), g.parallel), todo)):
+                save(r, record(r, grid_dir, outcome))
+    done = sum(rec["status"] == "finished" for rec in results.values())
+    echo(f"{done}/{len(runs)} runs finished; compare them with `python -m escarda_lab.compare {grid_dir}`")
+    return [results[(r.variant.name, r.seed)] for r in runs]
+
+
+def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> None:
+    """One SLURM job array (or submitit's local executor): each task runs `run_one`."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("grid", "grid.launcher", "launcher: submitit needs the submitit package",
+                          "pip install submitit, or use `launcher: local`") from None
+    if not todo:
+        return
+    s = g.submitit
+    ex = submitit.AutoExecutor(folder=str(grid_dir / "submitit" / "%j"), cluster=s.cluster)
+    params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node,
+                              "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb, "nodes": s.nodes,
+                              "name": grid_dir.name, "slurm_array_parallelism": g.parallel}
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    ex.update_parameters(**params)
+    jobs = ex.map_array(run_one, [str(r.folder / "config.yaml") for r in todo], [g.parallel] * len(todo))
+    for r, job in zip(todo, jobs):
+        try:
+            outcome = {**job.result(), "job_id": job.job_id}
+        except Exception as e:  # the job itself died (timeout, preemption, node failure)
+            outcome = {"returncode": None, "job_id": job.job_id, "job_error": str(e).splitlines()[0][:300]}
+        save(r, record(r, grid_dir, outcome))
