@@ -79,6 +79,15 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, 
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def probe_kind(cfg) -> dict:
+    """matmul_peak_flops arguments matching how `cfg` trains: device, and bf16 under bf16 precision."""
+    from escarda_lab.module import on_gpu
+
+    device = "cuda" if on_gpu(cfg) else "cpu"
+    dtype = torch.bfloat16 if str(cfg.train.precision).startswith("bf16") else torch.float32
+    return {"device": device, "dtype": dtype, "n": 4096 if device == "cuda" else 1024}
+
+
 def _sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

@@ -1,59 +1,92 @@
-"""Benchmark: `python -m escarda_lab.bench EXP.yaml [EXP2.yaml ...] [key=value ...] [--decode] [--json]`.
+"""Benchmark: `python -m escarda_lab.bench EXP_OR_GRID.yaml [EXP2.yaml ...] [key=value ...] [--json]`.
 
-Everything is measured in one process, interleaved (A B C, then C B A, ...) to cancel drift:
-  * loop overhead: the first experiment trained by our LightningModule under lightning.Trainer
-    (what `escarda_lab.run` does) vs a hand-written PyTorch loop over the identical model,
-    optimizer and batches;
-  * variants: train step time of every experiment (the plain loop), and its ratio to the first;
-  * --decode: greedy decoding of max_seq_len/2 new tokens after a max_seq_len/2 prompt, with the
-    KV cache and without it (full recompute per token).
-FLOPs/token come from FlopCounterMode; MFU is against a matmul peak probed before and after (the
-probe varies by about ±7% here; we use the mean). Overrides apply to every experiment.
+Variants: one experiment is benchmarked against the same shape with every plugin off (vanilla);
+several experiments against the first; a grid file's variants (first seed) against the grid's
+baseline. Everything is measured in one process, interleaved (A B C, then C B A, ...) to cancel
+drift:
+  * loop overhead: the baseline trained by our LightningModule under lightning.Trainer (what
+    `escarda_lab.run` does) vs a hand-written PyTorch loop over the identical model and batches;
+  * per variant: train step time of the plain loop, tokens/s, FLOPs/token (FlopCounterMode; per
+    plugin as the FLOPs the plugin adds over the variant without it), MFU against a matmul peak
+    probed before and after (mean of the two), peak memory (CUDA: max allocated; CPU: peak RSS of
+    the process while the variant trains), cached decoding tokens/s, and the step-time ratio to
+    the baseline;
+  * --decode: decoding also without the KV cache (full recompute per token) and the speed-up;
+  * --compile both: every variant eager and compiled (compile time = first step minus a steady step).
+Precision and compile follow the config ("auto": bf16-mixed + compile on a GPU, fp32 eager on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from escarda_lab import accounting, config, data
+from escarda_lab import accounting, config, data, registry
 from escarda_lab.errors import UserError
+from escarda_lab.module import on_gpu, resolve_runtime
 from escarda_lab.objectives import total_loss
 from escarda_lab.run import prepare_torch, quiet_libraries, user_error, with_vocab
 
 
+def device_of(cfg) -> torch.device:
+    return torch.device("cuda" if on_gpu(cfg) else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(cfg, device: torch.device):
+    if str(cfg.train.precision).startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def plain_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
-    """Timestamps after each step of a plain PyTorch training loop."""
+    """Timestamps (start, then after each step) of a plain PyTorch training loop."""
     from escarda_lab.model import EscardaLM
     from escarda_lab.module import lr_factor, param_groups
 
+    device = device_of(cfg)
     torch.manual_seed(cfg.seed)
-    model = EscardaLM(cfg)
+    model = EscardaLM(cfg).to(device)
+    if cfg.train.compile:
+        model.compile()
     t = cfg.train
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
     windows = data.TrainWindows(tokens.train, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, 0, 1)
-    stamps = []
+    after = [m for _, m in model.plugin_modules() if hasattr(m, "after_step")]
+    sync(device)
+    stamps = [time.perf_counter()]
     for k in range(steps):
-        batch = windows[k]
-        loss, _ = total_loss(model, batch, model(batch["ids"]))
+        batch = {n: x.to(device, non_blocking=True) for n, x in windows[k].items()}
+        with autocast(cfg, device):
+            loss, _ = total_loss(model, batch, model(batch["ids"]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        for m in after:
+            m.after_step()
+        sync(device)
         stamps.append(time.perf_counter())
     return stamps
 
 
 def lightning_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
-    """Timestamps after each step of `lightning.Trainer` fitting our module (no logging/val/ckpt)."""
+    """Timestamps of `lightning.Trainer` fitting our module (no logging/val/ckpt)."""
     import lightning as L
 
     from escarda_lab.module import EscardaModule
@@ -61,6 +94,9 @@ def lightning_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
     stamps: list[float] = []
 
     class Stamp(L.Callback):
+        def on_train_start(self, *args):
+            stamps.append(time.perf_counter())
+
         def on_train_batch_end(self, *args):
             stamps.append(time.perf_counter())
 
@@ -68,14 +104,38 @@ def lightning_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
     module = EscardaModule(cfg, tokens.token_bytes)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Stamp()], precision=cfg.train.precision, accelerator=cfg.trainer.accelerator,
+                        callbacks=[Stamp()], precision=cfg.train.precision, accelerator=device_of(cfg).type,
                         devices=1, use_distributed_sampler=False)
     trainer.fit(module, data.EscardaData(cfg, tokens))
     return stamps
 
 
 def steady_seconds_per_step(stamps: list[float], warmup: int) -> float:
+    """Mean step time after `warmup` steps; stamps[0] is the start, stamps[k] the end of step k."""
     return (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA max allocated, or the process's peak RSS on Linux."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            with contextlib.suppress(OSError, StopIteration):
+                line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
+                self.bytes = int(line.split()[1]) * 1024
 
 
 def decode_tokens_per_s(model, prompt_len: int, new: int, use_cache: bool) -> float:
@@ -87,34 +147,103 @@ def decode_tokens_per_s(model, prompt_len: int, new: int, use_cache: bool) -> fl
     return len(out) / (time.perf_counter() - t0)
 
 
-def load_variants(experiments: list[str], overrides: list[str]) -> tuple[list, data.TokenData]:
+def flops_per_token(cfg) -> float:
+    from escarda_lab.model import EscardaLM
+
+    model = EscardaLM(cfg)
+    return accounting.train_flops_per_token(model, lambda b: total_loss(model, b, model(b["ids"]))[0],
+                                            cfg.data.seq_len)
+
+
+def plugin_flops(cfg, total: float) -> dict[str, float]:
+    """FLOPs/token each enabled plugin adds: this variant minus the same variant without it."""
+    out = {}
+    for name in registry.toggleable():
+        pc = getattr(cfg.components, name)
+        if pc.enabled:
+            off = replace(cfg, components=replace(cfg.components, **{name: replace(pc, enabled=False)}))
+            out[name] = total - flops_per_token(off)
+    return out
+
+
+# ------------------------------------------------------------------------------------- variants
+
+
+def vanilla_of(cfg):
+    """The same shape, data and training with every plugin off."""
+    comps = {n: replace(getattr(cfg.components, n), enabled=False) for n in registry.toggleable()}
+    return replace(cfg, name="vanilla", components=replace(cfg.components, **comps))
+
+
+def load_variants(experiments: list[str], overrides: list[str]) -> list:
+    """The configs to compare, baseline first (see the module docstring)."""
+    from escarda_lab import grid
+
+    if len(experiments) == 1 and config.read_grid(experiments[0]) is not None:
+        g, runs, _ = grid.expand(experiments[0], overrides)
+        first = [r for r in runs if r.seed == g.seeds[0]]
+        first.sort(key=lambda r: r.variant.name != r.variant.baseline)
+        return [r.cfg for r in first]
     cfgs = [config.load(e, overrides) for e in experiments]
+    if len(cfgs) == 1:
+        on = [n for n in registry.toggleable() if getattr(cfgs[0].components, n).enabled]
+        if on:
+            cfgs.insert(0, vanilla_of(cfgs[0]))
+    return cfgs
+
+
+def with_tokens(cfgs: list) -> tuple[list, data.TokenData]:
     tokens = data.prepare(cfgs[0].data)
     for c in cfgs[1:]:
         if c.data != cfgs[0].data:
             raise UserError(c.name, "data", "benchmarked experiments use different data settings",
                             "compare experiments that share `data:` (or override it for all)")
-    return [with_vocab(c, tokens.tokenizer.vocab_size, "bench") for c in cfgs], tokens
+    return [with_vocab(resolve_runtime(c), tokens.tokenizer.vocab_size, "bench") for c in cfgs], tokens
+
+
+def with_compile(cfgs: list, mode: str) -> list:
+    if mode == "auto":
+        return cfgs
+    if mode in ("on", "off"):
+        return [replace(c, train=replace(c.train, compile=mode == "on")) for c in cfgs]
+    out = []
+    for c in cfgs:
+        out.append(replace(c, name=f"{c.name}", train=replace(c.train, compile=False)))
+        out.append(replace(c, name=f"{c.name}+compile", train=replace(c.train, compile=True)))
+    return out
+
+
+# ------------------------------------------------------------------------------------ benchmark
 
 
 def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: int, decode: bool) -> dict:
     from escarda_lab.model import EscardaLM, cache_numbers_per_token
 
     base = cfgs[0]
+    device = device_of(base)
     tokens_per_step = base.data.batch_size * base.data.seq_len
-    peak_before = accounting.matmul_peak_flops()
+    probe = accounting.probe_kind(base)
+    peak_before = accounting.matmul_peak_flops(**probe)
     loop: dict[str, list[float]] = {"plain": [], "lightning": []}
     train: list[list[float]] = [[] for _ in cfgs]
+    first_step: list[list[float]] = [[] for _ in cfgs]
+    memory = [0] * len(cfgs)
     for r in range(rounds):
         loop["lightning"].append(steady_seconds_per_step(lightning_loop(base, tokens, steps), warmup))
         order = list(enumerate(cfgs))
         for i, cfg in order if r % 2 == 0 else order[::-1]:  # alternate the order: no position bias
-            train[i].append(steady_seconds_per_step(plain_loop(cfg, tokens, steps), warmup))
+            torch._dynamo.reset()  # every compiled run pays (and reports) its own compile
+            with PeakMemory(device) as mem:
+                stamps = plain_loop(cfg, tokens, steps)
+            memory[i] = max(memory[i], mem.bytes)
+            train[i].append(steady_seconds_per_step(stamps, warmup))
+            first_step[i].append(stamps[1] - stamps[0])
     loop["plain"] = train[0]
-    peak = (peak_before + accounting.matmul_peak_flops()) / 2
+    peak = (peak_before + accounting.matmul_peak_flops(**probe)) / 2
 
-    out = {"peak_flops": peak, "tokens_per_step": tokens_per_step, "loop_overhead": [], "variants": []}
-    base_flops = 0.0
+    out = {"peak_flops": peak, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens_per_step": tokens_per_step,
+           "precision": base.train.precision, "loop_overhead": [], "variants": []}
     for name, secs in loop.items():
         s = statistics.median(secs)
         out["loop_overhead"].append({"name": name, "ms_per_step": 1e3 * s, "tokens_per_s": tokens_per_step / s})
@@ -122,14 +251,19 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     for v in out["loop_overhead"]:
         v["ratio_to_plain"] = v["tokens_per_s"] / plain_tps
     for i, cfg in enumerate(cfgs):
-        model = EscardaLM(cfg)
-        flops = accounting.train_flops_per_token(model, lambda b: total_loss(model, b, model(b["ids"]))[0],
-                                                 cfg.data.seq_len)
-        base_flops = base_flops or flops
+        flops = flops_per_token(cfg)
         s = statistics.median(train[i])
-        v = {"name": cfg.name, "params": accounting.param_counts(model)["total"], "flops_per_token": flops,
+        v = {"name": cfg.name, "params": accounting.param_counts(EscardaLM(cfg))["total"],
+             "flops_per_token": flops, "flops_per_token_by_plugin": plugin_flops(cfg, flops),
              "ms_per_step": 1e3 * s, "tokens_per_s": tokens_per_step / s, "mfu": tokens_per_step / s * flops / peak,
-             "ratio_to_baseline": s / statistics.median(train[0])}
+             "ratio_to_baseline": s / statistics.median(train[0]), "peak_mem_bytes": memory[i],
+             "compiled": bool(cfg.train.compile), "precision": cfg.train.precision}
+        if cfg.train.compile:
+            v["compile_s"] = statistics.median(first_step[i]) - s
+        torch.manual_seed(cfg.seed)
+        model = EscardaLM(cfg).to(device).eval()  # decoding: eager, one sequence at a time
+        new = min(64, cfg.model.max_seq_len // 2)
+        v["decode_tokens_per_s"] = decode_tokens_per_s(model, new, new, True)
         if decode:
             half = cfg.model.max_seq_len // 2
             v["decode_tokens_per_s"] = decode_tokens_per_s(model, half, half, True)
@@ -140,14 +274,44 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     return out
 
 
+def report(res: dict, decode: bool) -> str:
+    lines = [f"{res['device']}: matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s ({res['precision']}), "
+             f"{res['tokens_per_step']} tokens/step, torch {res['torch']}, {res['threads']} threads",
+             f"\nloop overhead ({res['variants'][0]['name']}):"]
+    for v in res["loop_overhead"]:
+        lines.append(f"  {v['name']:<10} {v['ms_per_step']:8.1f} ms/step {v['tokens_per_s']:9.0f} tokens/s "
+                     f"{v['ratio_to_plain']:7.3f}x of plain")
+    w = max(16, *(len(v["name"]) for v in res["variants"]))
+    lines.append(f"\n{'variant':<{w}} {'params':>10} {'MFLOP/tok':>10} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "
+                 f"{'step ratio':>10} {'peak MiB':>9} {'decode/s':>9}"
+                 + (f" {'no-cache/s':>10} {'speedup':>8} {'cache/tok':>9}" if decode else "") + "  compile s")
+    for v in res["variants"]:
+        line = (f"{v['name']:<{w}} {v['params']:>10,} {v['flops_per_token'] / 1e6:>10.2f} {v['ms_per_step']:>8.1f} "
+                f"{v['tokens_per_s']:>9.0f} {100 * v['mfu']:>5.1f}% {v['ratio_to_baseline']:>9.3f}x "
+                f"{v['peak_mem_bytes'] / 2**20:>9.0f} {v['decode_tokens_per_s']:>9.0f}")
+        if decode:
+            line += (f" {v['decode_uncached_tokens_per_s']:>10.0f} {v['cache_speedup']:>7.1f}x "
+                     f"{v['cache_numbers_per_token']:>9.0f}")
+        line += f"  {v['compile_s']:9.1f}" if "compile_s" in v else ""
+        lines.append(line)
+    lines.append("\nMFLOP/token added by each plugin (variant minus the variant without it):")
+    for v in res["variants"]:
+        if v["flops_per_token_by_plugin"]:
+            parts = ", ".join(f"{k} {f / 1e6:+.2f}" for k, f in v["flops_per_token_by_plugin"].items())
+            lines.append(f"  {v['name']}: {parts}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     p = argparse.ArgumentParser(prog="python -m escarda_lab.bench", description=__doc__.splitlines()[0])
-    p.add_argument("args", nargs="+", help="experiment files (the first is the baseline), then key=value overrides")
+    p.add_argument("args", nargs="+", help="experiment or grid files (the first is the baseline), then key=value overrides")
     p.add_argument("--steps", type=int, default=30, help="steps per timed run (default 30)")
     p.add_argument("--rounds", type=int, default=3, help="A/B rounds (default 3)")
     p.add_argument("--warmup", type=int, default=5, help="steps not timed at the start of each run")
-    p.add_argument("--decode", action="store_true", help="also time decoding with and without the KV cache")
+    p.add_argument("--decode", action="store_true", help="also time decoding without the KV cache")
+    p.add_argument("--compile", choices=["auto", "on", "off", "both"], default="auto",
+                   help="auto: as configured (on for GPU); both: every variant eager and compiled")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = p.parse_args(argv)
     experiments = [a for a in args.args if "=" not in a]
@@ -160,27 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps <= args.warmup + 1:
             raise UserError("command line", "--steps", f"--steps {args.steps} leaves nothing to time after "
                             f"--warmup {args.warmup}", "use more steps than warmup + 1")
-        cfgs, tokens = load_variants(experiments, overrides)
-        res = bench(cfgs, tokens, args.steps, args.rounds, args.warmup, args.decode)
+        cfgs, tokens = with_tokens(load_variants(experiments, overrides))
+        res = bench(with_compile(cfgs, args.compile), tokens, args.steps, args.rounds, args.warmup, args.decode)
     except UserError as e:
         print(user_error(e), file=sys.stderr)
         return 2
-    print(f"matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s, {res['tokens_per_step']} tokens/step, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"\nloop overhead ({res['variants'][0]['name']}):")
-    for v in res["loop_overhead"]:
-        print(f"  {v['name']:<10} {v['ms_per_step']:8.1f} ms/step {v['tokens_per_s']:9.0f} tokens/s "
-              f"{v['ratio_to_plain']:7.3f}x of plain")
-    print(f"\n{'variant':<16} {'params':>10} {'MFLOP/tok':>10} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "
-          f"{'step ratio':>10}" + (f" {'decode/s':>9} {'no-cache/s':>10} {'speedup':>8} {'cache/tok':>9}"
-                                   if args.decode else ""))
-    for v in res["variants"]:
-        line = (f"{v['name']:<16} {v['params']:>10,} {v['flops_per_token'] / 1e6:>10.2f} {v['ms_per_step']:>8.1f} "
-                f"{v['tokens_per_s']:>9.0f} {100 * v['mfu']:>5.1f}% {v['ratio_to_baseline']:>9.3f}x")
-        if args.decode:
-            line += (f" {v['decode_tokens_per_s']:>9.0f} {v['decode_uncached_tokens_per_s']:>10.0f} "
-                     f"{v['cache_speedup']:>7.1f}x {v['cache_numbers_per_token']:>9.0f}")
-        print(line)
+    print(report(res, args.decode))
     if args.json:
         print(json.dumps(res))
     return 0

@@ -69,12 +69,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "32-true"
+    precision: str = "auto"  # auto: bf16-mixed on a GPU, 32-true on CPU (see module.resolve_runtime)
     val_every: int = 100
     val_batches: int = 20
     log_every: int = 10
     checkpoint_every: int = 100
-    compile: bool = False
+    compile: Any = "auto"  # auto: on for a GPU, off on CPU; or true / false
 
 
 @dataclass
@@ -92,7 +92,7 @@ class TrainerConfig:
     num_nodes: int = 1
 
 
-PRECISIONS = {"32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true"}
+PRECISIONS = {"auto", "32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true"}
 SCHEDULES = {"cosine", "linear", "constant"}
 ROPE_STYLES = {"half", "interleaved"}
 TOKENIZERS = {"bpe", "byte"}
@@ -363,6 +363,8 @@ def validate(cfg: Any, where) -> None:
          "weight_decay and grad_clip must be >= 0", "use 0 to switch them off")
     need(str(t.precision) in PRECISIONS, "train.precision", f"unknown precision {t.precision!r}",
          f"use one of {sorted(PRECISIONS)}")
+    need(t.compile in ("auto", True, False), "train.compile", f"compile must be auto, true or false, got {t.compile!r}",
+         "use auto (compiled on a GPU, eager on CPU), true or false")
     for key in ["val_every", "val_batches", "log_every", "checkpoint_every"]:
         need(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}",
              "give a positive integer")

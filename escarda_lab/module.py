@@ -40,6 +40,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs where bf16 autocast is faster, not slower, than fp32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def on_gpu(cfg) -> bool:
+    acc = str(cfg.trainer.accelerator)
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def resolve_runtime(cfg):
+    """`cfg` with concrete train.precision and train.compile for this machine: "auto" means
+    bf16-mixed + torch.compile on a GPU and fp32 eager on CPU; bf16 asked for on a CPU without
+    native bf16 falls back to fp32 with a warning (emulated bf16 is several times slower)."""
+    import warnings
+    from dataclasses import replace
+
+    gpu = on_gpu(cfg)
+    precision, compile_ = str(cfg.train.precision), cfg.train.compile
+    if precision == "auto":
+        precision = "bf16-mixed" if gpu else "32-true"
+    if not gpu and precision.startswith("bf16") and not cpu_has_native_bf16():
+        warnings.warn(f"train.precision={precision} asked for, but this CPU has no native bf16 "
+                      "(avx512_bf16 / amx_bf16): training in fp32 instead", stacklevel=2)
+        precision = "32-true"
+    if compile_ == "auto":
+        compile_ = gpu
+    return replace(cfg, train=replace(cfg.train, precision=precision, compile=bool(compile_)))
+
+
 class EscardaModule(L.LightningModule):
     def __init__(self, cfg, token_bytes: Tensor, flops_per_token: float = 0.0, peak_flops: float = 0.0):
         super().__init__()
@@ -54,8 +88,12 @@ class EscardaModule(L.LightningModule):
         self._pending: dict[str, Tensor | float] = {}
         self.stat_peak: dict[str, float] = {}  # largest |stat| seen at a log step (dead-component checks)
         self._after_step = [m for _, m in self.model.plugin_modules() if hasattr(m, "after_step")]
-        if cfg.train.compile:
+
+    def configure_model(self) -> None:
+        """Compiled here, inside fit, so FLOP counting and checkpoint loading see the eager model."""
+        if self.cfg.train.compile is True and not getattr(self, "_compiled", False):
             self.model.compile()
+            self._compiled = True
 
     # --------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -35,6 +35,8 @@ def quiet_libraries() -> None:
 
 def prepare_torch() -> None:
     torch.set_flush_denormal(True)  # denormals made tiny-model CPU steps 4-7x slower
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left under autocast
 
 
 def with_vocab(cfg, vocab_size: int, source: str):
@@ -69,7 +71,7 @@ def train(cfg, source: str = "experiment") -> dict:
 
     from escarda_lab import accounting, data
     from escarda_lab.evaluate import score, summarize
-    from escarda_lab.module import AtomicCheckpoint, EscardaModule
+    from escarda_lab.module import AtomicCheckpoint, EscardaModule, resolve_runtime
 
     quiet_libraries()
     prepare_torch()
@@ -88,8 +90,9 @@ def train(cfg, source: str = "experiment") -> dict:
         atomic_write(folder / "config.yaml", resolved)
     tokens.tokenizer.save(folder)  # generate / evaluate / export read it from the run folder
 
+    cfg = resolve_runtime(cfg)  # after config.yaml: "auto" stays "auto" there, resolved per machine
     L.seed_everything(cfg.seed, verbose=False)
-    peak = accounting.matmul_peak_flops(seconds=0.3)
+    peak = accounting.matmul_peak_flops(seconds=0.3, **accounting.probe_kind(cfg))
     module = EscardaModule(cfg, tokens.token_bytes, peak_flops=peak)
     module.flops_per_token = accounting.train_flops_per_token(
         module.model, lambda b: module.compute_loss(b)[0], cfg.data.seq_len)
@@ -111,7 +114,7 @@ def train(cfg, source: str = "experiment") -> dict:
         enable_model_summary=False, enable_progress_bar=sys.stderr.isatty(), default_root_dir=str(folder),
     )
     params = accounting.param_counts(module.model)
-    base = {"name": cfg.name, "seed": cfg.seed, "params": params,
+    base = {"name": cfg.name, "seed": cfg.seed, "params": params, "precision": t.precision, "compiled": t.compile,
             "flops_per_token": module.flops_per_token, "peak_flops": peak}
     if trainer.is_global_zero:
         write_json(folder / "metrics.json", {**base, "status": "running", "step": start_step})

@@ -52,3 +52,38 @@ def test_diverging_run_stops_and_records_the_step(corpus, tmp_path, capsys):
     metrics = read_json(tmp_path / "vanilla" / "seed0" / "metrics.json")
     # one call counts FLOPs before training, so the 5th call is training step 3
     assert metrics["status"] == "diverged" and metrics["step"] == 3
+
+
+# ------------------------------------------------------------------------- precision and compile
+
+
+def test_auto_runtime_is_fp32_eager_on_cpu(tiny):
+    from escarda_lab.module import resolve_runtime
+
+    cfg = resolve_runtime(tiny(**{"trainer.accelerator": "cpu"}))
+    assert cfg.train.precision == "32-true" and cfg.train.compile is False
+
+
+def test_auto_runtime_is_bf16_compiled_on_a_gpu(tiny, monkeypatch):
+    from escarda_lab import module
+
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    cfg = module.resolve_runtime(tiny())
+    assert cfg.train.precision == "bf16-mixed" and cfg.train.compile is True
+
+
+def test_bf16_on_a_cpu_without_native_bf16_falls_back_with_a_warning(tiny, monkeypatch):
+    from escarda_lab import module
+
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        cfg = module.resolve_runtime(tiny(**{"train.precision": "bf16-mixed", "trainer.accelerator": "cpu"}))
+    assert cfg.train.precision == "32-true"
+
+
+def test_bf16_is_kept_on_a_cpu_with_native_bf16(tiny, monkeypatch):
+    from escarda_lab import module
+
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: True)
+    cfg = module.resolve_runtime(tiny(**{"train.precision": "bf16-mixed", "trainer.accelerator": "cpu"}))
+    assert cfg.train.precision == "bf16-mixed"

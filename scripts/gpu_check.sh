@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU check (issue 8): a bf16-mixed + torch.compile training smoke run, then the benchmark, on
+# whatever CUDA GPU this machine has. Writes to $OUT (default ./gpu_out).
+#   CORPUS=path/to/texts bash scripts/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+PY=${PY:-python3}
+CORPUS=${CORPUS:-classics}
+export ESCARDA_CACHE=${ESCARDA_CACHE:-/tmp/escarda_cache} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
+
+echo "== smoke: escarda.yaml, 200 steps, precision/compile auto (bf16-mixed + compile on a GPU)"
+start=$(date +%s)
+$PY -m escarda_lab.run experiments/escarda.yaml name=gpu_smoke data.corpus="$CORPUS" \
+    output.dir="$OUT/runs" train.max_steps=200 train.val_every=100
+echo "smoke wall $(( $(date +%s) - start )) s"
+cp "$OUT/runs/gpu_smoke/seed0/metrics.json" "$OUT/smoke_metrics.json" 2>/dev/null
+
+SHAPE="model.d_model=256 model.n_layers=6 model.n_heads=8 model.ffn_hidden=704 data.batch_size=64 data.seq_len=256"
+echo "== bench: vanilla vs escarda at d_model 256 / 6 layers, 64 x 256 tokens/step, eager and compiled"
+$PY -m escarda_lab.bench experiments/escarda.yaml $SHAPE data.corpus="$CORPUS" \
+    --steps 30 --rounds 1 --warmup 10 --compile both --json | tee "$OUT/bench.txt"
