@@ -227,7 +227,8 @@ def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb") -> None:
     if len(steps) >= 3:  # the first evaluation (near-uniform loss) would squash the rest
         lo, hi = c.value.min(), c[c.step == steps[1]].value.max()
         ax.set_ylim(lo - 0.02 * (hi - lo), hi)
-    ax.legend(fontsize=8)
+    if len(c):
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
 
@@ -246,6 +247,35 @@ def plot_deltas(runs: pd.DataFrame, summary: pd.DataFrame, ax) -> None:
     ax.set_xlabel("final val bpb − baseline mean (right = worse)")
     ax.set_title("per-seed final val bpb vs the baseline")
     ax.grid(alpha=0.3, axis="x")
+
+
+def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params) -> None:
+    """Δ bpb (with the seed std as an error bar) against relative speed and against Δ params."""
+    s = summary[summary.verdict != "baseline"]
+    base_params = {r.variant: r.params_total for r in summary.itertuples()}
+    d_params = [r.params_total - base_params.get(r.baseline, math.nan) for r in s.itertuples()]
+    for ax, x, label in [(ax_speed, s.speed_vs_baseline, "tokens/s relative to the baseline"),
+                         (ax_params, d_params, "Δ params vs the baseline")]:
+        ax.errorbar(x, s.delta_bpb, yerr=s.val_bpb_std.fillna(0), fmt="o", capsize=3)
+        for xi, yi, name in zip(x, s.delta_bpb, s.variant):
+            ax.annotate(name, (xi, yi), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("Δ val bpb (up = worse)")
+        ax.grid(alpha=0.3)
+    ax_speed.axvline(1, color="k", lw=0.8)
+    ax_speed.set_title("cost vs benefit: speed")
+    ax_params.set_title("cost vs benefit: parameters")
+
+
+def plot_stat(stats: pd.DataFrame, tag: str, ax) -> None:
+    """One component statistic over training: mean over seeds per variant."""
+    c = stats[stats.tag == tag]
+    for name, g in c.groupby("variant", sort=False):
+        m = g.groupby("step").value.mean()
+        ax.plot(m.index, m.values, label=name, lw=1.2)
+    ax.set_title(tag.removeprefix("components/"), fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 def write(grid_dir: str | Path, alpha: float = 0.05) -> dict[str, Path]:

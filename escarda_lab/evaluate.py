@@ -1,15 +1,26 @@
-"""Scoring: per-window negative log-likelihood, and the one definition of bits per byte.
+"""Evaluation: `python -m escarda_lab.evaluate RUN_DIR_OR_CKPT [--split val] [--text FILE]
+[--corpus NAME] [--suite minimal_pairs] [--task FILE.jsonl ...] [--out FILE.json]`.
 
 bpb = Σ NLL (nats) over predicted tokens / (ln 2 × Σ UTF-8 bytes of those tokens).
-Special tokens count 0 bytes but their NLL counts, so bpb is tokenizer-independent.
+Special tokens count 0 bytes but their NLL counts, so bpb is tokenizer-independent; byte
+perplexity = 2^bpb. Continuations are scored as lm-eval scores them (`Scorer`): the context and
+continuation are encoded together, the continuation's tokens are those past the context's, and
+the sequence starts with <bos> (lm-eval's end-of-text prefix for an empty context).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from escarda_lab.errors import DataError, UserError
 
 
 def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
@@ -43,3 +54,250 @@ def score(model, loader, token_bytes: Tensor, device=None) -> Tensor:
         total += window_nll(model, batch, token_bytes).cpu()
     model.train(was_training)
     return total
+
+
+# ------------------------------------------------------------------------ continuation scoring
+
+
+class Scorer:
+    """Log-likelihoods of continuations given contexts, batched (lm-eval's `loglikelihood`)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, device=None):
+        self.model, self.tok, self.batch_size = model.eval(), tokenizer, batch_size
+        self.device = device or next(model.parameters()).device
+        self.max_len = model.cfg.max_seq_len
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing context whitespace moves to the continuation, and the
+        continuation's tokens are those of context + continuation past the context's."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = self.tok.encode(context + continuation)
+        ctx = self.tok.encode(context) if context else []
+        return [self.tok.bos_id] + ctx, whole[len(ctx):]
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """[(sum of log P(continuation tokens | context), whether every one is the argmax)]."""
+        encoded = [self.encode_pair(c, x) for c, x in requests]
+        return self._score(encoded)
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, texts: list[str], stride: int | None = None) -> list[float]:
+        """Log-likelihood of each whole text after <bos>. Windows predict `stride` tokens each
+        (default max_seq_len: lm-eval's disjoint rolling windows) with as much context before
+        them as fits; a smaller stride is the usual sliding-window evaluation."""
+        stride = stride or self.max_len
+        out = []
+        for text in texts:
+            ids = [self.tok.bos_id] + self.tok.encode(text)
+            pieces = []
+            for start in range(1, len(ids), stride):
+                end = min(start + stride, len(ids))
+                pieces.append((ids[max(0, end - 1 - self.max_len):start], ids[start:end]))
+            out.append(sum(lp for lp, _ in self._score(pieces)))
+        return out
+
+    def _score(self, encoded: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            seqs = []
+            for i in idx:
+                ctx, cont = encoded[i]
+                if not cont:
+                    raise DataError("evaluate", None, "a continuation encodes to no tokens",
+                                    "give every choice some text")
+                seqs.append((ctx + cont)[-(self.max_len + 1):])
+            width = max(len(s) for s in seqs) - 1
+            ids = torch.full((len(idx), width), self.tok.pad_id, dtype=torch.long)
+            for row, s in enumerate(seqs):
+                ids[row, :len(s) - 1] = torch.tensor(s[:-1])
+            logp = self.model(ids.to(self.device)).logits.float().log_softmax(-1).cpu()
+            for row, i in enumerate(idx):
+                n, s = len(encoded[i][1]), seqs[row]
+                pos = torch.arange(len(s) - 1 - n, len(s) - 1)
+                target = torch.tensor(s[-n:])
+                lp = logp[row, pos]
+                results[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------- the suites
+
+
+def mean_stderr(xs: list[float]) -> float:
+    """lm-eval's standard error of a mean: sample std (n - 1) / sqrt(n)."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mu = sum(xs) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+
+
+def text_bpb(scorer: Scorer, text: str, stride: int | None = None) -> dict:
+    """Bits per UTF-8 byte of `text` with sliding windows (stride: half the context by default)."""
+    stride = stride or max(1, scorer.max_len // 2)
+    nll = -scorer.loglikelihood_rolling([text], stride)[0]
+    n_bytes = len(text.encode("utf-8"))
+    bpb = bits_per_byte(nll, n_bytes)
+    return {"bpb": bpb, "byte_perplexity": 2 ** bpb, "nll": nll, "bytes": n_bytes, "stride": stride}
+
+
+def split_bpb(model, cfg, source: str) -> dict:
+    """The run's own validation split, scored exactly as the end of training scores it."""
+    from escarda_lab import data
+
+    tokens = data.prepare(cfg.data, source)
+    dm = data.EscardaData(cfg, tokens)
+    device = next(model.parameters()).device
+    val = summarize(score(model, dm.loader(dm.all_val_starts, shard=False), tokens.token_bytes, device))
+    return {**val, "byte_perplexity": 2 ** val["bpb"]}
+
+
+def minimal_pairs(scorer: Scorer, pairs) -> dict:
+    """Accuracy (log P(good) > log P(bad)) per paradigm and overall, with standard errors."""
+    lls = scorer.loglikelihood([("", p.good) for p in pairs] + [("", p.bad) for p in pairs])
+    n = len(pairs)
+    hits: dict[str, list[float]] = {}
+    for i, p in enumerate(pairs):
+        hits.setdefault(p.paradigm, []).append(float(lls[i][0] > lls[n + i][0]))
+    out = {name: {"acc": sum(h) / len(h), "acc_stderr": mean_stderr(h), "n": len(h)} for name, h in hits.items()}
+    every = [x for h in hits.values() for x in h]
+    out["overall"] = {"acc": sum(every) / len(every), "acc_stderr": mean_stderr(every), "n": len(every)}
+    return out
+
+
+@dataclass
+class Choice:
+    context: str
+    choices: list[str]
+    label: int
+
+
+def read_task(path: str | Path) -> list[Choice]:
+    """A JSONL file of {"context": str, "choices": [str, ...], "label": int} lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, "task file not found", "pass a JSONL file of {context, choices, label} lines")
+    docs = []
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            doc = Choice(str(d["context"]), [str(c) for c in d["choices"]], int(d["label"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}:{no}", None, f"not a task line ({type(e).__name__}: {e})",
+                            'write one JSON object per line: {"context": "...", "choices": ["a", "b"], "label": 0}') from None
+        if not doc.choices or not 0 <= doc.label < len(doc.choices):
+            raise DataError(f"{path}:{no}", "label", f"label {doc.label} does not index the {len(doc.choices)} choices",
+                            "give label as the 0-based index of the right choice")
+        docs.append(doc)
+    if not docs:
+        raise DataError(str(path), None, "the task file has no lines", "add at least one task line")
+    return docs
+
+
+def multiple_choice(scorer: Scorer, docs: list[Choice], delimiter: str = " ") -> dict:
+    """lm-eval's multiple-choice metrics. Each choice is scored as log P(delimiter + choice |
+    context); acc takes the argmax, acc_norm the argmax after dividing by the choice's length in
+    characters (lm-eval's `acc_norm`), acc_bytes after dividing by its UTF-8 length in bytes
+    (lm-eval's `acc_bytes`); ties go to the first choice; standard errors as lm-eval's."""
+    requests = [(d.context, delimiter + c) for d in docs for c in d.choices]
+    lls = [ll for ll, _ in scorer.loglikelihood(requests)]
+    hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_bytes": []}
+    k = 0
+    for d in docs:
+        scores = lls[k:k + len(d.choices)]
+        k += len(d.choices)
+        for name, length in [("acc", lambda c: 1.0), ("acc_norm", len), ("acc_bytes", lambda c: len(c.encode("utf-8")))]:
+            normed = [s / length(c) for s, c in zip(scores, d.choices)]
+            hits[name].append(float(max(range(len(normed)), key=normed.__getitem__) == d.label))
+    out: dict = {"n": len(docs)}
+    for name, h in hits.items():
+        out[name], out[f"{name}_stderr"] = sum(h) / len(h), mean_stderr(h)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def evaluate(run: str | Path, split: bool = True, texts: list[str] = (), corpora: list[str] = (),
+             suites: list[str] = (), tasks: list[str] = (), pairs_per_paradigm: int = 200, seed: int = 0) -> dict:
+    from escarda_lab import data, minimal_pairs as mp
+    from escarda_lab.generate import load_run
+
+    model, tok, cfg = load_run(run)
+    scorer = Scorer(model, tok)
+    out: dict = {"run": str(run)}
+    if split:
+        out["val"] = split_bpb(model, cfg, str(run))
+    for t in texts:
+        path = Path(t)
+        if not path.is_file():
+            raise DataError(str(path), None, "text file not found", "pass an existing UTF-8 text file to --text")
+        out.setdefault("text", {})[str(path)] = text_bpb(scorer, path.read_text(encoding="utf-8"))
+    for name in corpora:
+        text = "\n\n".join(body for _, body in data.corpus_files(name, "--corpus"))
+        out.setdefault("corpus", {})[name] = text_bpb(scorer, text)
+    for suite in suites:
+        if suite != "minimal_pairs":
+            raise UserError("command line", "--suite", f"unknown suite {suite!r}", "use --suite minimal_pairs")
+        out["minimal_pairs"] = minimal_pairs(scorer, mp.generate(pairs_per_paradigm, seed))
+    for t in tasks:
+        out.setdefault("tasks", {})[Path(t).stem] = multiple_choice(scorer, read_task(t))
+    return out
+
+
+def report(res: dict) -> str:
+    lines = []
+    if "val" in res:
+        v = res["val"]
+        lines.append(f"val split: loss {v['loss']:.4f}  bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}")
+    for kind in ["text", "corpus"]:
+        for name, v in res.get(kind, {}).items():
+            lines.append(f"{kind} {name}: bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}  ({v['bytes']:,} bytes)")
+    if "minimal_pairs" in res:
+        lines.append("minimal pairs (acc ± stderr):")
+        for name, v in res["minimal_pairs"].items():
+            lines.append(f"  {name:<28} {v['acc']:.3f} ± {v['acc_stderr']:.3f}  (n={v['n']})")
+    for name, v in res.get("tasks", {}).items():
+        lines.append(f"task {name}: acc {v['acc']:.3f} ± {v['acc_stderr']:.3f}  acc_norm {v['acc_norm']:.3f} "
+                     f"± {v['acc_norm_stderr']:.3f}  (n={v['n']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from escarda_lab.io import write_json
+    from escarda_lab.run import prepare_torch, quiet_libraries, user_error
+
+    p = argparse.ArgumentParser(prog="python -m escarda_lab.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("run", help="run folder (runs/<name>/seed<k>) or a .ckpt inside one")
+    p.add_argument("--text", action="append", default=[], help="bits per byte of a UTF-8 text file")
+    p.add_argument("--corpus", action="append", default=[], help="bits per byte of a corpus (name, file or glob)")
+    p.add_argument("--suite", action="append", default=[], help="minimal_pairs")
+    p.add_argument("--task", action="append", default=[], help="multiple-choice JSONL file")
+    p.add_argument("--no-split", action="store_true", help="skip the run's own validation split")
+    p.add_argument("--pairs", type=int, default=200, help="minimal pairs per paradigm (default 200)")
+    p.add_argument("--out", default=None, help="JSON file (default: <run>/eval.json)")
+    args = p.parse_args(argv)
+    quiet_libraries()
+    prepare_torch()
+    try:
+        res = evaluate(args.run, not args.no_split, args.text, args.corpus, args.suite, args.task, args.pairs)
+    except UserError as e:
+        print(user_error(e), file=sys.stderr)
+        return 2
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run.parent if run.suffix == ".ckpt" else run) / "eval.json"
+    write_json(out, res)
+    print(report(res))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

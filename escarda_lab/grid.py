@@ -70,6 +70,7 @@ class Variant:
     kind: str  # base | removed | added | changed
     overrides: dict  # dotted key -> value
     baseline: str = ""  # the variant this one is compared with (same axes values)
+    axes: dict = field(default_factory=dict)  # dotted key -> value; wins over command-line overrides
 
 
 @dataclass
@@ -160,8 +161,8 @@ def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
         tag = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, combo))
         over = dict(zip(keys, combo))
         for v in vs:
-            out.append(Variant(f"{v.name}-{tag}", v.change, v.kind, {**v.overrides, **over},
-                               baseline=f"{g.baseline}-{tag}"))
+            out.append(Variant(f"{v.name}-{tag}", v.change, v.kind, v.overrides,
+                               baseline=f"{g.baseline}-{tag}", axes=over))
     return out
 
 
@@ -188,7 +189,7 @@ def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tup
     for seed in g.seeds:  # seed-major: a grid stopped early still has every variant once
         for v in vs:
             cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides),
-                              forced={"seed": seed, "name": v.name, "output.dir": str(grid_dir)})
+                              forced={**v.axes, "seed": seed, "name": v.name, "output.dir": str(grid_dir)})
             runs.append(Run(v, seed, cfg))
     runs = with_vocab(runs, str(path))
     if g.match == "params":
@@ -335,7 +336,7 @@ def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str) -> N
     for r in runs:
         v = r.variant
         seen.setdefault(v.name, {"name": v.name, "change": v.change, "kind": v.kind, "baseline": v.baseline,
-                                 "overrides": v.overrides, "adjust": r.adjust})
+                                 "overrides": v.overrides, "axes": v.axes, "adjust": r.adjust})
     write_json(grid_dir / "grid.json", {"source": source, "baseline": g.baseline, "seeds": g.seeds,
                                         "match": g.match, "variants": list(seen.values())})
 

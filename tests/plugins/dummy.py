@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,3 +58,32 @@ class Explode(nn.Module):
         self.calls += 1
         bad = torch.tensor(float("nan") if self.calls > self.at_call else 0.0)
         return out.logits.sum() * 0 + bad
+
+
+@dataclass
+class CrashConfig(ComponentConfig):
+    at_call: int = 2
+    kill_once_marker: str = ""  # set: SIGKILL the process at `at_call` unless this file exists (then create it)
+
+
+@component("crash", slot="objective", config=CrashConfig)
+class Crash(nn.Module):
+    """An objective that raises (or, with kill_once_marker, SIGKILLs its process once) at a call:
+    injected failures for the grid tests."""
+
+    weight = 1.0
+
+    def __init__(self, m, cfg):
+        super().__init__()
+        self.cfg, self.calls = cfg, 0
+
+    def forward(self, batch, out):
+        self.calls += 1
+        if self.training and self.calls == self.cfg.at_call:
+            if not self.cfg.kill_once_marker:
+                raise RuntimeError("injected crash")
+            marker = Path(self.cfg.kill_once_marker)
+            if not marker.exists():
+                marker.write_text("killed once\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out.logits.sum() * 0

@@ -1,0 +1,180 @@
+"""BLiMP-style minimal pairs from our own templates: (grammatical, ungrammatical) sentences that
+differ in exactly one word, the one the paradigm is about. Deterministic given the seed.
+
+A model "gets" a pair when log P(good) > log P(bad) (whole sentences, summed over tokens).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+# Nouns: (singular, plural, gender of the singular: m / f / n)
+NOUNS = [("king", "kings", "m"), ("queen", "queens", "f"), ("knight", "knights", "m"), ("lady", "ladies", "f"),
+         ("lord", "lords", "m"), ("servant", "servants", "n"), ("soldier", "soldiers", "n"),
+         ("prince", "princes", "m"), ("princess", "princesses", "f"), ("father", "fathers", "m"),
+         ("mother", "mothers", "f"), ("brother", "brothers", "m"), ("sister", "sisters", "f"),
+         ("friend", "friends", "n"), ("stranger", "strangers", "n"), ("man", "men", "m"),
+         ("woman", "women", "f"), ("boy", "boys", "m"), ("girl", "girls", "f"), ("child", "children", "n")]
+THINGS = [("sword", "swords"), ("letter", "letters"), ("crown", "crowns"), ("house", "houses"),
+          ("horse", "horses"), ("book", "books"), ("ship", "ships"), ("ring", "rings"), ("gate", "gates"),
+          ("tower", "towers"), ("garden", "gardens"), ("cup", "cups")]
+# Verbs: (3rd person singular, plural / base) with a complement that fits every subject
+VERBS = [("is", "are", "in the hall"), ("was", "were", "at the gate"), ("has", "have", "a horse"),
+         ("walks", "walk", "to the river"), ("speaks", "speak", "of the war"), ("sleeps", "sleep", "in the tower"),
+         ("loves", "love", "the old house"), ("keeps", "keep", "the letters"), ("sees", "see", "the ships"),
+         ("fears", "fear", "the night")]
+PLACES = ["the tower", "the gate", "the river", "the garden", "the hall", "the castle"]
+PREPS = ["near", "behind", "beside", "with"]
+# Irregular verbs: (past, past participle, object)
+IRREGULAR = [("wrote", "written", "a letter"), ("broke", "broken", "the sword"), ("spoke", "spoken", "the truth"),
+             ("took", "taken", "the crown"), ("gave", "given", "a ring"), ("saw", "seen", "the ships"),
+             ("ate", "eaten", "the bread"), ("forgot", "forgotten", "the name"), ("hid", "hidden", "the gold"),
+             ("rode", "ridden", "the horse"), ("chose", "chosen", "a wife"), ("stole", "stolen", "the cup"),
+             ("drove", "driven", "the sheep"), ("began", "begun", "the war"), ("sang", "sung", "a song"),
+             ("drank", "drunk", "the wine"), ("threw", "thrown", "the stone"), ("knew", "known", "the truth"),
+             ("shook", "shaken", "his hand"), ("swore", "sworn", "an oath")]
+TRANSITIVE = [("praised", "praises"), ("blamed", "blames"), ("hurt", "hurts"), ("saw", "sees"),
+              ("loved", "loves"), ("forgot", "forgets"), ("deceived", "deceives"), ("hated", "hates")]
+NUMBERS = ["two", "three", "four", "five", "many", "some"]
+ADJECTIVES = ["old", "new", "fine", "strange", "small", "great", "dark", "fair"]
+PARTICIPLES = ["seen", "known", "heard", "loved", "feared", "found"]
+OBJECTS = ["the sea", "a ghost", "such a sword", "the king", "a better friend", "that tower"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    paradigm: str
+    good: str
+    bad: str
+    index: int  # the word (split on spaces) where good and bad differ
+
+
+def _pair(paradigm: str, words: list[str], index: int, good: str, bad: str) -> Pair:
+    g, b = list(words), list(words)
+    g[index], b[index] = good, bad
+    return Pair(paradigm, " ".join(g), " ".join(b), index)
+
+
+def _cap(w: str) -> str:
+    return w[0].upper() + w[1:]
+
+
+def sv_agreement(rng) -> list[Pair]:
+    out = []
+    for (sg, pl, _), (v_sg, v_pl, comp), plural in itertools.product(NOUNS, VERBS, [False, True]):
+        good, bad = (v_pl, v_sg) if plural else (v_sg, v_pl)
+        out.append(_pair("sv_agreement", ["The", pl if plural else sg, "_", *comp.split(), "."], 2, good, bad))
+    return out
+
+
+def sv_agreement_pp(rng) -> list[Pair]:
+    out = []
+    for (sg, pl, _), (v_sg, v_pl, comp), plural in itertools.product(NOUNS, VERBS, [False, True]):
+        prep = rng.choice(PREPS)
+        # the attractor (the noun in the PP) has the other number: "The king near the towers is"
+        att_sg, att_pl = rng.choice(THINGS)
+        attractor = att_sg if plural else att_pl
+        good, bad = (v_pl, v_sg) if plural else (v_sg, v_pl)
+        words = ["The", pl if plural else sg, prep, "the", attractor, "_", *comp.split(), "."]
+        out.append(_pair("sv_agreement_across_pp", words, 5, good, bad))
+    return out
+
+
+def sv_agreement_rc(rng) -> list[Pair]:
+    out = []
+    for (sg, pl, _), (v_sg, v_pl, comp), plural in itertools.product(NOUNS, VERBS, [False, True]):
+        other = rng.choice(NOUNS)
+        inner_subject = other[0] if plural else other[1]  # the other number again
+        inner_verb = rng.choice(TRANSITIVE)[0]
+        good, bad = (v_pl, v_sg) if plural else (v_sg, v_pl)
+        words = ["The", pl if plural else sg, "that", "the", inner_subject, inner_verb, "_", *comp.split(), "."]
+        out.append(_pair("sv_agreement_across_rc", words, 6, good, bad))
+    return out
+
+
+def determiner_noun(rng) -> list[Pair]:
+    out = []
+    for (sg, pl), det_plural, subj in itertools.product(THINGS, [False, True], NOUNS):
+        verb = rng.choice(["saw", "found", "took", "kept", "lost"])
+        det = "these" if det_plural else "this"
+        good, bad = (pl, sg) if det_plural else (sg, pl)
+        out.append(_pair("determiner_noun_agreement", ["The", subj[0], verb, det, "_", "."], 4, good, bad))
+    return out
+
+
+def anaphor_agreement(rng) -> list[Pair]:
+    out = []
+    reflexive = {"m": "himself", "f": "herself"}
+    for (sg, pl, gender), (verb, _) in itertools.product(NOUNS, TRANSITIVE):
+        if gender in reflexive:  # gender: "The king praised himself / herself"
+            other = "herself" if gender == "m" else "himself"
+            out.append(_pair("anaphor_agreement", ["The", sg, verb, "_", "."], 3, reflexive[gender], other))
+        # number: "The kings praised themselves / himself"
+        wrong = rng.choice(["himself", "herself"])
+        out.append(_pair("anaphor_agreement", ["The", pl, verb, "_", "."], 3, "themselves", wrong))
+    return out
+
+
+def irregular_past_participle(rng) -> list[Pair]:
+    out = []
+    for (sg, pl, _), (past, participle, obj) in itertools.product(NOUNS, IRREGULAR):
+        plural = rng.random() < 0.5
+        aux = "have" if plural else "has"
+        words = ["The", pl if plural else sg, aux, "_", *obj.split(), "."]
+        out.append(_pair("irregular_past_participle", words, 3, participle, past))
+    return out
+
+
+def existential_there(rng) -> list[Pair]:
+    out = []
+    for (sg, pl, _), place, plural in itertools.product(NOUNS, PLACES, [False, True]):
+        tense = rng.choice([("is", "are"), ("was", "were")])
+        be_sg, be_pl = tense
+        if plural:
+            words = ["There", "_", rng.choice(NUMBERS), pl, "in", *place.split(), "."]
+            out.append(_pair("existential_there", words, 1, be_pl, be_sg))
+        else:
+            words = ["There", "_", "a", sg, "in", *place.split(), "."]
+            out.append(_pair("existential_there", words, 1, be_sg, be_pl))
+    return out
+
+
+def negative_polarity(rng) -> list[Pair]:
+    """BLiMP's sentential negation licensor: "has not ever seen" / "has probably ever seen"."""
+    out = []
+    for (sg, _, _), participle, obj in itertools.product(NOUNS, PARTICIPLES, OBJECTS):
+        words = ["The", sg, "has", "_", "ever", participle, *obj.split(), "."]
+        out.append(_pair("negative_polarity", words, 3, "not", rng.choice(["probably", "surely", "often", "also"])))
+    return out
+
+
+PARADIGMS = {
+    "sv_agreement": sv_agreement,
+    "sv_agreement_across_pp": sv_agreement_pp,
+    "sv_agreement_across_rc": sv_agreement_rc,
+    "determiner_noun_agreement": determiner_noun,
+    "anaphor_agreement": anaphor_agreement,
+    "irregular_past_participle": irregular_past_participle,
+    "existential_there": existential_there,
+    "negative_polarity": negative_polarity,
+}
+AGREEMENT = ["sv_agreement", "sv_agreement_across_pp", "sv_agreement_across_rc", "determiner_noun_agreement",
+             "anaphor_agreement"]
+
+
+def generate(per_paradigm: int = 200, seed: int = 0, paradigms: list[str] | None = None) -> list[Pair]:
+    """`per_paradigm` pairs of each paradigm (sampled without replacement), deterministic by seed."""
+    out = []
+    for name in paradigms or PARADIGMS:
+        rng = random.Random(f"{seed}-{name}")
+        pool = PARADIGMS[name](rng)
+        for p in rng.sample(pool, min(per_paradigm, len(pool))):
+            out.append(_finish(p))
+    return out
+
+
+def _finish(p: Pair) -> Pair:
+    """Capitalise the first word and glue the final period: "The king is here." """
+    return Pair(p.paradigm, _cap(p.good.replace(" .", ".")), _cap(p.bad.replace(" .", ".")), p.index)

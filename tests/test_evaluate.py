@@ -1,0 +1,192 @@
+"""Evaluation: bpb on the run's split and on text, minimal pairs, multiple choice (lm-eval's rules)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from escarda_lab import evaluate, minimal_pairs as mp
+from escarda_lab.data import ByteTokenizer
+from escarda_lab.errors import DataError
+from escarda_lab.model import EscardaLM
+
+
+@pytest.fixture(scope="module")
+def byte_model(tiny_model_cfg):
+    cfg = tiny_model_cfg(vocab_size=264, max_seq_len=32)
+    torch.manual_seed(0)
+    return EscardaLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def scorer(byte_model):
+    return evaluate.Scorer(byte_model, ByteTokenizer(), batch_size=3)
+
+
+@torch.no_grad()
+def brute_logprob(model, ids: list[int], n: int) -> float:
+    """log P of the last n tokens of ids, one unbatched forward."""
+    logp = model(torch.tensor([ids[:-1]])).logits.float().log_softmax(-1)[0]
+    return float(sum(logp[len(ids) - 1 - n + j, ids[len(ids) - n + j]] for j in range(n)))
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+def test_loglikelihood_equals_an_unbatched_forward(scorer, byte_model):
+    tok = ByteTokenizer()
+    reqs = [("The king", " speaks."), ("A", " b"), ("", "Hello there")]
+    got = scorer.loglikelihood(reqs)
+    for (ctx, cont), (lp, _) in zip(reqs, got):
+        ids = [tok.bos_id] + tok.encode(ctx + cont)
+        assert lp == pytest.approx(brute_logprob(byte_model, ids, len(tok.encode(cont))), abs=1e-4)
+
+
+def test_trailing_context_space_moves_to_the_continuation(scorer):
+    ctx, cont = scorer.encode_pair("The king ", "speaks")
+    assert ByteTokenizer().decode(cont) == " speaks" and ByteTokenizer().decode(ctx[1:]) == "The king"
+
+
+def test_rolling_windows_cover_every_token_once(scorer, byte_model):
+    text = "the quick brown fox jumps over the lazy dog " * 3  # longer than the 32-token context
+    whole = scorer.loglikelihood_rolling([text])[0]
+    by_stride = scorer.loglikelihood_rolling([text], stride=7)[0]
+    assert math.isfinite(whole) and math.isfinite(by_stride) and whole != by_stride  # more context differs
+    short = "short text"
+    ids = [0 + 2] + ByteTokenizer().encode(short)
+    assert scorer.loglikelihood_rolling([short])[0] == pytest.approx(brute_logprob(byte_model, ids, len(ids) - 1),
+                                                                     abs=1e-4)
+
+
+def test_text_bpb_counts_utf8_bytes(scorer):
+    res = evaluate.text_bpb(scorer, "héllo wörld")
+    assert res["bytes"] == len("héllo wörld".encode())
+    assert res["byte_perplexity"] == pytest.approx(2 ** res["bpb"])
+    assert res["bpb"] == pytest.approx(res["nll"] / (math.log(2) * res["bytes"]))
+
+
+# ---------------------------------------------------------------------------- multiple choice
+
+
+class FixedScorer:
+    """A scorer returning given log-likelihoods in request order."""
+
+    def __init__(self, lls):
+        self.lls, self.requests = lls, []
+
+    def loglikelihood(self, requests):
+        self.requests += requests
+        return [(x, False) for x in self.lls]
+
+
+def test_multiple_choice_matches_a_hand_computed_example():
+    docs = [evaluate.Choice("Q1", ["a", "bbbb"], 1), evaluate.Choice("Q2", ["cc", "d"], 0)]
+    # Q1: lls -1 vs -2 -> acc picks "a" (wrong); per char -1/1 vs -2/4 = -0.5 -> acc_norm picks "bbbb" (right)
+    # Q2: lls -3 vs -2 -> acc picks "d" (wrong); per char -1.5 vs -2 -> acc_norm picks "cc" (right)
+    fixed = FixedScorer([-1.0, -2.0, -3.0, -2.0])
+    res = evaluate.multiple_choice(fixed, docs)
+    assert fixed.requests == [("Q1", " a"), ("Q1", " bbbb"), ("Q2", " cc"), ("Q2", " d")]
+    assert res["acc"] == 0.0 and res["acc_norm"] == 1.0 and res["n"] == 2
+    assert res["acc_stderr"] == 0.0
+
+
+def test_multiple_choice_stderr_is_the_sample_std_over_root_n():
+    docs = [evaluate.Choice("Q", ["a", "b"], 0)] * 4
+    res = evaluate.multiple_choice(FixedScorer([-1.0, -2.0, -2.0, -1.0, -1.0, -2.0, -1.0, -2.0]), docs)
+    assert res["acc"] == 0.75  # hits 1, 0, 1, 1
+    assert res["acc_stderr"] == pytest.approx(math.sqrt((3 * 0.25**2 + 0.75**2) / 3) / 2)
+
+
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_utf8_bytes():
+    docs = [evaluate.Choice("Q", ["é", "ab"], 0)]  # 1 char / 2 bytes vs 2 chars / 2 bytes
+    res = evaluate.multiple_choice(FixedScorer([-1.5, -2.0]), docs)
+    assert res["acc_norm"] == 0.0  # -1.5 vs -1.0: "ab"
+    assert res["acc_bytes"] == 1.0  # -0.75 vs -1.0: "é"
+
+
+def test_a_broken_task_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{"context": "b", "choices": ["x"]}\n')
+    with pytest.raises(DataError, match=r"t\.jsonl:2"):
+        evaluate.read_task(path)
+
+
+# ----------------------------------------------------------------------------- minimal pairs
+
+
+def test_every_paradigm_has_at_least_150_distinct_pairs():
+    pairs = mp.generate(per_paradigm=150)
+    counts = Counter(p.paradigm for p in pairs)
+    assert len(counts) >= 8 and all(n == 150 for n in counts.values())
+    assert len({(p.good, p.bad) for p in pairs}) == len(pairs)
+
+
+def test_pairs_are_deterministic_by_seed():
+    assert mp.generate(20, seed=3) == mp.generate(20, seed=3)
+    assert mp.generate(20, seed=3) != mp.generate(20, seed=4)
+
+
+EXPECTED_DIFFERENCE = {  # what may differ between the good and the bad word
+    "sv_agreement": "verb", "sv_agreement_across_pp": "verb", "sv_agreement_across_rc": "verb",
+    "determiner_noun_agreement": "noun", "anaphor_agreement": "reflexive",
+    "irregular_past_participle": "participle", "existential_there": "be", "negative_polarity": "licensor",
+}
+
+
+def allowed(kind: str, good: str, bad: str) -> bool:
+    if kind == "verb":
+        return any({good, bad} == {s, p} for s, p, _ in mp.VERBS)
+    if kind == "noun":
+        return any({good, bad} == set(t) for t in mp.THINGS)
+    if kind == "reflexive":
+        return {good, bad} <= {"himself", "herself", "themselves"}
+    if kind == "participle":
+        return any((good, bad) == (pp, past) for past, pp, _ in mp.IRREGULAR)
+    if kind == "be":
+        return {good, bad} in ({"is", "are"}, {"was", "were"})
+    return good == "not"
+
+
+def test_pairs_differ_in_exactly_the_paradigm_word():
+    for p in mp.generate(per_paradigm=150):
+        g, b = p.good.split(" "), p.bad.split(" ")
+        assert len(g) == len(b)
+        diff = [i for i, (x, y) in enumerate(zip(g, b)) if x != y]
+        assert diff == [p.index], p
+        gw, bw = g[p.index].rstrip("."), b[p.index].rstrip(".")
+        assert allowed(EXPECTED_DIFFERENCE[p.paradigm], gw.lower() if p.index == 0 else gw, bw), p
+
+
+def test_minimal_pair_accuracy_counts_strictly_better_good_sentences():
+    pairs = [mp.Pair("x", "good one", "bad one", 0), mp.Pair("x", "good two", "bad two", 0),
+             mp.Pair("y", "good three", "bad three", 0)]
+    # goods then bads: pair 1 wins, pair 2 ties (a loss), pair 3 wins
+    res = evaluate.minimal_pairs(FixedScorer([-1.0, -2.0, -1.0, -3.0, -2.0, -2.0]), pairs)
+    assert res["x"]["acc"] == 0.5 and res["y"]["acc"] == 1.0 and res["overall"]["acc"] == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def test_evaluate_reproduces_the_training_loops_val_bpb(corpus, tmp_path, capsys):
+    from escarda_lab.run import main as run_main
+    from tests.conftest import ROOT, tiny_overrides
+
+    assert run_main([str(ROOT / "experiments/vanilla.yaml"), *tiny_overrides(corpus, tmp_path / "runs")]) == 0
+    folder = tmp_path / "runs" / "vanilla" / "seed0"
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"context": "The king", "choices": ["speaks.", "xqz"], "label": 0}\n')
+    text = tmp_path / "t.txt"
+    text.write_text("The queen walks to the river.\n")
+    assert evaluate.main([str(folder), "--suite", "minimal_pairs", "--pairs", "3", "--task", str(task),
+                          "--text", str(text)]) == 0
+    res = json.loads((folder / "eval.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert res["val"]["bpb"] == pytest.approx(metrics["val_bpb"], abs=1e-4)
+    assert res["minimal_pairs"]["overall"]["n"] == 3 * 8 and res["tasks"]["task"]["n"] == 1
+    assert "minimal pairs" in capsys.readouterr().out
+    assert evaluate.main([str(tmp_path / "nope")]) == 2

@@ -1,0 +1,172 @@
+"""Grids: expansion, one process per run, results.jsonl, skip/resume, failure isolation, submitit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from escarda_lab import grid
+from escarda_lab.errors import ConfigError
+from escarda_lab.run import main
+from tests.conftest import ROOT, tiny_overrides
+
+TWO_BY_TWO = """
+extends: {root}/experiments/vanilla.yaml
+name: g
+plugins: [tests.plugins.dummy]
+grid:
+  seeds: [0, 1]
+  variants: {{xsa: {{components.xsa.enabled: true}}}}
+  parallel: 2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text.format(root=ROOT))
+    return path
+
+
+def results(grid_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (grid_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def children_find_test_plugins(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def finished_grid(corpus, tmp_path_factory):
+    """A 2 variants x 2 seeds grid trained through the local launcher."""
+    tmp = tmp_path_factory.mktemp("grid")
+    path = write(tmp, TWO_BY_TWO)
+    over = tiny_overrides(corpus, tmp / "runs")
+    import os
+
+    os.environ["PYTHONPATH"] = str(ROOT)
+    assert main([str(path), *over]) == 0
+    return path, over, tmp / "runs" / "g"
+
+
+def test_expansion_resolves_every_run_with_its_folder(corpus, tmp_path):
+    g, runs, grid_dir = grid.expand(write(tmp_path, TWO_BY_TWO), tiny_overrides(corpus, tmp_path / "runs"))
+    assert [(r.variant.name, r.seed) for r in runs] == [("full", 0), ("xsa", 0), ("full", 1), ("xsa", 1)]
+    assert [r.folder for r in runs][:2] == [grid_dir / "full" / "seed0", grid_dir / "xsa" / "seed0"]
+    assert [r.cfg.components.xsa.enabled for r in runs] == [False, True, False, True]
+    assert all(r.cfg.model.vocab_size == 264 for r in runs)  # the byte tokenizer's, filled in
+
+
+def test_leave_one_out_and_add_one_in_name_their_variants(corpus, tmp_path):
+    path = write(tmp_path, "extends: {root}/experiments/escarda.yaml\nname: g\n"
+                           "grid: {{leave_one_out: [engram], add_one_in: [xsa], baseline: vanilla}}\n")
+    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    by = {r.variant.name: r.cfg.components for r in runs}
+    assert list(by) == ["full", "no_engram", "vanilla", "with_xsa"]
+    assert not by["no_engram"].engram.enabled and by["no_engram"].xsa.enabled
+    assert not any(getattr(by["vanilla"], n).enabled for n in ["mla", "xsa", "engram", "mtp"])
+    assert by["with_xsa"].xsa.enabled and not by["with_xsa"].engram.enabled
+    assert {r.variant.baseline for r in runs} == {"vanilla"}
+
+
+def test_axes_multiply_the_variants_and_pair_each_with_its_baseline(corpus, tmp_path):
+    path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "axes: {{model.n_layers: [1, 2]}}"))
+    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    first = [r for r in runs if r.seed == 0]
+    assert [r.variant.name for r in first] == ["full-n_layers1", "xsa-n_layers1", "full-n_layers2", "xsa-n_layers2"]
+    assert [r.cfg.model.n_layers for r in first] == [1, 1, 2, 2]
+    assert first[1].variant.baseline == "full-n_layers1"
+
+
+def test_match_params_puts_every_variant_within_one_percent(corpus, tmp_path):
+    path = write(tmp_path, "extends: {root}/experiments/escarda.yaml\nname: g\n"
+                           "grid: {{leave_one_out: [engram, hash_lookup, mla, hyper_connections], match: params,\n"
+                           "       variants: {{moe: {{components.moe.enabled: true}}}}}}\n")
+    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    base = grid.total_params(runs[0].cfg)
+    for r in runs:
+        assert abs(grid.total_params(r.cfg) - base) <= 0.01 * base, r.variant.name
+    adjust = {r.variant.name: r.adjust for r in runs}
+    assert "model.ffn_hidden" in adjust["no_engram"]  # the dropped table went to the FFN
+    assert "components.moe.expert_hidden" in adjust["moe"]  # MoE resizes its experts instead
+
+
+def test_dry_run_prints_the_table_and_trains_nothing(corpus, tmp_path, caplog):
+    caplog.set_level("INFO")
+    path = write(tmp_path, TWO_BY_TWO)
+    assert main([str(path), *tiny_overrides(corpus, tmp_path / "runs"), "--dry-run"]) == 0
+    assert "xsa" in caplog.text and "params" in caplog.text and "4 runs" in caplog.text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_grid_key_names_the_file_and_the_key(corpus, tmp_path):
+    path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "leave_one_out: [engrm]"))
+    with pytest.raises(ConfigError, match="grid.leave_one_out.*unknown component `engrm`"):
+        grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+
+
+def test_grid_trains_every_run_into_its_folder(finished_grid):
+    _, _, grid_dir = finished_grid
+    recs = results(grid_dir)
+    assert [(r["variant"], r["seed"], r["status"]) for r in recs] == [
+        ("full", 0, "finished"), ("xsa", 0, "finished"), ("full", 1, "finished"), ("xsa", 1, "finished")]
+    for r in recs:
+        folder = grid_dir / r["folder"]
+        assert (folder / "config.yaml").exists() and (folder / "metrics.json").exists()
+        assert list(folder.glob("events.out.tfevents.*"))  # each run is its own TensorBoard run
+        assert r["val_bpb"] > 0
+
+
+def test_rerunning_a_finished_grid_skips_every_run(finished_grid):
+    path, over, grid_dir = finished_grid
+    before = {p: p.stat().st_mtime_ns for p in grid_dir.rglob("metrics.json")}
+    assert main([str(path), *over]) == 0
+    assert all(r.get("skipped") for r in results(grid_dir))
+    assert {p: p.stat().st_mtime_ns for p in grid_dir.rglob("metrics.json")} == before
+
+
+def test_a_crash_is_recorded_and_a_killed_run_resumes_alone(corpus, tmp_path):
+    marker = tmp_path / "killed_once"
+    path = write(tmp_path, TWO_BY_TWO.replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "variants: {{xsa: {{components.xsa.enabled: true}}}}",
+        "variants: {{crash: {{components.crash.enabled: true}},\n"
+        f"             killed: {{{{components.crash.enabled: true, components.crash.at_call: 5,\n"
+        f"                      components.crash.kill_once_marker: {marker}}}}}}}}}"))
+    over = tiny_overrides(corpus, tmp_path / "runs")
+    grid_dir = tmp_path / "runs" / "g"
+
+    assert main([str(path), *over]) == 1  # some runs failed
+    first = {r["variant"]: r for r in results(grid_dir)}
+    assert first["full"]["status"] == "finished"
+    assert first["crash"]["status"] == "failed" and "injected crash" in first["crash"]["error"]
+    assert first["killed"]["status"] == "failed" and "signal 9" in first["killed"]["error"]
+    assert (grid_dir / "killed" / "seed0" / "last.ckpt").exists()
+
+    main([str(path), *over])
+    second = {r["variant"]: r for r in results(grid_dir)}
+    assert second["full"].get("skipped") and second["killed"]["status"] == "finished"
+    assert not second["killed"].get("skipped")
+    assert "resuming from step 3" in (grid_dir / "killed" / "seed0" / "log.txt").read_text()
+
+
+def test_changed_grid_file_does_not_overwrite_finished_runs(finished_grid):
+    path, over, grid_dir = finished_grid
+    before = (grid_dir / "full" / "seed0" / "config.yaml").read_text()
+    assert main([str(path), *over, "train.lr=0.01"]) == 1
+    assert all(r["status"] == "failed" and "different config" in r["error"] for r in results(grid_dir))
+    assert (grid_dir / "full" / "seed0" / "config.yaml").read_text() == before
+    assert main([str(path), *over]) == 0  # the original grid is intact
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_the_same_grid(corpus, tmp_path):
+    path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "parallel: 2\n  launcher: submitit\n"
+                                              "  submitit: {{cluster: local, timeout_min: 10}}"))
+    over = tiny_overrides(corpus, tmp_path / "runs")
+    assert main([str(path), *over]) == 0
+    recs = results(tmp_path / "runs" / "g")
+    assert len(recs) == 4 and all(r["status"] == "finished" and r["job_id"] for r in recs)
+    assert main([str(path), *over]) == 0
+    assert all(r.get("skipped") for r in results(tmp_path / "runs" / "g"))
