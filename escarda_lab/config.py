@@ -241,6 +241,14 @@ def read_grid(path: str | Path) -> tuple[dict, str] | None:
     return (grid, src) if grid is not None else None
 
 
+def from_dict(d: dict, source: str = "config") -> Any:
+    """A typed config from a plain nested dict (e.g. an exported model's config.json)."""
+    registry.discover(list(d.get("plugins", [])), source=source)
+    obj = OmegaConf.to_object(merge([(source, d)]))
+    validate(obj, lambda key: source)
+    return obj
+
+
 def merge(sources: list[tuple[str, dict]]) -> DictConfig:
     cfg = OmegaConf.structured(schema_class())
     OmegaConf.set_struct(cfg, True)
@@ -307,7 +315,12 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML that loads in a fresh process: the schema holds a section for
+    every plugin registered here, so `plugins:` lists every module that registered one."""
+    d = OmegaConf.to_container(OmegaConf.structured(cfg))
+    if "plugins" in d:
+        d["plugins"] = list(dict.fromkeys([*d["plugins"], *registry.external_modules()]))
+    return OmegaConf.to_yaml(OmegaConf.create(d))
 
 
 # ------------------------------------------------------------------------------------- validation

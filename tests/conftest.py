@@ -35,6 +35,8 @@ def make_text(n_paragraphs: int, seed: int = 0) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     os.environ["ESCARDA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    # child processes (grid runs, DDP ranks) import tests.plugins.dummy like this process does
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

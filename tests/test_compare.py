@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
@@ -92,7 +91,7 @@ def test_cli_prints_the_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_notebook_runs_headless_on_a_real_grid_and_draws_its_figures(corpus, tmp_path, monkeypatch):
+def test_notebook_runs_headless_on_a_real_grid_and_draws_its_figures(corpus, tmp_path):
     import nbformat
     import papermill
 
@@ -100,7 +99,6 @@ def test_notebook_runs_headless_on_a_real_grid_and_draws_its_figures(corpus, tmp
     from tests.test_grid import TWO_BY_TWO, write
     from tests.conftest import tiny_overrides
 
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     path = write(tmp_path, TWO_BY_TWO)
     assert main([str(path), *tiny_overrides(corpus, tmp_path / "runs")]) == 0
     out = tmp_path / "analysis.ipynb"

@@ -33,20 +33,12 @@ def results(grid_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (grid_dir / "results.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def children_find_test_plugins(monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-
-
 @pytest.fixture(scope="module")
 def finished_grid(corpus, tmp_path_factory):
     """A 2 variants x 2 seeds grid trained through the local launcher."""
     tmp = tmp_path_factory.mktemp("grid")
     path = write(tmp, TWO_BY_TWO)
     over = tiny_overrides(corpus, tmp / "runs")
-    import os
-
-    os.environ["PYTHONPATH"] = str(ROOT)
     assert main([str(path), *over]) == 0
     return path, over, tmp / "runs" / "g"
 

@@ -1,0 +1,1 @@
+"""Hugging Face interop: `modeling_escarda.py` is copied into every exported folder."""

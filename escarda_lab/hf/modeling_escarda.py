@@ -1,0 +1,75 @@
+"""Hugging Face glue for an exported escarda_lab model (copied into the export folder).
+
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+The architecture itself comes from the installed `escarda_lab` package (and its `components/`),
+so loading needs `pip install escarda_lab`; the weights and the full config are in the folder.
+Generation recomputes the whole sequence each step (no HF cache); use escarda_lab.generate for
+KV-cache decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class EscardaConfig(PretrainedConfig):
+    model_type = "escarda"
+
+    def __init__(self, escarda: dict | None = None, **kwargs):
+        self.escarda = escarda or {}
+        super().__init__(**kwargs)
+
+
+class EscardaForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = EscardaConfig
+    base_model_prefix = "model"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: EscardaConfig):
+        super().__init__(config)
+        from escarda_lab import config as escarda_config
+        from escarda_lab.model import EscardaLM
+
+        cfg = escarda_config.from_dict(config.escarda, source="config.json `escarda`")
+        self.model = EscardaLM(cfg)
+        self.model.cfg_full = cfg
+        self.post_init()
+
+    def _init_weights(self, module):  # every weight comes from model.safetensors
+        pass
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.restore_buffers()
+        return model
+
+    def restore_buffers(self) -> None:
+        """Recompute the buffers a checkpoint does not hold (RoPE tables, hash constants): the
+        loader may build the module on the meta device, where they were never computed."""
+        from escarda_lab.model import EscardaLM
+
+        fresh = dict(EscardaLM(self.model.cfg_full).named_buffers())
+        saved = set(self.model.state_dict())
+        for name, buf in list(self.model.named_buffers()):
+            if name not in saved:
+                owner, _, leaf = name.rpartition(".")
+                mod = self.model.get_submodule(owner) if owner else self.model
+                mod._buffers[leaf] = fresh[name].to(self.device)
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask=None, labels=None, **kwargs):
+        logits = self.model(input_ids).logits
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                     labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {"input_ids": input_ids}

@@ -1,0 +1,78 @@
+"""lm-evaluation-harness adapter: our run folders as an lm-eval model named `escarda`.
+
+    import escarda_lab.lm_eval_adapter  # registers the model
+    lm_eval.simple_evaluate(model="escarda", model_args="pretrained=runs/escarda/seed0",
+                            tasks=[...], task_manager=lm_eval.tasks.TaskManager(include_path="my_tasks"))
+
+or `python -m escarda_lab.lm_eval_adapter RUN_DIR --tasks NAME --include-path DIR`. Scoring
+goes through `escarda_lab.evaluate.Scorer`, the same code as our own evaluation, so local task
+files (`dataset_path: json`) give the numbers `escarda_lab.evaluate` gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from escarda_lab.evaluate import Scorer
+
+
+@register_model("escarda")
+class EscardaEvalLM(LM):
+    def __init__(self, pretrained: str, batch_size: int | str = 16, device: str = "cpu", **kwargs):
+        super().__init__()
+        from escarda_lab.generate import load_run
+
+        model, self.tok, self.cfg = load_run(pretrained)
+        self.model = model.to(device)
+        size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.scorer = Scorer(self.model, self.tok, batch_size=size)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        return self.scorer.loglikelihood([r.args[:2] for r in requests])
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
+
+    def generate_until(self, requests) -> list[str]:
+        from escarda_lab.data import EOS, IM_END
+        from escarda_lab.generate import generate
+
+        out = []
+        for r in requests:
+            context, kw = r.args
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+            prompt = [self.tok.bos_id] + self.tok.encode(context)
+            new = generate(self.model, prompt, int(kw.get("max_gen_toks", 256)), temperature=temperature,
+                           stop_ids=(EOS, IM_END), seed=0)
+            text = self.tok.decode(new)
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    p = argparse.ArgumentParser(prog="python -m escarda_lab.lm_eval_adapter", description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--include-path", default=None, help="folder of local task YAML files")
+    p.add_argument("--limit", type=int, default=None)
+    args = p.parse_args(argv)
+    res = lm_eval.simple_evaluate(model=EscardaEvalLM(args.run), tasks=args.tasks.split(","), limit=args.limit,
+                                  task_manager=TaskManager(include_path=args.include_path))
+    print(json.dumps(res["results"], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

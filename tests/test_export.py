@@ -1,0 +1,123 @@
+"""Interop: Hugging Face export round-trip and the lm-eval adapter (optional extras, installed by make)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from escarda_lab import evaluate, minimal_pairs as mp
+from escarda_lab.data import ByteTokenizer
+from tests.conftest import ROOT, tiny_overrides
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """A tiny Escarda run (every released plugin on) with a BPE tokenizer."""
+    from escarda_lab.run import main
+
+    out = tmp_path_factory.mktemp("export") / "runs"
+    over = tiny_overrides(corpus, out, **{"data.tokenizer.kind": "bpe", "data.tokenizer.vocab_size": 512})
+    assert main([str(ROOT / "experiments/escarda.yaml"), *over]) == 0
+    return out / "escarda" / "seed0"
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    from escarda_lab.export import main
+
+    out = tmp_path_factory.mktemp("hf") / "escarda"
+    assert main([str(run), str(out)]) == 0
+    return out
+
+
+TEXT = "The king speaks of the war; the queen walks, héllo."
+
+
+def test_export_folder_holds_what_transformers_needs(exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "modeling_escarda.py"} <= names
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_escarda.EscardaForCausalLM"
+
+
+def test_transformers_logits_equal_ours(run, exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from escarda_lab.generate import load_run
+
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
+    ours, our_tok, _ = load_run(run)
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    assert ids[0].tolist() == [our_tok.bos_id] + our_tok.encode(TEXT)
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_pipeline_generates_text(exported):
+    from transformers import pipeline
+
+    gen = pipeline("text-generation", model=str(exported), trust_remote_code=True)
+    out = gen("The king", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert out.startswith("The king") and len(out) > len("The king")
+
+
+def test_byte_tokenizer_exports_to_the_same_ids():
+    from escarda_lab.export import hf_tokenizer
+
+    ours = ByteTokenizer()
+    hf = hf_tokenizer(ours)
+    assert hf.encode(TEXT).ids == [ours.bos_id] + ours.encode(TEXT)
+    assert hf.decode(hf.encode(TEXT).ids, skip_special_tokens=True) == TEXT
+
+
+def test_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    from escarda_lab.export import main
+
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- lm-eval
+
+
+def test_lm_eval_simple_evaluate_matches_our_scorer(run, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from escarda_lab.lm_eval_adapter import EscardaEvalLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    pairs = mp.generate(per_paradigm=6, seed=1)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"good": p.good, "bad": p.bad}) + "\n" for p in pairs))
+    (tmp_path / "task.yaml").write_text(
+        "task: escarda_minimal_pairs_test\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files: {{test: {tmp_path / 'pairs.jsonl'}}}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"\"\n"
+        "doc_to_choice: \"{{[good, bad]}}\"\ndoc_to_target: 0\ntarget_delimiter: \"\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    lm = EscardaEvalLM(str(run), batch_size=8)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["escarda_minimal_pairs_test"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)))
+    theirs = res["results"]["escarda_minimal_pairs_test"]["acc,none"]
+    assert theirs == pytest.approx(evaluate.minimal_pairs(lm.scorer, pairs)["overall"]["acc"], abs=1e-12)
+
+
+def test_lm_eval_generate_until_stops_at_the_until_string(run):
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from escarda_lab.lm_eval_adapter import EscardaEvalLM
+
+    lm = EscardaEvalLM(str(run))
+    req = SimpleNamespace(args=("The king", {"until": ["e"], "max_gen_toks": 12}))
+    (text,) = lm.generate_until([req])
+    assert isinstance(text, str) and "e" not in text
+    rolled = lm.loglikelihood_rolling([SimpleNamespace(args=("The king speaks.",))])
+    assert rolled[0] < 0
