@@ -107,7 +107,9 @@ class MoE(nn.Module):
         return s, sel, w * self.cfg.routed_scaling
 
     def experts(self, x: Tensor, sel: Tensor, w: Tensor) -> Tensor:
-        """Dropless dispatch: sort (token, expert) pairs by expert, pad to [E, C, D], one bmm."""
+        """Dropless dispatch: sort (token, expert) pairs by expert, pad to [E, C, D], one bmm.
+        C is the busiest expert's load; under torch.compile it is N (no data-dependent shape, so
+        fullgraph works, at E/k times the expert FLOPs: padded rows are zeros)."""
         N, D = x.shape
         flat = sel.reshape(-1)
         order = flat.argsort(stable=True)
@@ -116,7 +118,8 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.E)
         starts = counts.cumsum(0) - counts
         slot = torch.arange(flat.numel(), device=x.device) - starts[expert]
-        buf = x.new_zeros(self.E, int(counts.max()), D)
+        capacity = N if torch.compiler.is_compiling() else int(counts.max())
+        buf = x.new_zeros(self.E, capacity, D)
         buf[expert, slot] = x[token]
         a, b = torch.bmm(buf, self.w13).chunk(2, dim=-1)
         out = torch.bmm(F.silu(a) * b, self.w2)  # [E, C, D]

@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) runs the whole model with every released plugin (slow: ~1 min each)."""
+"""torch.compile(fullgraph=True) runs the whole model with every plugin and variant (slow: ~1 min each)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ VARIANTS = {
     "escarda": [],
     "deepseek_variants": ["components.mla.variant=deepseek", "components.engram.variant=deepseek",
                           "components.mtp.variant=deepseek"],
+    "moe": ["components.moe.enabled=true", "components.moe.routing=hash"],  # block 0 hash-routed, 1 learned
 }
 
 
