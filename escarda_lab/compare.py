@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from escarda_lab.errors import DataError, UserError
+from escarda_lab.grid import eval_columns
 from escarda_lab.io import atomic_write, read_json
 
 # ---------------------------------------------------------------------------------------- loading
@@ -54,6 +55,7 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
             rec = dict(recorded.get((v["name"], seed), {}))
             m = read_json(grid_dir / v["name"] / f"seed{seed}" / "metrics.json") or {}
             rec.update({k: m[k] for k in m if k not in ("stats",)})
+            rec.update(eval_columns(read_json(grid_dir / v["name"] / f"seed{seed}" / "eval.json") or {}))
             params = rec.pop("params", {}) or {}
             rows.append({
                 "variant": v["name"], "seed": seed, "baseline": v["baseline"], "change": v["change"],
@@ -64,6 +66,7 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
                 "tokens_per_s": rec.get("tokens_per_s", math.nan), "mfu": rec.get("mfu", math.nan),
                 "dead": ", ".join(sorted(rec.get("dead_components") or {})), "error": rec.get("error", ""),
                 "adjust": json.dumps(v.get("adjust") or {}) if v.get("adjust") else "",
+                **{k: x for k, x in rec.items() if k.startswith("eval/")},
             })
     return pd.DataFrame(rows)
 
@@ -133,6 +136,8 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
             "val_bpb_mean": _mean(g.val_bpb), "val_bpb_std": _std(g.val_bpb),
             "dead": ", ".join(sorted({d for ds in group.dead for d in ds.split(", ") if d})),
         }
+        for col in [c for c in runs.columns if c.startswith("eval/")]:
+            row[f"{col} mean"], row[f"{col} std"] = _mean(g[col]), _std(g[col])
         if name == base_name:
             row.update(delta_bpb=0.0, p_value=math.nan, verdict="baseline", speed_vs_baseline=1.0)
         else:
@@ -184,6 +189,13 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float) -> str:
             pm(r.val_loss_mean, r.val_loss_std), pm(r.val_bpb_mean, r.val_bpb_std),
             num(r.delta_bpb, "+.4f"), num(r.p_value, ".3g"), f"**{r.verdict}**", r.dead or "",
         ]) + " |")
+    evals = [c[:-5] for c in summary.columns if c.startswith("eval/") and c.endswith(" mean")]
+    if evals:
+        lines += ["", "Evaluations (mean ± std over seeds):", "",
+                  "| variant | " + " | ".join(e.removeprefix("eval/") for e in evals) + " |",
+                  "|---|" + "---|" * len(evals)]
+        for r in summary.to_dict("records"):
+            lines.append(f"| `{r['variant']}` | " + " | ".join(pm(r[f"{e} mean"], r[f"{e} std"]) for e in evals) + " |")
     return "\n".join([
         f"# Grid `{Path(plan.get('source', '')).name}`",
         "",

@@ -12,6 +12,7 @@
       match: params                # none | params
       parallel: 1
       launcher: local              # local | submitit
+      evaluate: [minimal_pairs]    # after training: escarda_lab.evaluate suites, tasks, texts
 
 Each run's fully resolved config is written to its folder as config.yaml before it starts, so
 `python -m escarda_lab.run runs/<grid>/<variant>/seed<k>/config.yaml` reruns one run by hand.
@@ -60,6 +61,7 @@ class GridConfig:
     match: str = "none"  # none | params
     parallel: int = 1
     launcher: str = "local"  # local | submitit
+    evaluate: list = field(default_factory=list)  # minimal_pairs, task .jsonl files, text:FILE, corpus:NAME
     submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
 
@@ -134,6 +136,29 @@ def check_spec(g: GridConfig, src: str) -> None:
     need(isinstance(g.parallel, int) and g.parallel >= 1, "parallel", f"parallel must be >= 1, got {g.parallel}",
          "give the number of runs to train at once")
     need(g.launcher in ("local", "submitit"), "launcher", f"unknown launcher {g.launcher!r}", "use local or submitit")
+    for e in g.evaluate:
+        ok = e == "minimal_pairs" or str(e).startswith(("text:", "corpus:")) or \
+            (str(e).endswith(".jsonl") and Path(e).is_file())
+        need(ok, "evaluate", f"cannot evaluate {e!r}",
+             "list minimal_pairs, existing multiple-choice .jsonl files, text:FILE or corpus:NAME")
+
+
+def eval_args(g: GridConfig) -> list[str]:
+    """`escarda_lab.evaluate` arguments for `grid.evaluate` (the split bpb is in metrics.json already)."""
+    if not g.evaluate:
+        return []
+    args = ["--no-split"]
+    for e in g.evaluate:
+        e = str(e)
+        if e == "minimal_pairs":
+            args += ["--suite", "minimal_pairs"]
+        elif e.startswith("text:"):
+            args += ["--text", str(Path(e[5:]).resolve())]
+        elif e.startswith("corpus:"):
+            args += ["--corpus", e[7:]]
+        else:
+            args += ["--task", str(Path(e).resolve())]
+    return args
 
 
 def variants(g: GridConfig) -> list[Variant]:
@@ -291,16 +316,24 @@ def child_env(parallel: int) -> dict:
     return env
 
 
-def run_one(config_path: str, parallel: int = 1) -> dict:
-    """Train one run in its own process; its output is appended to log.txt in the run folder."""
+def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = ()) -> dict:
+    """Train one run in its own process (a finished run is skipped by the run itself), then
+    evaluate it if asked; all output is appended to log.txt in the run folder."""
     folder = Path(config_path).parent
     t0 = time.perf_counter()
+    commands = [["escarda_lab.run", config_path]]
+    if evaluate and not (folder / "eval.json").exists():
+        commands.append(["escarda_lab.evaluate", str(folder), *evaluate])
+    rc = 0
     with open(folder / "log.txt", "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m escarda_lab.run {config_path}\n".encode())
-        log.flush()
-        proc = subprocess.run([sys.executable, "-m", "escarda_lab.run", config_path], stdout=log,
-                              stderr=subprocess.STDOUT, env=child_env(parallel))
-    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - t0}
+        for cmd in commands:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m {' '.join(cmd)}\n".encode())
+            log.flush()
+            rc = subprocess.run([sys.executable, "-m", *cmd], stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env(parallel)).returncode
+            if rc != 0:
+                break
+    return {"returncode": rc, "wall_s": time.perf_counter() - t0}
 
 
 def last_error(folder: Path) -> str:
@@ -328,7 +361,21 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
     for k in ["val_loss", "val_bpb", "params", "flops_per_token", "tokens_per_s", "mfu", "dead_components", "step"]:
         if k in m:
             rec[k] = m[k]
+    rec.update(eval_columns(read_json(r.folder / "eval.json") or {}))
     return rec
+
+
+def eval_columns(ev: dict) -> dict[str, float]:
+    """Flat numbers from a run's eval.json for tables: eval/minimal_pairs, eval/<task>/acc, ..."""
+    out = {}
+    if "minimal_pairs" in ev:
+        out["eval/minimal_pairs"] = ev["minimal_pairs"]["overall"]["acc"]
+    for name, t in ev.get("tasks", {}).items():
+        out[f"eval/{name}/acc"], out[f"eval/{name}/acc_norm"] = t["acc"], t["acc_norm"]
+    for kind in ["text", "corpus"]:
+        for name, t in ev.get(kind, {}).items():
+            out[f"eval/{kind}:{Path(name).name}/bpb"] = t["bpb"]
+    return out
 
 
 def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str) -> None:
@@ -381,7 +428,7 @@ def run_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_
         m = read_json(r.folder / "metrics.json") or {}
         if problem:
             save(r, {**record(r, grid_dir, {}), "status": "failed", "error": problem})
-        elif m.get("status") == "finished":
+        elif m.get("status") == "finished" and (not g.evaluate or (r.folder / "eval.json").exists()):
             save(r, record(r, grid_dir, {"skipped": True}))
         else:
             todo.append(r)
@@ -389,7 +436,8 @@ def run_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_
         launch_submitit(g, todo, grid_dir, save)
     else:
         with ThreadPoolExecutor(max_workers=g.parallel) as pool:
-            for r, outcome in zip(todo, pool.map(lambda r: run_one(str(r.folder / "config.yaml"), g.parallel), todo)):
+            jobs = pool.map(lambda r: run_one(str(r.folder / "config.yaml"), g.parallel, eval_args(g)), todo)
+            for r, outcome in zip(todo, jobs):
                 save(r, record(r, grid_dir, outcome))
     done = sum(rec["status"] == "finished" for rec in results.values())
     echo(f"{done}/{len(runs)} runs finished; compare them with `python -m escarda_lab.compare {grid_dir}`")
@@ -413,7 +461,8 @@ def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> Non
     if s.partition:
         params["slurm_partition"] = s.partition
     ex.update_parameters(**params)
-    jobs = ex.map_array(run_one, [str(r.folder / "config.yaml") for r in todo], [g.parallel] * len(todo))
+    jobs = ex.map_array(run_one, [str(r.folder / "config.yaml") for r in todo], [g.parallel] * len(todo),
+                        [eval_args(g)] * len(todo))
     for r, job in zip(todo, jobs):
         try:
             outcome = {**job.result(), "job_id": job.job_id}

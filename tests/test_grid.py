@@ -152,6 +152,20 @@ def test_changed_grid_file_does_not_overwrite_finished_runs(finished_grid):
     assert main([str(path), *over]) == 0  # the original grid is intact
 
 
+def test_grid_evaluate_scores_finished_runs_and_compare_reports_it(finished_grid, tmp_path):
+    from escarda_lab import compare
+
+    path, over, grid_dir = finished_grid
+    task = tmp_path / "mc.jsonl"
+    task.write_text('{"context": "The king", "choices": ["speaks.", "zzq"], "label": 0}\n')
+    assert main([str(path), *over, f"grid.evaluate=[minimal_pairs,{task}]"]) == 0
+    recs = results(grid_dir)
+    assert all(0 <= r["eval/minimal_pairs"] <= 1 and "eval/mc/acc" in r for r in recs)
+    assert all(not r.get("skipped") for r in recs)  # training skipped, evaluation ran
+    md = compare.markdown(compare.summarize(compare.load_runs(grid_dir)), compare.load_plan(grid_dir), 0.05)
+    assert "Evaluations" in md and "minimal_pairs" in md
+
+
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_same_grid(corpus, tmp_path):
     path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "parallel: 2\n  launcher: submitit\n"
