@@ -72,6 +72,12 @@ def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
     Broadcast-and-sum rather than einsum: with per-token coefficients einsum becomes a batched
     matmul of B·T tiny (m × m)(m × D) products, 10x slower on CPU than these elementwise passes.
     """
+    if X.shape[-2] == 2:  # the released m: two streams written out, no [B, T, m, m, D] temporary
+        X0, X1 = X.unbind(-2)
+        y = fn(pre[..., 0:1] * X0 + pre[..., 1:2] * X1)
+        out0 = R[..., 0, 0:1] * X0 + R[..., 1, 0:1] * X1 + post[..., 0:1] * y
+        out1 = R[..., 0, 1:2] * X0 + R[..., 1, 1:2] * X1 + post[..., 1:2] * y
+        return torch.stack([out0, out1], -2)
     x_in = (pre.unsqueeze(-1) * X).sum(-2)
     mixed = (R.unsqueeze(-1) * X.unsqueeze(-2)).sum(-3)  # Σ_j R_jk X_j
     return mixed + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)

@@ -100,3 +100,18 @@ def test_static_init_reads_one_stream_per_sublayer():
 
     hc = HyperConnections(SimpleNamespace(d_model=4), HyperConnectionsConfig(variant="static", streams=2), n_sites=4)
     assert hc.pre_b.tolist() == [[1, 0], [0, 1], [1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_two_stream_update_equals_the_general_formula(per_token):
+    from components.hyper_connections import hc_update
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 5, 2, 8, generator=g)
+    lead = (2, 5) if per_token else ()
+    pre, post, R = torch.rand(*lead, 2, generator=g), torch.rand(*lead, 2, generator=g), torch.rand(*lead, 2, 2, generator=g)
+    W = torch.randn(8, 8, generator=g)
+    fn = lambda x: torch.tanh(x @ W)  # noqa: E731
+    x_in = (pre.unsqueeze(-1) * X).sum(-2)
+    expected = torch.einsum("...jk,...jd->...kd", R, X) + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
+    assert torch.allclose(hc_update(X, fn, pre, post, R), expected, atol=1e-6)
