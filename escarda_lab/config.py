@@ -315,11 +315,16 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML that loads in a fresh process: the schema holds a section for
-    every plugin registered here, so `plugins:` lists every module that registered one."""
+    """The resolved config as YAML that loads in a fresh process. The schema holds a section for
+    every plugin registered in this process; a disabled plugin from a module this config does not
+    list under `plugins:` is left out, so the text does not depend on what else was imported."""
     d = OmegaConf.to_container(OmegaConf.structured(cfg))
-    if "plugins" in d:
-        d["plugins"] = list(dict.fromkeys([*d["plugins"], *registry.external_modules()]))
+    if "components" in d:
+        listed = set(d.get("plugins", []))
+        for name, entry in registry.toggleable().items():
+            module = entry.cls.__module__
+            if not module.startswith("components.") and module not in listed and not d["components"][name]["enabled"]:
+                del d["components"][name]
     return OmegaConf.to_yaml(OmegaConf.create(d))
 
 

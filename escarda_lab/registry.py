@@ -124,12 +124,6 @@ def toggleable() -> dict[str, Entry]:
     return {n: e for n, e in sorted(_REGISTRY.items()) if not e.baseline}
 
 
-def external_modules() -> list[str]:
-    """Modules outside `components/` that registered toggleable plugins in this process: a
-    config that names their components must list them under `plugins:` to load elsewhere."""
-    return sorted({e.cls.__module__ for e in toggleable().values() if not e.cls.__module__.startswith("components.")})
-
-
 def get(name: str) -> Entry:
     return _REGISTRY[name]
 
