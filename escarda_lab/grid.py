@@ -358,6 +358,8 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
         rec["error"] = m.get("error") or last_error(r.folder) or f"exit code {rc}"
         if rc is not None and rc < 0:
             rec["error"] = f"killed by signal {-rc}; rerun the grid to resume. Last output: {rec['error']}"
+    elif rc not in (0, None):  # trained, but the evaluation after it failed (see log.txt)
+        rec["eval_error"] = last_error(r.folder)
     for k in ["val_loss", "val_bpb", "params", "flops_per_token", "tokens_per_s", "mfu", "dead_components", "step"]:
         if k in m:
             rec[k] = m[k]
