@@ -208,7 +208,7 @@ def with_compile(cfgs: list, mode: str) -> list:
         return [replace(c, train=replace(c.train, compile=mode == "on")) for c in cfgs]
     out = []
     for c in cfgs:
-        out.append(replace(c, name=f"{c.name}", train=replace(c.train, compile=False)))
+        out.append(replace(c, train=replace(c.train, compile=False)))
         out.append(replace(c, name=f"{c.name}+compile", train=replace(c.train, compile=True)))
     return out
 

@@ -107,9 +107,9 @@ class Scorer:
             seqs = []
             for i in idx:
                 ctx, cont = encoded[i]
-                if not cont:
-                    raise DataError("evaluate", None, "a continuation encodes to no tokens",
-                                    "give every choice some text")
+                if not cont or len(cont) > self.max_len:
+                    raise DataError("evaluate", None, f"a continuation encodes to {len(cont)} tokens",
+                                    f"give every choice some text, at most model.max_seq_len={self.max_len} tokens")
                 seqs.append((ctx + cont)[-(self.max_len + 1):])
             width = max(len(s) for s in seqs) - 1
             ids = torch.full((len(idx), width), self.tok.pad_id, dtype=torch.long)
