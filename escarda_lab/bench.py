@@ -262,12 +262,11 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             v["compile_s"] = statistics.median(first_step[i]) - s
         torch.manual_seed(cfg.seed)
         model = EscardaLM(cfg).to(device).eval()  # decoding: eager, one sequence at a time
-        new = min(64, cfg.model.max_seq_len // 2)
-        v["decode_tokens_per_s"] = decode_tokens_per_s(model, new, new, True)
+        half = cfg.model.max_seq_len // 2
+        n = half if decode else min(64, half)  # prompt length = new tokens
+        v["decode_tokens_per_s"] = decode_tokens_per_s(model, n, n, True)
         if decode:
-            half = cfg.model.max_seq_len // 2
-            v["decode_tokens_per_s"] = decode_tokens_per_s(model, half, half, True)
-            v["decode_uncached_tokens_per_s"] = decode_tokens_per_s(model, half, half, False)
+            v["decode_uncached_tokens_per_s"] = decode_tokens_per_s(model, n, n, False)
             v["cache_speedup"] = v["decode_tokens_per_s"] / v["decode_uncached_tokens_per_s"]
             v["cache_numbers_per_token"] = cache_numbers_per_token(model)
         out["variants"].append(v)

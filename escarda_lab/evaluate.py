@@ -146,15 +146,18 @@ def text_bpb(scorer: Scorer, text: str, stride: int | None = None) -> dict:
     return {"bpb": bpb, "byte_perplexity": 2 ** bpb, "nll": nll, "bytes": n_bytes, "stride": stride}
 
 
+def score_val_split(model, dm, token_bytes: Tensor, device=None) -> dict:
+    """The whole validation split in non-overlapping windows: the number a run ends with."""
+    val = summarize(score(model, dm.loader(dm.all_val_starts, shard=False), token_bytes, device))
+    return {**val, "byte_perplexity": 2 ** val["bpb"]}
+
+
 def split_bpb(model, cfg, source: str) -> dict:
-    """The run's own validation split, scored exactly as the end of training scores it."""
+    """The run's own validation split, scored by the same function as the end of training."""
     from escarda_lab import data
 
     tokens = data.prepare(cfg.data, source)
-    dm = data.EscardaData(cfg, tokens)
-    device = next(model.parameters()).device
-    val = summarize(score(model, dm.loader(dm.all_val_starts, shard=False), tokens.token_bytes, device))
-    return {**val, "byte_perplexity": 2 ** val["bpb"]}
+    return score_val_split(model, data.EscardaData(cfg, tokens), tokens.token_bytes, next(model.parameters()).device)
 
 
 def minimal_pairs(scorer: Scorer, pairs) -> dict:

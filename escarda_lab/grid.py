@@ -200,11 +200,12 @@ def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tup
     if found is None:
         raise ConfigError(str(path), "grid", "this file has no `grid:` block", "run it as a single experiment")
     g, src = found
-    vs = with_axes(variants(g), g)
+    plain = variants(g)
+    vs = with_axes(plain, g)
     names = [v.name for v in vs]
-    if g.baseline not in [v.name for v in variants(g)]:
+    if g.baseline not in [v.name for v in plain]:
         raise ConfigError(src, "grid.baseline", f"baseline {g.baseline!r} is not one of the variants",
-                          f"use one of: {', '.join(v.name for v in variants(g))}")
+                          f"use one of: {', '.join(v.name for v in plain)}")
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(src, "grid.variants", f"variant names {sorted(dupes)} occur twice",

@@ -70,7 +70,7 @@ def train(cfg, source: str = "experiment") -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from escarda_lab import accounting, data
-    from escarda_lab.evaluate import score, summarize
+    from escarda_lab.evaluate import score_val_split
     from escarda_lab.module import AtomicCheckpoint, EscardaModule, resolve_runtime
 
     quiet_libraries()
@@ -134,8 +134,7 @@ def train(cfg, source: str = "experiment") -> dict:
         return {}
 
     # The number a grid compares: the whole validation split in non-overlapping windows.
-    final = score(module.model, dm.loader(dm.all_val_starts, shard=False), tokens.token_bytes, module.device)
-    val = summarize(final)
+    val = score_val_split(module.model, dm, tokens.token_bytes, module.device)
     metrics = {
         **base, "status": "finished", "step": trainer.global_step,
         "val_loss": val["loss"], "val_bpb": val["bpb"], "val_tokens": val["tokens"],

@@ -51,15 +51,26 @@ def test_trailing_context_space_moves_to_the_continuation(scorer):
     assert ByteTokenizer().decode(cont) == " speaks" and ByteTokenizer().decode(ctx[1:]) == "The king"
 
 
-def test_rolling_windows_cover_every_token_once(scorer, byte_model):
-    text = "the quick brown fox jumps over the lazy dog " * 3  # longer than the 32-token context
-    whole = scorer.loglikelihood_rolling([text])[0]
-    by_stride = scorer.loglikelihood_rolling([text], stride=7)[0]
-    assert math.isfinite(whole) and math.isfinite(by_stride) and whole != by_stride  # more context differs
-    short = "short text"
-    ids = [0 + 2] + ByteTokenizer().encode(short)
-    assert scorer.loglikelihood_rolling([short])[0] == pytest.approx(brute_logprob(byte_model, ids, len(ids) - 1),
-                                                                     abs=1e-4)
+@pytest.mark.parametrize("stride", [None, 7, 1])
+def test_rolling_windows_predict_every_token_once_within_the_context(scorer, monkeypatch, stride):
+    text = "the quick brown fox jumps over the lazy dog " * 3  # 132 tokens, context 32
+    pieces = []
+    real = scorer._score
+    monkeypatch.setattr(scorer, "_score", lambda enc: pieces.extend(enc) or real(enc))
+    scorer.loglikelihood_rolling([text], stride)
+    ids = [ByteTokenizer().bos_id] + ByteTokenizer().encode(text)
+    assert [t for _, cont in pieces for t in cont] == ids[1:]  # every token predicted, once, in order
+    assert all(len(ctx) + len(cont) <= scorer.max_len + 1 for ctx, cont in pieces)  # fits the window
+    start = 1
+    for ctx, cont in pieces:  # each window is the text itself: the context just before its tokens
+        assert ctx + cont == ids[start - len(ctx):start + len(cont)]
+        start += len(cont)
+
+
+def test_rolling_short_text_equals_one_forward(scorer, byte_model):
+    ids = [ByteTokenizer().bos_id] + ByteTokenizer().encode("short text")
+    assert scorer.loglikelihood_rolling(["short text"])[0] == pytest.approx(
+        brute_logprob(byte_model, ids, len(ids) - 1), abs=1e-4)
 
 
 def test_text_bpb_counts_utf8_bytes(scorer):

@@ -33,9 +33,8 @@ class EscardaForCausalLM(PreTrainedModel, GenerationMixin):
         from escarda_lab import config as escarda_config
         from escarda_lab.model import EscardaLM
 
-        cfg = escarda_config.from_dict(config.escarda, source="config.json `escarda`")
-        self.model = EscardaLM(cfg)
-        self.model.cfg_full = cfg
+        self.escarda_cfg = escarda_config.from_dict(config.escarda, source="config.json `escarda`")
+        self.model = EscardaLM(self.escarda_cfg)
         self.post_init()
 
     def _init_weights(self, module):  # every weight comes from model.safetensors
@@ -52,7 +51,7 @@ class EscardaForCausalLM(PreTrainedModel, GenerationMixin):
         loader may build the module on the meta device, where they were never computed."""
         from escarda_lab.model import EscardaLM
 
-        fresh = dict(EscardaLM(self.model.cfg_full).named_buffers())
+        fresh = dict(EscardaLM(self.escarda_cfg).named_buffers())
         saved = set(self.model.state_dict())
         for name, buf in list(self.model.named_buffers()):
             if name not in saved:
