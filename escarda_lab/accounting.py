@@ -93,6 +93,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def embedding_params(model: nn.Module) -> int:
+    """Parameters of the token embedding (and of the output head when it is not tied to it)."""
+    mats = {id(model.embed.weight): model.embed.weight.numel(), id(model.head.weight): model.head.weight.numel()}
+    return sum(mats.values())
+
+
 def build_on_meta(cfg) -> nn.Module:
     """The model of `cfg` with meta tensors: shapes and counts, no memory."""
     from escarda_lab.model import EscardaLM

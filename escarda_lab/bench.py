@@ -65,7 +65,7 @@ def plain_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
     t = cfg.train
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
-    windows = data.TrainWindows(tokens.train, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, 0, 1)
+    windows = data.TrainWindows(tokens.train, cfg.data.seq_len, cfg.data.batch_size, config.seeds(cfg)[1], 0, 1)
     after = [m for _, m in model.plugin_modules() if hasattr(m, "after_step")]
     sync(device)
     stamps = [time.perf_counter()]

@@ -1,13 +1,21 @@
 """Compare the runs of a grid: `python -m escarda_lab.compare runs/<grid> [--alpha 0.05]`.
 
-Writes summary.md, summary.csv and curves.png into the grid folder. One row per variant: params
-(total / active), FLOPs per token, tokens/s, final val loss and val bpb as mean ± std over seeds
-(sample std), the change in bpb against the baseline, a Welch t-test p-value and a verdict.
+Writes summary.md, summary.csv and curves.png (tune.png when the grid tuned a key) into the grid
+folder. One row per variant, against the grid's baseline on the same seeds (a paired design: seed k
+gives both the same batches and the same initial value for every weight they share):
 
-The verdict is about the change the variant makes. For a variant that removes a plugin (`no_X`,
-`vanilla`), a significantly *higher* bpb than the baseline means the plugin helps; for one that adds
-or changes something, a significantly *lower* bpb means the change helps. p >= alpha reads
-"within noise"; with fewer than two finished seeds on either side there is no test.
+- the per-seed difference d_k = bpb(variant, k) - bpb(baseline, k) over the seeds both finished:
+  its mean, a 95% t interval and a bootstrap interval, the paired t-test p, Wilcoxon's signed-rank
+  p (n >= 6), Holm-adjusted p across the grid's variants, the pair correlation, and the minimum
+  detectable effect (80% power at alpha) for this noise;
+- TOST against the grid's margin (default 0.01 bpb);
+- Welch's unpaired p as an extra column, for designs without pairing;
+- runs that diverged or had gradient-norm spikes (> 5x the post-warm-up median), never dropped.
+
+Verdicts follow the change the variant makes: **helps** / **hurts** when the Holm p < alpha and the
+interval excludes 0 (a `no_X` variant significantly worse than the baseline means X helps);
+**equivalent (±margin)** when TOST says so; else **inconclusive** with the seeds that would be
+needed; **no test** with fewer than two finished pairs.
 
 The notebook (notebooks/ablation_analysis.ipynb) reads grids through this module only.
 """
@@ -50,7 +58,9 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
                 r = json.loads(line)
                 recorded[(r["variant"], r["seed"])] = r
     rows = []
+    tuned = plan.get("tuned") or {}
     for v in plan["variants"]:
+        choice = (tuned.get(v.get("tune_as") or v["name"]) or {}).get("value")
         for seed in plan["seeds"]:
             rec = dict(recorded.get((v["name"], seed), {}))
             m = read_json(grid_dir / v["name"] / f"seed{seed}" / "metrics.json") or {}
@@ -65,6 +75,8 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
                 "flops_per_token": rec.get("flops_per_token", math.nan),
                 "tokens_per_s": rec.get("tokens_per_s", math.nan), "mfu": rec.get("mfu", math.nan),
                 "dead": ", ".join(sorted(rec.get("dead_components") or {})), "error": rec.get("error", ""),
+                "grad_spikes": (rec.get("instability") or {}).get("grad_spikes", 0),
+                "tuned": math.nan if choice is None else choice,
                 "adjust": json.dumps(v.get("adjust") or {}) if v.get("adjust") else "",
                 **{k: x for k, x in rec.items() if k.startswith("eval/")},
             })
@@ -78,7 +90,9 @@ def curves(grid_dir: str | Path, prefix: str = "val/bpb") -> pd.DataFrame:
     grid_dir = Path(grid_dir)
     plan = load_plan(grid_dir)
     rows = []
+    tuned = plan.get("tuned") or {}
     for v in plan["variants"]:
+        choice = (tuned.get(v.get("tune_as") or v["name"]) or {}).get("value")
         for seed in plan["seeds"]:
             folder = grid_dir / v["name"] / f"seed{seed}"
             for events in sorted(folder.glob("events.out.tfevents.*")):
@@ -106,30 +120,106 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def verdict(kind: str, delta: float, p: float, alpha: float) -> str:
-    """`helps` / `hurts` / `within noise` for the change a variant makes (see the module doc)."""
-    if math.isnan(p):
-        return "no test (1 seed)"
-    if p >= alpha:
-        return "within noise"
-    worse = delta > 0  # higher bpb than the baseline
-    if kind == "removed":  # removing something made it worse: that something helps
-        return "helps" if worse else "hurts"
-    return "hurts" if worse else "helps"
+POWER = 0.8
 
 
-def summarize(runs: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """One row per variant (in plan order) with mean ± std, delta vs baseline, p and verdict."""
+def mde(sd: float, n: int, alpha: float = 0.05, power: float = POWER) -> float:
+    """Smallest mean difference a two-sided paired t-test at `alpha` detects with `power`, for
+    differences of standard deviation `sd` over n pairs: (t_{1-a/2} + t_{power}) sd / sqrt(n)."""
+    from scipy import stats
+
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    df = n - 1
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n))
+
+
+def seeds_needed(sd: float, effect: float, alpha: float = 0.05, power: float = POWER, most: int = 10_000) -> int:
+    """Pairs needed for `mde` to reach `effect` (at least 2)."""
+    if not (math.isfinite(sd) and effect > 0):
+        return -1
+    n = 2
+    while n < most and mde(sd, n, alpha, power) > effect:
+        n = n * 2 if mde(sd, n * 2, alpha, power) > effect else n + 1
+    return n
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count as a test)."""
+    p = np.asarray(pvalues, float)
+    ok = np.flatnonzero(~np.isnan(p))
+    out = np.full(len(p), math.nan)
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+def paired(d: np.ndarray, alpha: float = 0.05, margin: float = 0.01, boot: int = 10_000) -> dict:
+    """Statistics of paired differences d (variant - baseline, one per seed)."""
+    from scipy import stats
+
+    d = np.asarray(d, float)
+    n = len(d)
+    out = {"n_pairs": n, "delta": float(d.mean()) if n else math.nan, "sd_diff": math.nan,
+           "ci_low": math.nan, "ci_high": math.nan, "boot_low": math.nan, "boot_high": math.nan,
+           "p_paired": math.nan, "p_wilcoxon": math.nan, "p_tost": math.nan, "mde": math.nan}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    mean = float(d.mean())
+    tcrit = stats.t.ppf(1 - alpha / 2, n - 1)
+    rng = np.random.default_rng(0)
+    means = d[rng.integers(0, n, (boot, n))].mean(axis=1)
+    out.update(sd_diff=sd, ci_low=mean - tcrit * se, ci_high=mean + tcrit * se,
+               boot_low=float(np.quantile(means, alpha / 2)), boot_high=float(np.quantile(means, 1 - alpha / 2)),
+               mde=mde(sd, n, alpha))
+    if sd <= 1e-12 * max(1.0, abs(mean)):  # every seed moved by the same amount
+        out.update(p_paired=1.0 if mean == 0 else 0.0, p_tost=0.0 if abs(mean) < margin else 1.0)
+    else:
+        out["p_paired"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+        lower = stats.t.sf((mean + margin) / se, n - 1)  # H0: mean <= -margin
+        upper = stats.t.cdf((mean - margin) / se, n - 1)  # H0: mean >= +margin
+        out["p_tost"] = float(max(lower, upper))
+    if n >= 6 and np.any(d != 0):
+        out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue)
+    return out
+
+
+def verdict(kind: str, st: dict, alpha: float, margin: float) -> str:
+    """The reading of one variant's paired statistics `st` (with `p_holm`) for the change it makes."""
+    n = int(st["n_pairs"])
+    if n < 2:
+        return f"no test ({n} finished pair{'s' if n != 1 else ''})"
+    significant = st["p_holm"] < alpha and (st["ci_low"] > 0 or st["ci_high"] < 0)
+    if significant:
+        worse = st["delta"] > 0  # higher bpb than the baseline
+        if kind == "removed":  # removing something made it worse: that something helps
+            return "helps" if worse else "hurts"
+        return "hurts" if worse else "helps"
+    if st["p_tost"] < alpha:
+        return f"equivalent (±{margin:g})"
+    need = seeds_needed(st["sd_diff"], max(abs(st["delta"]), margin), alpha)
+    return f"inconclusive (~{need} seeds)" if need > 0 else "inconclusive"
+
+
+def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01) -> pd.DataFrame:
+    """One row per variant (in plan order): mean ± std, paired statistics vs the baseline, Holm
+    across the grid's variants, instability counts and the verdict."""
     out = []
     ok = runs[runs.status == "finished"]
     for name, group in runs.groupby("variant", sort=False):
         g = ok[ok.variant == name]
         base_name = group.baseline.iloc[0]
         base = ok[ok.variant == base_name]
-        bpb, base_bpb = g.val_bpb.to_numpy(), base.val_bpb.to_numpy()
         row = {
             "variant": name, "change": group.change.iloc[0], "kind": group.kind.iloc[0], "baseline": base_name,
-            "seeds": len(g), "failed": int((group.status != "finished").sum()),
+            "tuned": _first(group.tuned) if "tuned" in group else math.nan,
+            "planned": len(group), "seeds": len(g), "failed": int((group.status != "finished").sum()),
+            "diverged": int((group.status == "diverged").sum()), "spiky": int((group.grad_spikes > 0).sum()),
             "params_total": _first(group.params_total), "params_active": _first(group.params_active),
             "flops_per_token": _first(group.flops_per_token), "tokens_per_s": _mean(g.tokens_per_s),
             "val_loss_mean": _mean(g.val_loss), "val_loss_std": _std(g.val_loss),
@@ -139,16 +229,56 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         for col in [c for c in runs.columns if c.startswith("eval/")]:
             row[f"{col} mean"], row[f"{col} std"] = _mean(g[col]), _std(g[col])
         if name == base_name:
-            row.update(delta_bpb=0.0, p_value=math.nan, verdict="baseline", speed_vs_baseline=1.0)
+            row.update({**paired([]), "n_pairs": math.nan, "pair_r": math.nan, "rho_hat": math.nan},
+                       delta_bpb=0.0, p_value=math.nan, speed_vs_baseline=1.0)
         else:
-            row["delta_bpb"] = row["val_bpb_mean"] - _mean(base.val_bpb)
-            row["p_value"] = welch_p(bpb, base_bpb)
-            row["verdict"] = verdict(row["kind"], row["delta_bpb"], row["p_value"], alpha)
-            row["speed_vs_baseline"] = row["tokens_per_s"] / _mean(base.tokens_per_s)
-            if not len(g) or not len(base):
-                row["verdict"] = "no finished runs"
+            both = g.set_index("seed").val_bpb.to_frame("v").join(base.set_index("seed").val_bpb.to_frame("b"),
+                                                                how="inner")
+            st = paired((both.v - both.b).to_numpy(), alpha, margin)
+            pooled = (np.var(both.v, ddof=1) + np.var(both.b, ddof=1)) / 2 if len(both) > 1 else math.nan
+            row.update(st, delta_bpb=st["delta"], p_value=welch_p(g.val_bpb, base.val_bpb),
+                       pair_r=float(np.corrcoef(both.v, both.b)[0, 1]) if len(both) > 2 else math.nan,
+                       rho_hat=1 - st["sd_diff"] ** 2 / (2 * pooled) if pooled and pooled > 0 else math.nan,
+                       speed_vs_baseline=row["tokens_per_s"] / _mean(base.tokens_per_s))
         out.append(row)
-    return pd.DataFrame(out)
+    summary = pd.DataFrame(out)
+    tested = summary.variant != summary.baseline
+    summary["p_holm"] = math.nan
+    summary.loc[tested, "p_holm"] = holm(summary.loc[tested, "p_paired"].tolist())
+    verdicts = []
+    for r in summary.to_dict("records"):
+        if r["variant"] == r["baseline"]:
+            verdicts.append("baseline")
+            continue
+        v = verdict(r["kind"], r, alpha, margin)
+        if r["n_pairs"] >= 2 and r["n_pairs"] < r["planned"]:
+            v += f" [{int(r['n_pairs'])}/{r['planned']} seeds]"
+        verdicts.append(v)
+    summary["verdict"] = verdicts
+    return summary
+
+
+def calibration(summary: pd.DataFrame) -> str | None:
+    """Whether the grid's controls came out as they must; None without controls."""
+    by = {r.variant.split("-")[0] if r.variant.startswith("control_") else r.variant: r
+          for r in summary.itertuples()}
+    null, pos = by.get("control_null"), by.get("control_half_budget")
+    if null is None and pos is None:
+        return None
+    parts, ok = [], True
+    if null is not None:
+        bad = null.verdict.startswith(("helps", "hurts"))
+        ok &= not bad
+        parts.append(f"the null control (independent seeds) reads **{null.verdict}**"
+                     + (" — a false positive: treat every verdict here with suspicion" if bad else ", as it must"))
+    if pos is not None:
+        found = pos.verdict.startswith("hurts")
+        ok &= found
+        parts.append(f"the positive control (half the training tokens, Δ {pos.delta_bpb:+.4f} bpb) reads "
+                     f"**{pos.verdict}**" + (", as it must" if found else
+                                             " — the grid cannot see an effect of that size: it is UNDERPOWERED"))
+    head = "**Calibrated.**" if ok else "**NOT CALIBRATED.**"
+    return f"{head} " + "; ".join(parts) + "."
 
 
 def _mean(x) -> float:
@@ -169,25 +299,42 @@ def _first(x) -> float:
 # ---------------------------------------------------------------------------------------- outputs
 
 
-def markdown(summary: pd.DataFrame, plan: dict, alpha: float) -> str:
+def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: float = 0.01) -> str:
     def pm(m, s):
         return "—" if math.isnan(m) else (f"{m:.4f}" if math.isnan(s) else f"{m:.4f} ± {s:.4f}")
 
     def num(x, fmt):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    head = ["variant", "change", "seeds", "params (total / active)", "FLOPs/token", "tokens/s", "speed",
-            "val loss", "val bpb", "Δ bpb", "p (Welch)", "verdict", "dead components"]
+    def ci(lo, hi):
+        return "—" if math.isnan(lo) else f"[{lo:+.4f}, {hi:+.4f}]"
+
+    tune = plan.get("tune") or {}
+    key = tune.get("key", "")
+    head = ["variant", "change", *([key] if key else []), "seeds", "diverged / spiky", "params (total / active)",
+            "FLOPs/token", "speed", "val bpb", "Δ bpb (paired)", "95% CI", "p", "Holm p", "MDE", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary.itertuples():
-        seeds = f"{r.seeds}" + (f" (+{r.failed} failed)" if r.failed else "")
+        seeds = f"{r.seeds}/{r.planned}"
         lines.append("| " + " | ".join([
-            f"`{r.variant}`", r.change, seeds,
+            f"`{r.variant}`", r.change, *([num(r.tuned, "g")] if key else []), seeds, f"{r.diverged} / {r.spiky}",
             f"{num(r.params_total, ',.0f')} / {num(r.params_active, ',.0f')}",
             num(r.flops_per_token / 1e6 if not math.isnan(r.flops_per_token) else math.nan, ".2f") + "M",
-            num(r.tokens_per_s, ",.0f"), num(r.speed_vs_baseline, ".2f") + "×",
-            pm(r.val_loss_mean, r.val_loss_std), pm(r.val_bpb_mean, r.val_bpb_std),
-            num(r.delta_bpb, "+.4f"), num(r.p_value, ".3g"), f"**{r.verdict}**", r.dead or "",
+            num(r.speed_vs_baseline, ".2f") + "×", pm(r.val_bpb_mean, r.val_bpb_std),
+            num(r.delta_bpb, "+.4f"), ci(r.ci_low, r.ci_high), num(r.p_paired, ".3g"), num(r.p_holm, ".3g"),
+            num(r.mde, ".4f"), f"**{r.verdict}**",
+        ]) + " |")
+    extra = ["variant", "val loss", "bootstrap 95% CI", "Wilcoxon p", "TOST p (±margin)", "pair r", "Welch p",
+             "tokens/s", "dead components"]
+    lines += ["", "More columns: the bootstrap interval of the mean paired difference, Wilcoxon's signed-rank p "
+              "(6+ pairs), TOST p for equivalence within ±margin, the correlation of the two arms over seeds "
+              "(what pairing buys), Welch's unpaired p, training throughput, components flagged dead.", "",
+              "| " + " | ".join(extra) + " |", "|" + "---|" * len(extra)]
+    for r in summary.itertuples():
+        lines.append("| " + " | ".join([
+            f"`{r.variant}`", pm(r.val_loss_mean, r.val_loss_std), ci(r.boot_low, r.boot_high),
+            num(r.p_wilcoxon, ".3g"), num(r.p_tost, ".3g"), num(getattr(r, "pair_r", math.nan), ".2f"),
+            num(r.p_value, ".3g"), num(r.tokens_per_s, ",.0f"), r.dead or "",
         ]) + " |")
     evals = [c[:-5] for c in summary.columns if c.startswith("eval/") and c.endswith(" mean")]
     if evals:
@@ -196,16 +343,37 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float) -> str:
                   "|---|" + "---|" * len(evals)]
         for r in summary.to_dict("records"):
             lines.append(f"| `{r['variant']}` | " + " | ".join(pm(r[f"{e} mean"], r[f"{e} std"]) for e in evals) + " |")
-    return "\n".join([
+    tested = summary[summary.variant != summary.baseline]
+    sd = np.sqrt(np.nanmean(tested.sd_diff ** 2)) if len(tested) and tested.sd_diff.notna().any() else math.nan
+    n = int(np.nanmedian(tested.n_pairs)) if len(tested) and tested.n_pairs.notna().any() else 0
+    power = (f"Pooled sd of the paired differences {sd:.4f} bpb over {n} seeds: the minimum detectable "
+             f"effect (80% power, alpha {alpha}) is **{mde(sd, n, alpha):.4f} bpb**; effects smaller than that "
+             f"read inconclusive, not \"no effect\"." if n >= 2 and math.isfinite(sd) else "")
+    matched = {"none": "steps and tokens (every variant trains the same batches)",
+               "params": "non-embedding active parameters", "params_total": "total parameters",
+               "params_active": "active parameters", "flops": "training FLOPs"}.get(plan.get("match", "none"),
+                                                                                   plan.get("match"))
+    cal = calibration(summary)
+    tuned = ""
+    if key:
+        tuned = (f"`{key}` tuned per variant over {tune.get('values')} on {tune.get('seeds', 1)} separate "
+                 f"tuning seed(s){' of ' + str(tune['max_steps']) + ' steps' if tune.get('max_steps') else ''}; "
+                 "the best final val loss is kept (tune.png) and the verdict seeds never saw the sweep.")
+    return "\n".join(filter(lambda x: x is not None, [
         f"# Grid `{Path(plan.get('source', '')).name}`",
         "",
-        f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}; params matched: {plan.get('match', 'none')}. "
-        f"Mean ± sample std over finished seeds; p from a two-sided Welch t-test on val bpb; verdicts at "
-        f"alpha = {alpha}. A `no_X` variant that is significantly worse than the baseline means X **helps**.",
+        *( [cal, ""] if cal else []),
+        f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}, paired (seed k: same batches, same initial "
+        f"value for every shared weight); matched: {matched}. Δ bpb is the mean over seeds of "
+        f"variant − baseline on the same seed; p is the paired t-test, Holm p adjusts it across the "
+        f"{len(tested)} comparisons; verdicts at alpha = {alpha} with an equivalence margin of ±{margin} bpb "
+        "(TOST). A `no_X` variant significantly worse than the baseline means X **helps**. "
+        "`spiky` counts runs whose gradient norm exceeded 5× its post-warm-up median.",
         "",
+        power, "", tuned, "",
         *lines,
         "",
-    ])
+    ]))
 
 
 def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: Path) -> None:
@@ -218,6 +386,12 @@ def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: P
     plot_curves(curve, ax1)
     plot_deltas(runs, summary, ax2)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     buf = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(buf, dpi=110)
     plt.close(fig)
@@ -245,20 +419,46 @@ def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb") -> None:
 
 
 def plot_deltas(runs: pd.DataFrame, summary: pd.DataFrame, ax) -> None:
-    """Final val bpb minus the baseline's mean: one dot per seed, a bar for the mean."""
+    """Paired differences to the baseline: one dot per seed (variant − baseline on that seed), the
+    mean as a bar and its 95% t interval as a line."""
     ok = runs[runs.status == "finished"]
-    base_mean = {r.variant: r.val_bpb_mean for r in summary.itertuples()}
     for i, r in enumerate(summary.itertuples()):
-        vals = ok[ok.variant == r.variant].val_bpb - base_mean.get(r.baseline, math.nan)
-        ax.scatter(vals, [i] * len(vals), s=18, color="0.4", zorder=3)
-        ax.plot([r.delta_bpb] * 2, [i - 0.3, i + 0.3], color="C3", lw=2.5)
+        base = ok[ok.variant == r.baseline].set_index("seed").val_bpb
+        mine = ok[ok.variant == r.variant].set_index("seed").val_bpb
+        d = (mine - base).dropna()
+        ax.scatter(d, [i] * len(d), s=18, color="0.4", zorder=3)
+        if r.variant != r.baseline and not math.isnan(r.delta_bpb):
+            ax.plot([r.delta_bpb] * 2, [i - 0.3, i + 0.3], color="C3", lw=2.5)
+            if not math.isnan(r.ci_low):
+                ax.plot([r.ci_low, r.ci_high], [i, i], color="C3", lw=1.2)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(summary)))
     ax.set_yticklabels([f"{r.variant} ({r.verdict})" for r in summary.itertuples()], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("final val bpb − baseline mean (right = worse)")
-    ax.set_title("per-seed final val bpb vs the baseline")
+    ax.set_xlabel("final val bpb − baseline's on the same seed (right = worse)")
+    ax.set_title("paired differences: seeds, mean and 95% CI")
     ax.grid(alpha=0.3, axis="x")
+
+
+def plot_tune(plan: dict, ax) -> None:
+    """Final val loss of each tuning value, one line per variant (log x): the chosen value is ringed."""
+    for name, t in (plan.get("tuned") or {}).items():
+        pts = sorted((float(v), x) for v, x in t["scores"].items() if x is not None)
+        if not pts:
+            continue
+        line, = ax.plot([v for v, _ in pts], [x for _, x in pts], "o-", label=name, lw=1.2, ms=4)
+        if t.get("value") is not None:
+            ax.scatter([float(t["value"])], [t["scores"][str(t["value"])]], s=90, facecolors="none",
+                       edgecolors=line.get_color(), zorder=3)
+        failed = [float(v) for v, x in t["scores"].items() if x is None]
+        ax.scatter(failed, [max(x for _, x in pts)] * len(failed), marker="x", color=line.get_color())
+    key = next(iter((plan.get("tuned") or {}).values()), {}).get("key", "value")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{key} (x: a tuning run failed or diverged)")
+    ax.set_ylabel("final val loss (tuning seeds)")
+    ax.set_title(f"{key} sweep per variant (ringed: chosen)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
 
 
 def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params) -> None:
@@ -290,25 +490,36 @@ def plot_stat(stats: pd.DataFrame, tag: str, ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def write(grid_dir: str | Path, alpha: float = 0.05) -> dict[str, Path]:
+def write(grid_dir: str | Path, alpha: float = 0.05, margin: float | None = None) -> dict[str, Path]:
     grid_dir = Path(grid_dir)
     plan = load_plan(grid_dir)
+    margin = plan.get("margin", 0.01) if margin is None else margin
     runs = load_runs(grid_dir)
-    summary = summarize(runs, alpha)
+    summary = summarize(runs, alpha, margin)
     paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
-    atomic_write(paths["md"], markdown(summary, plan, alpha))
+    atomic_write(paths["md"], markdown(summary, plan, alpha, margin))
     atomic_write(paths["csv"], summary.to_csv(index=False))
     plot(runs, summary, curves(grid_dir), paths["png"])
+    if plan.get("tuned"):
+        import matplotlib.pyplot as plt
+
+        paths["tune"] = grid_dir / "tune.png"
+        fig, ax = plt.subplots(figsize=(7, 5))
+        plot_tune(plan, ax)
+        fig.tight_layout()
+        save_figure(fig, paths["tune"])
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m escarda_lab.compare", description=__doc__.splitlines()[0])
     p.add_argument("grid_dir", help="a grid's folder, e.g. runs/leave_one_out")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts (default 0.05)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin in bpb (default: the grid's `margin`, else 0.01)")
     args = p.parse_args(argv)
     try:
-        paths = write(args.grid_dir, args.alpha)
+        paths = write(args.grid_dir, args.alpha, args.margin)
     except UserError as e:
         print(f"escarda_lab: error in {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -116,6 +116,10 @@ def _make_schema(plugins: tuple) -> type:
         [
             ("name", str, field(default="escarda")),
             ("seed", int, field(default=0)),
+            # Common random numbers: initial weights from init_seed, batch order from data_seed
+            # (both default to seed); a study may vary one and hold the other.
+            ("init_seed", Optional[int], field(default=None)),
+            ("data_seed", Optional[int], field(default=None)),
             ("model", ModelConfig, field(default_factory=ModelConfig)),
             ("components", comps, field(default_factory=comps)),
             ("data", DataConfig, field(default_factory=DataConfig)),
@@ -128,6 +132,12 @@ def _make_schema(plugins: tuple) -> type:
 
 
 # ---------------------------------------------------------------------------------------- loading
+
+
+def seeds(cfg) -> tuple[int, int]:
+    """(init seed, data seed) of a config: each defaults to `seed`."""
+    pick = lambda s: cfg.seed if s is None else s
+    return pick(getattr(cfg, "init_seed", None)), pick(getattr(cfg, "data_seed", None))
 
 
 def read_yaml(path: Path, source: str | None = None) -> dict:
@@ -339,6 +349,10 @@ def validate(cfg: Any, where) -> None:
             raise ConfigError(where(key), key, problem, fix)
 
     m, d, t = cfg.model, cfg.data, cfg.train
+    for key in ["seed", "init_seed", "data_seed"]:
+        v = getattr(cfg, key)
+        need(v is None or 0 <= v < 2**62, key, f"must be a non-negative integer, got {v}",
+             "use e.g. 0, 1, 2 (init_seed and data_seed may be left null to follow seed)")
     for key in ["d_model", "n_layers", "n_heads", "head_dim", "n_kv_heads", "ffn_hidden", "max_seq_len"]:
         need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}",
              "give a positive integer")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from escarda_lab import config
 from escarda_lab.errors import DataError
 from escarda_lab.io import atomic_write
 
@@ -382,7 +383,7 @@ class EscardaData(L.LightningDataModule):
         if d.batch_size % world:
             raise DataError("data", "data.batch_size", f"batch_size={d.batch_size} does not split "
                             f"over {world} processes", "use a multiple of the number of processes")
-        ds = TrainWindows(self.tokens.train, d.seq_len, d.batch_size, self.cfg.seed, rank, world)
+        ds = TrainWindows(self.tokens.train, d.seq_len, d.batch_size, config.seeds(self.cfg)[1], rank, world)
         start = self.trainer.global_step if self.trainer is not None else 0
         return DataLoader(ds, batch_size=None, sampler=FromStep(start))
 

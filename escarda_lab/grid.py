@@ -51,6 +51,21 @@ class SubmititConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A short sweep of one key per variant before the verdict runs (the best value is kept)."""
+
+    key: str = "train.lr"
+    values: list = field(default_factory=list)
+    seeds: int = 1  # tuning seeds TUNE_SEED, TUNE_SEED + 1, ...: never reused by the verdict runs
+    max_steps: int | None = None  # None: as long as the verdict runs
+
+
+MATCHES = ("none", "params", "params_total", "params_active", "flops")
+TUNE_SEED = 1000
+NULL_SEED_OFFSET = 10000
+
+
+@dataclass
 class GridConfig:
     baseline: str = "full"
     seeds: list = field(default_factory=lambda: [0])
@@ -58,10 +73,14 @@ class GridConfig:
     add_one_in: list = field(default_factory=list)
     variants: dict = field(default_factory=dict)
     axes: dict = field(default_factory=dict)
-    match: str = "none"  # none | params
+    match: str = "none"  # none | params (non-embedding, active) | params_total | params_active | flops
     parallel: int = 1
     launcher: str = "local"  # local | submitit
     evaluate: list = field(default_factory=list)  # minimal_pairs, task .jsonl files, text:FILE, corpus:NAME
+    vanilla: bool = False  # add the every-plugin-off variant (add_one_in adds it too)
+    controls: bool = False  # add control_null and control_half_budget (see `controls`)
+    margin: float = 0.01  # bpb: differences within ±margin count as equivalent (compare's TOST)
+    tune: TuneConfig | None = None
     submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
 
@@ -73,6 +92,9 @@ class Variant:
     overrides: dict  # dotted key -> value
     baseline: str = ""  # the variant this one is compared with (same axes values)
     axes: dict = field(default_factory=dict)  # dotted key -> value; wins over command-line overrides
+    seed_offset: int = 0  # control_null: init and data seeds are seed + offset (the folder keeps seed)
+    tune_as: str = ""  # the variant whose tuned value this one uses ("" = itself; controls: the baseline)
+    forced: dict = field(default_factory=dict)  # dotted key -> value that wins over the command line
 
 
 @dataclass
@@ -104,6 +126,13 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, 
     for key in raw:
         if key not in known:
             raise ConfigError(src, f"grid.{key}", "unknown grid key", f"valid keys: {', '.join(sorted(known))}")
+    tune = raw.pop("tune", None)
+    if tune is not None:
+        if not isinstance(tune, dict) or set(tune) - {f.name for f in fields(TuneConfig)}:
+            raise ConfigError(src, "grid.tune", f"tune must be a mapping with keys "
+                              f"{', '.join(f.name for f in fields(TuneConfig))}, got {tune!r}",
+                              "write e.g. `tune: {key: train.lr, values: [1.0e-3, 3.0e-3, 1.0e-2], seeds: 1}`")
+        raw["tune"] = TuneConfig(**tune)
     sub = raw.pop("submitit", None) or {}
     sub_known = {f.name for f in fields(SubmititConfig)}
     for key in sub:
@@ -132,10 +161,22 @@ def check_spec(g: GridConfig, src: str) -> None:
          "variants must map a name to a set of overrides", "write e.g. `variants: {wide: {model.d_model: 192}}`")
     need(isinstance(g.axes, dict) and all(isinstance(v, list) and v for v in g.axes.values()), "axes",
          "axes must map a dotted key to a non-empty list of values", "write e.g. `axes: {model.d_model: [64, 128]}`")
-    need(g.match in ("none", "params"), "match", f"unknown match {g.match!r}", "use none or params")
+    need(g.match in MATCHES, "match", f"unknown match {g.match!r}", f"use one of: {', '.join(MATCHES)}")
     need(isinstance(g.parallel, int) and g.parallel >= 1, "parallel", f"parallel must be >= 1, got {g.parallel}",
          "give the number of runs to train at once")
     need(g.launcher in ("local", "submitit"), "launcher", f"unknown launcher {g.launcher!r}", "use local or submitit")
+    need(isinstance(g.margin, (int, float)) and g.margin > 0, "margin", f"margin must be a positive number, got {g.margin!r}",
+         "give the smallest bpb difference that matters, e.g. 0.01")
+    if g.tune is not None:
+        t = g.tune
+        need(isinstance(t.values, list) and len(t.values) >= 2, "tune.values",
+             f"tune needs at least two values to choose from, got {t.values!r}", "write e.g. `values: [1.0e-3, 3.0e-3, 1.0e-2]`")
+        need(isinstance(t.seeds, int) and t.seeds >= 1, "tune.seeds", f"tune.seeds must be >= 1, got {t.seeds!r}",
+             "give the number of tuning seeds (they are never reused by the verdict runs)")
+        need(t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps > 0), "tune.max_steps",
+             f"tune.max_steps must be a positive integer or null, got {t.max_steps!r}", "leave it null to tune at full length")
+        need(all(s_ < TUNE_SEED for s_ in g.seeds), "seeds", f"verdict seeds must be below {TUNE_SEED} "
+             "when tuning (tuning uses its own seeds from there)", "use seeds 0, 1, 2, ...")
     for e in g.evaluate:
         ok = e == "minimal_pairs" or str(e).startswith(("text:", "corpus:")) or \
             (str(e).endswith(".jsonl") and Path(e).is_file())
@@ -166,8 +207,8 @@ def variants(g: GridConfig) -> list[Variant]:
     out = [Variant("full", "(the file as written)", "base", {})]
     for p in g.leave_one_out:
         out.append(Variant(f"no_{p}", f"-{p}", "removed", {f"components.{p}.enabled": False}))
-    if g.add_one_in:
-        off = {f"components.{n}.enabled": False for n in registry.toggleable()}
+    off = {f"components.{n}.enabled": False for n in registry.toggleable()}
+    if g.add_one_in or g.vanilla:
         out.append(Variant("vanilla", "every plugin off", "removed", off))
         for p in g.add_one_in:
             out.append(Variant(f"with_{p}", f"vanilla +{p}", "added", {**off, f"components.{p}.enabled": True}))
@@ -175,6 +216,20 @@ def variants(g: GridConfig) -> list[Variant]:
         flat = config.flatten(over)
         out.append(Variant(str(name), ", ".join(f"{k}={v}" for k, v in flat.items()), "changed", flat))
     return out
+
+
+def controls(g: GridConfig, base_train) -> list[Variant]:
+    """The calibration controls of a grid, both copies of its baseline: a null control with
+    independent seeds (must not read helps/hurts) and a positive control with half the training
+    tokens (must read hurts). Both use the baseline's tuned value."""
+    half = base_train.max_steps // 2
+    return [
+        Variant("control_null", f"{g.baseline}, init and data seeds + {NULL_SEED_OFFSET}", "control", {},
+                seed_offset=NULL_SEED_OFFSET, tune_as=g.baseline),
+        Variant("control_half_budget", f"{g.baseline}, half the training tokens", "control", {},
+                tune_as=g.baseline, forced={"train.max_steps": max(1, half),
+                                            "train.warmup_steps": min(base_train.warmup_steps, max(1, half))}),
+    ]
 
 
 def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
@@ -186,13 +241,19 @@ def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
         tag = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, combo))
         over = dict(zip(keys, combo))
         for v in vs:
-            out.append(Variant(f"{v.name}-{tag}", v.change, v.kind, v.overrides,
-                               baseline=f"{g.baseline}-{tag}", axes=over))
+            out.append(replace(v, name=f"{v.name}-{tag}", baseline=f"{g.baseline}-{tag}", axes=over,
+                               tune_as=f"{v.tune_as}-{tag}" if v.tune_as else ""))
     return out
 
 
-def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[GridConfig, list[Run], Path]:
-    """The grid's spec, its fully resolved runs, and the grid folder. Validates every run's config."""
+def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned: dict | None = None,
+           tuning: bool = False) -> tuple[GridConfig, list[Run], Path]:
+    """The grid's spec, its fully resolved runs, and the grid folder. Validates every run's config.
+
+    With `grid.tune`, `tuning=True` gives the tuning runs instead (every value x tuning seed of
+    every variant that tunes, under <grid>/tune/), and `tuned` {variant: value} sets the tuned
+    key of the verdict runs (a variant missing from it keeps the file's value until it is tuned).
+    """
     grid_over = [o for o in overrides if o.startswith("grid.")]
     overrides = [o for o in overrides if not o.startswith("grid.")]
     base = config.load(path, overrides, variant=(f"{path} (grid)", {}))  # also discovers plugins
@@ -201,6 +262,8 @@ def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tup
         raise ConfigError(str(path), "grid", "this file has no `grid:` block", "run it as a single experiment")
     g, src = found
     plain = variants(g)
+    if g.controls:
+        plain += controls(g, base.train)
     vs = with_axes(plain, g)
     names = [v.name for v in vs]
     if g.baseline not in [v.name for v in plain]:
@@ -212,15 +275,60 @@ def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tup
                           "rename the named variant (no_X, with_X, vanilla and full are taken)")
     grid_dir = Path(base.output.dir) / base.name
     runs = []
+    if tuning:
+        t = g.tune
+        for v in (v for v in vs if not v.tune_as):
+            for value in t.values:
+                for seed in range(TUNE_SEED, TUNE_SEED + t.seeds):
+                    forced = {**v.axes, t.key: value, "seed": seed, "name": tune_name(v.name, t.key, value),
+                              "output.dir": str(grid_dir / "tune")}
+                    if t.max_steps:
+                        forced["train.max_steps"] = t.max_steps
+                    cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides),
+                                      forced=forced)
+                    runs.append(Run(v, seed, cfg))
+        return g, with_vocab(runs, str(path)), grid_dir
     for seed in g.seeds:  # seed-major: a grid stopped early still has every variant once
         for v in vs:
+            forced = {**v.forced, **v.axes, "seed": seed, "name": v.name, "output.dir": str(grid_dir)}
+            if v.seed_offset:
+                forced.update(init_seed=seed + v.seed_offset, data_seed=seed + v.seed_offset)
+            if g.tune is not None and (tuned or {}).get(v.tune_as or v.name) is not None:
+                forced[g.tune.key] = tuned[v.tune_as or v.name]
             cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides),
-                              forced={**v.axes, "seed": seed, "name": v.name, "output.dir": str(grid_dir)})
+                              forced=forced)
             runs.append(Run(v, seed, cfg))
     runs = with_vocab(runs, str(path))
-    if g.match == "params":
+    if g.match.startswith("params"):
         runs = match_params(runs, g, src)
+    elif g.match == "flops":
+        runs = match_flops(runs, src)
     return g, runs, grid_dir
+
+
+def tune_name(variant: str, key: str, value) -> str:
+    return f"{variant}-{key.rsplit('.', 1)[-1]}{value}"
+
+
+def pick_tuned(g: GridConfig, runs: list[Run]) -> dict:
+    """{variant: {"value": best, "scores": {value: mean final val loss or None}}} from finished
+    tuning runs; a value with a diverged or failed tuning seed scores None (never chosen)."""
+    out: dict[str, dict] = {}
+    for r in runs:
+        value = config.flatten(r.cfg)[g.tune.key]
+        m = read_json(r.folder / "metrics.json") or {}
+        entry = out.setdefault(r.variant.name, {"key": g.tune.key, "scores": {}, "losses": {}})
+        entry["losses"].setdefault(str(value), []).append(
+            m["val_loss"] if m.get("status") == "finished" else None)
+    for name, entry in out.items():
+        for value, losses in entry["losses"].items():
+            entry["scores"][value] = None if None in losses else sum(losses) / len(losses)
+        ok = {v: x for v, x in entry["scores"].items() if x is not None}
+        best = min(ok, key=ok.get) if ok else None
+        entry["value"] = None if best is None else next(
+            config.flatten(r.cfg)[g.tune.key] for r in runs
+            if r.variant.name == name and str(config.flatten(r.cfg)[g.tune.key]) == best)
+    return out
 
 
 def with_vocab(runs: list[Run], source: str) -> list[Run]:
@@ -239,30 +347,43 @@ def with_vocab(runs: list[Run], source: str) -> list[Run]:
 
 
 def total_params(cfg) -> int:
-    from escarda_lab.accounting import build_on_meta, param_counts
+    return params_of(cfg, "params_total")
 
-    return param_counts(build_on_meta(cfg))["total"]
+
+def params_of(cfg, kind: str) -> int:
+    """Parameters of cfg's model: `params` (non-embedding and active: what a token uses besides
+    its embedding row), `params_total` or `params_active`."""
+    from escarda_lab.accounting import build_on_meta, embedding_params, param_counts
+
+    model = build_on_meta(cfg)
+    counts = param_counts(model)
+    if kind == "params":
+        return counts["active"] - embedding_params(model)
+    return counts["active" if kind == "params_active" else "total"]
 
 
 def match_params(runs: list[Run], g: GridConfig, src: str, tol: float = 0.01) -> list[Run]:
-    """Resize each variant's FFN width (expert width under MoE) to the baseline's total params ±1%."""
+    """Resize each variant's FFN width (expert width under MoE) so its parameters (`g.match`:
+    non-embedding, total or active) equal its baseline's within ±1%."""
     target: dict[str, int] = {}
     for r in runs:
         if r.variant.name == r.variant.baseline:
-            target[r.variant.name] = total_params(r.cfg)
+            target[r.variant.name] = params_of(r.cfg, g.match)
     cache: dict[str, tuple[Any, dict]] = {}
     out = []
     for r in runs:
         goal = target[r.variant.baseline]
         if r.variant.name not in cache:
-            cache[r.variant.name] = resize(r.cfg, goal, tol, src, r.variant.name)
+            cache[r.variant.name] = resize(r.cfg, goal, tol, src, r.variant.name, g.match)
         cfg, adjust = cache[r.variant.name]
-        out.append(replace(r, cfg=replace(cfg, seed=r.seed), adjust=adjust))
+        out.append(replace(r, cfg=replace(cfg, seed=r.seed, init_seed=r.cfg.init_seed, data_seed=r.cfg.data_seed),
+                           adjust=adjust))
     return out
 
 
-def resize(cfg, goal: int, tol: float, src: str, name: str) -> tuple[Any, dict]:
-    if abs(total_params(cfg) - goal) <= tol * goal:
+def resize(cfg, goal: int, tol: float, src: str, name: str, kind: str = "params") -> tuple[Any, dict]:
+    count = lambda c: params_of(c, kind)  # noqa: E731
+    if abs(count(cfg) - goal) <= tol * goal:
         return cfg, {}
     moe = getattr(cfg.components, "moe", None)
     if moe is not None and moe.enabled:
@@ -278,35 +399,79 @@ def resize(cfg, goal: int, tol: float, src: str, name: str) -> tuple[Any, dict]:
             return replace(cfg, model=replace(cfg.model, ffn_hidden=h))
 
     lo, hi = 1, max(2 * old, 8)
-    while total_params(at(hi)) < goal and hi < 1 << 20:
+    while count(at(hi)) < goal and hi < 1 << 20:
         hi *= 2
     while lo < hi:  # smallest width reaching the goal; params grow with the width
         mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if total_params(at(mid)) < goal else (lo, mid)
-    best = min({max(lo - 1, 1), lo}, key=lambda h: abs(total_params(at(h)) - goal))
-    if abs(total_params(at(best)) - goal) > tol * goal:
-        raise ConfigError(src, "grid.match", f"variant `{name}` cannot reach the baseline's {goal:,} params "
-                          f"within {tol:.0%} by resizing {key} (closest: {total_params(at(best)):,})",
+        lo, hi = (mid + 1, hi) if count(at(mid)) < goal else (lo, mid)
+    best = min({max(lo - 1, 1), lo}, key=lambda h: abs(count(at(h)) - goal))
+    what = {"params": "non-embedding active", "params_total": "total", "params_active": "active"}[kind]
+    if best < old / 2:
+        raise ConfigError(src, "grid.match", f"matching {what} params would shrink variant `{name}`'s {key} "
+                          f"from {old} to {best}, below half its width: that is a different, broken model, "
+                          "not a matched one",
+                          "use `match: none` (and report params beside the result), or `match: flops`, or "
+                          "match a variant whose parameters the FFN can absorb")
+    if abs(count(at(best)) - goal) > tol * goal:
+        raise ConfigError(src, "grid.match", f"variant `{name}` cannot reach the baseline's {goal:,} {what} params "
+                          f"within {tol:.0%} by resizing {key} (closest: {count(at(best)):,})",
                           "use `match: none`, or change the variant so the FFN width can absorb the difference")
     return at(best), {key: [old, best]}
+
+
+def match_flops(runs: list[Run], src: str, tol: float = 0.02) -> list[Run]:
+    """Each variant trains for the steps that give its baseline's training FLOPs (steps x tokens
+    per step x measured training FLOPs per token); warm-up is kept, the schedule stretches."""
+    fpt: dict[str, float] = {}
+    for r in runs:
+        if r.variant.name not in fpt:
+            fpt[r.variant.name] = flops_per_token(r.cfg)
+    budget = {r.variant.name: train_flops(r.cfg, fpt[r.variant.name]) for r in runs
+              if r.variant.name == r.variant.baseline}
+    out = []
+    for r in runs:
+        steps = max(1, round(budget[r.variant.baseline] / train_flops(r.cfg, fpt[r.variant.name], steps=1)))
+        old = r.cfg.train.max_steps
+        if steps < r.cfg.train.warmup_steps:
+            raise ConfigError(src, "grid.match", f"matching FLOPs gives variant `{r.variant.name}` {steps} steps, "
+                              f"fewer than its {r.cfg.train.warmup_steps} warm-up steps",
+                              "train the baseline longer or shorten train.warmup_steps")
+        cfg = replace(r.cfg, train=replace(r.cfg.train, max_steps=steps))
+        out.append(replace(r, cfg=cfg, adjust={"train.max_steps": [old, steps]} if steps != old else {}))
+    return out
+
+
+def flops_per_token(cfg) -> float:
+    """Measured training FLOPs per token (forward + backward) of cfg's model."""
+    from escarda_lab.accounting import train_flops_per_token
+    from escarda_lab.model import EscardaLM
+    from escarda_lab.objectives import total_loss
+
+    model = EscardaLM(cfg)
+    return train_flops_per_token(model, lambda b: total_loss(model, b, model(b["ids"]))[0], cfg.data.seq_len)
+
+
+def train_flops(cfg, per_token: float, steps: int | None = None) -> float:
+    steps = cfg.train.max_steps if steps is None else steps
+    return steps * cfg.data.batch_size * cfg.data.seq_len * per_token
 
 
 # ------------------------------------------------------------------------------------- running
 
 
-def plan_table(runs: list[Run], grid_dir: Path) -> str:
+def plan_table(runs: list[Run], grid_dir: Path, title: str = "") -> str:
     base = {r.variant.name: total_params(r.cfg) for r in runs if r.variant.name == r.variant.baseline}
-    rows = [("variant", "seed", "params", "vs base", "status", "what differs")]
+    rows = [("run", "seed", "params", "vs base", "status", "what differs")]
     for r in runs:
         n = total_params(r.cfg)
-        b = base[r.variant.baseline]
+        b = base.get(r.variant.baseline, n)
         m = read_json(r.folder / "metrics.json") or {}
         adj = "; ".join(f"{k} {a}->{b_}" for k, (a, b_) in r.adjust.items())
-        rows.append((r.variant.name, str(r.seed), f"{n:,}", f"{100 * (n - b) / b:+.2f}%",
+        rows.append((r.cfg.name, str(r.seed), f"{n:,}", f"{100 * (n - b) / b:+.2f}%",
                      m.get("status", "new"), r.variant.change + (f" [{adj}]" if adj else "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return f"grid {grid_dir}: {len(runs)} runs\n" + "\n".join(lines)
+    return f"grid {grid_dir}: {len(runs)} runs{': ' + title if title else ''}\n" + "\n".join(lines)
 
 
 def child_env(parallel: int) -> dict:
@@ -352,7 +517,7 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
     rc = outcome.get("returncode", 0)
     if status == "running" and "skipped" not in outcome:  # the process ended without finishing
         status = "failed"
-    rec = {"variant": r.variant.name, "seed": r.seed, "baseline": r.variant.baseline,
+    rec = {"variant": r.variant.name, "run": r.cfg.name, "seed": r.seed, "baseline": r.variant.baseline,
            "change": r.variant.change, "kind": r.variant.kind, "folder": str(r.folder.relative_to(grid_dir)),
            "status": status, "adjust": r.adjust, **outcome}
     if status != "finished":
@@ -361,7 +526,8 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
             rec["error"] = f"killed by signal {-rc}; rerun the grid to resume. Last output: {rec['error']}"
     elif rc not in (0, None):  # trained, but the evaluation after it failed (see log.txt)
         rec["eval_error"] = last_error(r.folder)
-    for k in ["val_loss", "val_bpb", "params", "flops_per_token", "tokens_per_s", "mfu", "dead_components", "step"]:
+    for k in ["val_loss", "val_bpb", "params", "flops_per_token", "tokens_per_s", "mfu", "dead_components", "step",
+              "instability", "train_tokens"]:
         if k in m:
             rec[k] = m[k]
     rec.update(eval_columns(read_json(r.folder / "eval.json") or {}))
@@ -381,14 +547,18 @@ def eval_columns(ev: dict) -> dict[str, float]:
     return out
 
 
-def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str) -> None:
+def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str, tuned: dict | None = None) -> None:
     seen: dict[str, dict] = {}
     for r in runs:
         v = r.variant
         seen.setdefault(v.name, {"name": v.name, "change": v.change, "kind": v.kind, "baseline": v.baseline,
-                                 "overrides": v.overrides, "axes": v.axes, "adjust": r.adjust})
+                                 "overrides": v.overrides, "axes": v.axes, "adjust": r.adjust,
+                                 "seed_offset": v.seed_offset, "tune_as": v.tune_as or v.name,
+                                 "max_steps": r.cfg.train.max_steps})
     write_json(grid_dir / "grid.json", {"source": source, "baseline": g.baseline, "seeds": g.seeds,
-                                        "match": g.match, "variants": list(seen.values())})
+                                        "match": g.match, "margin": g.margin, "controls": g.controls,
+                                        "tune": None if g.tune is None else vars(g.tune),
+                                        "tuned": tuned or {}, "variants": list(seen.values())})
 
 
 def prepare_folder(r: Run) -> str | None:
@@ -407,22 +577,48 @@ def prepare_folder(r: Run) -> str | None:
 
 def run_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_run: bool = False,
              echo=print) -> list[dict]:
+    tuned = None
     g, runs, grid_dir = expand(path, overrides)
+    if g.tune is not None:
+        _, tune_runs, _ = expand(path, overrides, tuning=True)
+        echo(plan_table(tune_runs, grid_dir, f"tuning {g.tune.key} over {g.tune.values}"))
+        if dry_run:
+            echo(plan_table(runs, grid_dir, f"verdict runs ({g.tune.key} set per variant after tuning)"))
+            return []
+        train_runs(g, tune_runs, grid_dir / "tune", echo)
+        tuned = pick_tuned(g, tune_runs)
+        for name, t in tuned.items():
+            echo(f"tuned {name}: {t['key']} = {t['value']} (val loss by value: "
+                 + ", ".join(f"{v}: {'failed' if x is None else f'{x:.4f}'}" for v, x in t["scores"].items()) + ")")
+        missing = [n for n, t in tuned.items() if t["value"] is None]
+        if missing:
+            raise UserError(str(path), "grid.tune", f"every tuning run of {', '.join(missing)} failed or diverged",
+                            f"see {grid_dir / 'tune'}/*/seed*/log.txt; widen tune.values towards smaller values")
+        g, runs, grid_dir = expand(path, overrides, tuned={n: t["value"] for n, t in tuned.items()})
     echo(plan_table(runs, grid_dir))
     if dry_run:
         return []
     grid_dir.mkdir(parents=True, exist_ok=True)
-    write_plan(g, runs, grid_dir, str(path))
+    write_plan(g, runs, grid_dir, str(path), tuned)
+    results = train_runs(g, runs, grid_dir, echo)
+    done = sum(rec["status"] == "finished" for rec in results)
+    echo(f"{done}/{len(runs)} runs finished; compare them with `python -m escarda_lab.compare {grid_dir}`")
+    return results
+
+
+def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> list[dict]:
+    """Train `runs` (skipping finished ones) and record each in <grid_dir>/results.jsonl."""
+    grid_dir.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], dict] = {}
     lock = threading.Lock()
 
     def save(r: Run, rec: dict) -> None:
         with lock:
-            results[(r.variant.name, r.seed)] = rec
-            lines = [json.dumps(results[(x.variant.name, x.seed)], sort_keys=True, default=str)
-                     for x in runs if (x.variant.name, x.seed) in results]
+            results[(r.cfg.name, r.seed)] = rec
+            lines = [json.dumps(results[(x.cfg.name, x.seed)], sort_keys=True, default=str)
+                     for x in runs if (x.cfg.name, x.seed) in results]
             atomic_write(grid_dir / "results.jsonl", "\n".join(lines) + "\n")
-            echo(f"[{len(results)}/{len(runs)}] {rec['variant']} seed{rec['seed']}: {rec['status']}"
+            echo(f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
                  + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})"))
 
     todo = []
@@ -442,9 +638,7 @@ def run_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_
             jobs = pool.map(lambda r: run_one(str(r.folder / "config.yaml"), g.parallel, eval_args(g)), todo)
             for r, outcome in zip(todo, jobs):
                 save(r, record(r, grid_dir, outcome))
-    done = sum(rec["status"] == "finished" for rec in results.values())
-    echo(f"{done}/{len(runs)} runs finished; compare them with `python -m escarda_lab.compare {grid_dir}`")
-    return [results[(r.variant.name, r.seed)] for r in runs]
+    return [results[(r.cfg.name, r.seed)] for r in runs]
 
 
 def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> None:

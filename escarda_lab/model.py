@@ -10,13 +10,15 @@ Branching lives here (which plugin fills which slot); the math lives in the plug
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from escarda_lab import registry
+from escarda_lab import config, registry
 from escarda_lab.layers import RMSNorm, Rope, nll_and_logsumexp
 
 
@@ -74,6 +76,20 @@ def cache_bytes_per_token(model: "EscardaLM", dtype: torch.dtype = torch.float32
     return cache_numbers_per_token(model) * torch.tensor([], dtype=dtype).element_size()
 
 
+def name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, name), the same in every process (unlike Python's hash)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextmanager
+def seeded(seed: int, name: str):
+    """Within the block the global torch RNG is seeded by (seed, name); restored on exit."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(name_seed(seed, name))
+        yield
+
+
 class Block(nn.Module):
     def __init__(self, m, comps, layer: int):
         super().__init__()
@@ -102,7 +118,9 @@ class EscardaLM(nn.Module):
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building")
         self.cfg = m
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.embedders = nn.ModuleList(e.cls(m, c) for e, c in registry.enabled("embedding", comps))
+        # Keyed by plugin name (not position), so a plugin's parameter names, and with them its
+        # initial values, do not depend on which other embedding plugins are on.
+        self.embedders = nn.ModuleDict({e.name: e.cls(m, c) for e, c in registry.enabled("embedding", comps)})
         (res, res_cfg), = registry.enabled("residual", comps)
         self.residual = res.cls(m, res_cfg, n_sites=2 * m.n_layers)
         self.blocks = nn.ModuleList(Block(m, comps, i) for i in range(m.n_layers))
@@ -116,21 +134,31 @@ class EscardaLM(nn.Module):
         # Objectives may own parameters (JEPA predictor, MTP heads): they live in the model.
         self.objectives = nn.ModuleDict(
             {e.name: e.cls(m, c) for e, c in registry.enabled("objective", comps)})
+        self.init_seed = config.seeds(cfg)[0]
         self.reset_parameters()
-        self._block_hooks = tuple(e for e in self.embedders if hasattr(e, "before_block"))
+        self._block_hooks = tuple(e for e in self.embedders.values() if hasattr(e, "before_block"))
         self._aux_modules = tuple((n, mod) for n, mod in self.plugin_modules()
                                   if getattr(mod, "emits_aux_loss", False))
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for every matrix; then each plugin's own `init_weights()`."""
-        for mod in self.modules():
+        """Normal(0, init_std) for every matrix; then each plugin's own `init_weights()`.
+
+        Common random numbers: each module draws from a generator seeded by (init seed, its
+        qualified name), so a weight's initial value never depends on which other modules exist
+        or on what drew random numbers before the model was built. Two variants of one seed
+        then share every weight they have in common, and their difference is the change alone.
+        """
+        named = list(self.named_modules())
+        for name, mod in named:
             if isinstance(mod, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(mod.weight, std=self.cfg.init_std)
+                with seeded(self.init_seed, name):
+                    nn.init.normal_(mod.weight, std=self.cfg.init_std)
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
-        for mod in self.modules():
+        for name, mod in named:  # after the matrices: a plugin may re-initialise its children
             if mod is not self and hasattr(mod, "init_weights"):
-                mod.init_weights()
+                with seeded(self.init_seed, name + "#init_weights"):
+                    mod.init_weights()
 
     def logits(self, h: Tensor) -> Tensor:
         """The output head on hidden states h [.., D] (final norm, then the tied projection)."""
@@ -146,7 +174,7 @@ class EscardaLM(nn.Module):
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(ids)
-        for e in self.embedders:
+        for e in self.embedders.values():
             x = e(ids, x, cache)
         rotary = self.rope.at(pos, T)
         S = self.residual.expand(x)

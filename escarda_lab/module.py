@@ -87,6 +87,8 @@ class EscardaModule(L.LightningModule):
         self._val_sums: Tensor | None = None
         self._pending: dict[str, Tensor | float] = {}
         self.stat_peak: dict[str, float] = {}  # largest |stat| seen at a log step (dead-component checks)
+        # Every step's gradient norm (before clipping), kept on the device: spikes are an outcome.
+        self.grad_norms = torch.full((cfg.train.max_steps,), float("nan"))
         self._after_step = [m for _, m in self.model.plugin_modules() if hasattr(m, "after_step")]
 
     def configure_model(self) -> None:
@@ -122,6 +124,10 @@ class EscardaModule(L.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if not torch.isfinite(norm):
             raise Diverged(self.global_step, "the gradient norm")
+        if self.global_step < len(self.grad_norms):
+            if self.grad_norms.device != norm.device:
+                self.grad_norms = self.grad_norms.to(norm.device)
+            self.grad_norms[self.global_step] = norm.detach().float()
         if self._log_now():
             self._pending["grad_norm"] = norm
 
@@ -168,10 +174,13 @@ class EscardaModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["train_seconds"] = self.train_seconds
         checkpoint["stat_peak"] = self.stat_peak
+        checkpoint["grad_norms"] = self.grad_norms.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.stat_peak = checkpoint.get("stat_peak", {})
+        if "grad_norms" in checkpoint:
+            self.grad_norms = checkpoint["grad_norms"].clone()
 
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -184,6 +193,24 @@ class EscardaModule(L.LightningModule):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         val = summarize(sums.cpu())
         self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"]}, self.global_step)
+
+
+SPIKE_FACTOR = 5.0
+
+
+def instability(grad_norms: Tensor, warmup_steps: int, factor: float = SPIKE_FACTOR) -> dict:
+    """Gradient-norm spikes: steps after warm-up whose norm exceeds `factor` x the median
+    post-warm-up norm. Returns the count, the steps (first 20) and the largest ratio."""
+    g = grad_norms.detach().double().cpu()
+    steps = torch.arange(len(g))
+    keep = (steps >= warmup_steps) & torch.isfinite(g)
+    g, steps = g[keep], steps[keep]
+    if len(g) == 0:
+        return {"grad_spikes": 0, "spike_steps": [], "max_grad_ratio": float("nan")}
+    ratio = g / g.median().clamp_min(1e-12)
+    spikes = steps[ratio > factor]
+    return {"grad_spikes": int(len(spikes)), "spike_steps": spikes[:20].tolist(),
+            "max_grad_ratio": float(ratio.max())}
 
 
 class AtomicCheckpoint(L.Callback):

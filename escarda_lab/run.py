@@ -71,7 +71,7 @@ def train(cfg, source: str = "experiment") -> dict:
 
     from escarda_lab import accounting, data
     from escarda_lab.evaluate import score_val_split
-    from escarda_lab.module import AtomicCheckpoint, EscardaModule, resolve_runtime
+    from escarda_lab.module import AtomicCheckpoint, EscardaModule, instability, resolve_runtime
 
     quiet_libraries()
     prepare_torch()
@@ -123,7 +123,8 @@ def train(cfg, source: str = "experiment") -> dict:
         trainer.fit(module, dm, ckpt_path=resume)
     except Diverged as e:
         if trainer.is_global_zero:
-            write_json(folder / "metrics.json", {**base, "status": "diverged", "step": e.step, "error": str(e)})
+            write_json(folder / "metrics.json", {**base, "status": "diverged", "step": e.step, "error": str(e),
+                                                 "instability": instability(module.grad_norms, t.warmup_steps)})
         raise
     except Exception as e:  # recorded so that a grid can report it; the checkpoint stays for a rerun
         if trainer.is_global_zero:
@@ -143,6 +144,7 @@ def train(cfg, source: str = "experiment") -> dict:
         "train_seconds": module.train_seconds, "wall_seconds_this_process": time.perf_counter() - t0,
         "stats": module.model.stats(),
     }
+    metrics["instability"] = instability(module.grad_norms, t.warmup_steps)
     metrics["dead_components"] = module.model.health(metrics["stats"], module.stat_peak)
     for name, why in metrics["dead_components"].items():
         log.warning("%s: component %s looks dead: %s", folder, name, why)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from escarda_lab import compare
 from escarda_lab.errors import DataError
@@ -14,13 +16,13 @@ from tests.conftest import ROOT
 BASE = [1.0, 1.1, 1.2]  # mean 1.1, sample std 0.1
 
 
-def synthetic_grid(folder, variants: dict[str, tuple[str, list[float]]], seeds=(0, 1, 2)):
-    """variants: name -> (kind, val_bpb per seed; NaN = the run failed). Baseline is `full`."""
+def synthetic_grid(folder, variants: dict[str, tuple[str, list[float]]], seeds=(0, 1, 2), status="failed"):
+    """variants: name -> (kind, val_bpb per seed; NaN = the run `status`). Baseline is `full`."""
     plan = [{"name": n, "change": n, "kind": k, "baseline": "full"} for n, (k, _) in variants.items()]
     write_json(folder / "grid.json", {"source": "g.yaml", "baseline": "full", "seeds": list(seeds), "variants": plan})
     for name, (_, bpbs) in variants.items():
         for seed, bpb in zip(seeds, bpbs):
-            m = {"status": "failed", "error": "boom"} if math.isnan(bpb) else {
+            m = {"status": status, "error": "boom"} if math.isnan(bpb) else {
                 "status": "finished", "val_bpb": bpb, "val_loss": bpb * 0.6, "tokens_per_s": 1000.0,
                 "params": {"total": 100, "active": 100}, "flops_per_token": 6e5, "dead_components": {}}
             write_json(folder / name / f"seed{seed}" / "metrics.json", m)
@@ -32,29 +34,70 @@ def t4_two_sided_p(t: float) -> float:
     return 1 - 1.5 * s + 0.5 * s**3
 
 
+SEEDS6 = (0, 1, 2, 3, 4, 5)
+BASE6 = [1.00, 1.10, 1.05, 0.95, 1.20, 1.02]
+D_ENGRAM = [0.05, 0.07, 0.04, 0.06, 0.08, 0.05]  # every seed worse without engram
+D_SMALL = [0.001, -0.002, 0.000, 0.002, -0.001, 0.001]  # well inside ±0.01
+
+
 @pytest.fixture
 def summary(tmp_path):
     synthetic_grid(tmp_path, {
-        "full": ("base", BASE),
-        "no_engram": ("removed", [1.3, 1.4, 1.5]),  # worse without it: engram helps
-        "with_xsa": ("added", [1.3, 1.4, 1.5]),  # worse with it: xsa hurts
-        "no_mtp": ("removed", [0.7, 0.8, 0.9]),  # better without it: mtp hurts
-        "noisy": ("changed", [1.05, 1.2, 1.1]),
-        "lonely": ("changed", [0.5, math.nan, math.nan]),  # one finished seed
-    })
+        "full": ("base", BASE6),
+        "no_engram": ("removed", [b + d for b, d in zip(BASE6, D_ENGRAM)]),  # engram helps
+        "with_xsa": ("added", [b + d for b, d in zip(BASE6, D_ENGRAM)]),  # xsa hurts
+        "no_mtp": ("removed", [b - d for b, d in zip(BASE6, D_ENGRAM)]),  # mtp hurts
+        "same": ("changed", [b + d for b, d in zip(BASE6, D_SMALL)]),
+        "noisy": ("changed", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
+        "lonely": ("changed", [0.5] + [math.nan] * 5),  # one finished seed
+    }, seeds=SEEDS6)
     return compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
 
 
 def test_mean_and_sample_std_over_seeds(summary):
-    assert summary.loc["full", "val_bpb_mean"] == pytest.approx(1.1)
-    assert summary.loc["full", "val_bpb_std"] == pytest.approx(0.1)
-    assert summary.loc["no_engram", "delta_bpb"] == pytest.approx(0.3)
+    assert summary.loc["full", "val_bpb_mean"] == pytest.approx(np.mean(BASE6))
+    assert summary.loc["full", "val_bpb_std"] == pytest.approx(np.std(BASE6, ddof=1))
+    assert summary.loc["no_engram", "delta_bpb"] == pytest.approx(np.mean(D_ENGRAM))
 
 
-def test_welch_p_matches_the_hand_computed_value(summary):
-    t = 0.3 / math.sqrt(0.01 / 3 + 0.01 / 3)  # equal n and variances: Welch's df is 4
-    assert summary.loc["no_engram", "p_value"] == pytest.approx(t4_two_sided_p(t), rel=1e-6)
-    assert summary.loc["no_engram", "p_value"] == pytest.approx(0.02131, abs=1e-4)
+def test_paired_interval_and_p_match_scipy(summary):
+    d = np.array(D_ENGRAM)
+    se = d.std(ddof=1) / math.sqrt(6)
+    t = stats.t.ppf(0.975, 5)
+    assert summary.loc["no_engram", "ci_low"] == pytest.approx(d.mean() - t * se, abs=1e-9)
+    assert summary.loc["no_engram", "ci_high"] == pytest.approx(d.mean() + t * se, abs=1e-9)
+    assert summary.loc["no_engram", "p_paired"] == pytest.approx(
+        stats.ttest_rel([b + x for b, x in zip(BASE6, d)], BASE6).pvalue, rel=1e-6)
+    assert summary.loc["no_engram", "p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
+    lo, hi = summary.loc["no_engram", ["boot_low", "boot_high"]]
+    assert lo < d.mean() < hi and lo >= d.min() and hi <= d.max()
+
+
+def test_holm_adjusts_across_the_grids_variants(summary):
+    tested = summary.drop("full")
+    p = tested.p_paired.dropna().sort_values()
+    m = len(p)
+    expected = np.maximum.accumulate([min(1, (m - k) * x) for k, x in enumerate(p)])
+    assert tested.loc[p.index, "p_holm"].tolist() == pytest.approx(list(expected))
+    assert compare.holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06], nan_ok=True)
+
+
+def test_tost_matches_two_one_sided_tests(summary):
+    d, margin = np.array(D_SMALL), 0.01
+    lower = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+    upper = stats.ttest_1samp(d, margin, alternative="less").pvalue
+    assert summary.loc["same", "p_tost"] == pytest.approx(max(lower, upper), rel=1e-6)
+
+
+def test_mde_is_the_80_percent_power_difference():
+    sd, n = 0.02, 8
+    expected = (stats.t.ppf(0.975, 7) + stats.t.ppf(0.8, 7)) * sd / math.sqrt(n)
+    assert compare.mde(sd, n) == pytest.approx(expected)
+    # and the power of a one-sample t-test at that effect is ~80% (noncentral t)
+    nc = expected / (sd / math.sqrt(n))
+    power = stats.nct.sf(stats.t.ppf(0.975, 7), 7, nc) + stats.nct.cdf(-stats.t.ppf(0.975, 7), 7, nc)
+    assert power == pytest.approx(0.8, abs=0.03)
+    assert compare.mde(sd, compare.seeds_needed(sd, 0.01)) <= 0.01 < compare.mde(sd, compare.seeds_needed(sd, 0.01) - 1)
 
 
 def test_verdicts_read_in_the_direction_of_the_change(summary):
@@ -62,19 +105,61 @@ def test_verdicts_read_in_the_direction_of_the_change(summary):
     assert summary.loc["no_engram", "verdict"] == "helps"
     assert summary.loc["with_xsa", "verdict"] == "hurts"
     assert summary.loc["no_mtp", "verdict"] == "hurts"
-    assert summary.loc["noisy", "verdict"] == "within noise"
+    assert summary.loc["same", "verdict"] == "equivalent (±0.01)"
+    assert summary.loc["noisy", "verdict"].startswith("inconclusive (~")
 
 
-def test_one_seed_says_so_instead_of_a_p_value(summary):
-    assert summary.loc["lonely", "verdict"] == "no test (1 seed)" and math.isnan(summary.loc["lonely", "p_value"])
-    assert summary.loc["lonely", "seeds"] == 1 and summary.loc["lonely", "failed"] == 2
+def test_one_seed_says_no_test_instead_of_a_verdict(summary):
+    assert summary.loc["lonely", "verdict"] == "no test (1 finished pair)"
+    assert math.isnan(summary.loc["lonely", "p_paired"])
+    assert summary.loc["lonely", "seeds"] == 1 and summary.loc["lonely", "failed"] == 5
+
+
+def test_all_diverged_variant_is_counted_and_gets_no_verdict(tmp_path):
+    synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [math.nan] * 3)},
+                   status="diverged")
+    s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
+    assert s.loc["no_engram", "verdict"] == "no test (0 finished pairs)"
+    assert s.loc["no_engram", "diverged"] == 3
+
+
+def test_a_verdict_on_fewer_seeds_than_planned_says_so(tmp_path):
+    synthetic_grid(tmp_path, {"full": ("base", BASE6),
+                              "no_engram": ("removed", [b + d for b, d in zip(BASE6[:5], D_ENGRAM)] + [math.nan])},
+                   seeds=SEEDS6)
+    s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
+    assert s.loc["no_engram", "verdict"] == "helps [5/6 seeds]"
+
+
+def test_calibration_sentence_reads_the_controls(tmp_path):
+    synthetic_grid(tmp_path, {
+        "full": ("base", BASE6),
+        "control_null": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
+        "control_half_budget": ("control", [b + 0.3 + d for b, d in zip(BASE6, D_SMALL)])}, seeds=SEEDS6)
+    s = compare.summarize(compare.load_runs(tmp_path))
+    assert compare.calibration(s).startswith("**Calibrated.**")
+    synthetic_grid(tmp_path, {
+        "full": ("base", BASE6),
+        "control_null": ("control", [b + d for b, d in zip(BASE6, D_SMALL)]),
+        "control_half_budget": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])])},
+        seeds=SEEDS6)
+    s = compare.summarize(compare.load_runs(tmp_path))
+    assert "NOT CALIBRATED" in compare.calibration(s) and "UNDERPOWERED" in compare.calibration(s)
+
+
+def test_spiky_runs_are_counted(tmp_path):
+    synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [1.3, 1.4, 1.5])})
+    m = compare.read_json(tmp_path / "no_engram" / "seed1" / "metrics.json")
+    write_json(tmp_path / "no_engram" / "seed1" / "metrics.json", {**m, "instability": {"grad_spikes": 3}})
+    s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
+    assert s.loc["no_engram", "spiky"] == 1 and s.loc["full", "spiky"] == 0
 
 
 def test_write_produces_markdown_csv_and_png(tmp_path):
     synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [1.3, 1.4, 1.5])})
     paths = compare.write(tmp_path)
     md = paths["md"].read_text()
-    assert "| `no_engram` |" in md and "**helps**" in md and "1.4000 ± 0.1000" in md
+    assert "| `no_engram` |" in md and "1.4000 ± 0.1000" in md and "minimum detectable effect" in md
     assert paths["csv"].read_text().startswith("variant,") and paths["png"].stat().st_size > 10_000
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from escarda_lab import grid
+from escarda_lab import config, grid
 from escarda_lab.errors import ConfigError
 from escarda_lab.run import main
 from tests.conftest import ROOT, tiny_overrides
@@ -77,12 +77,103 @@ def test_match_params_puts_every_variant_within_one_percent(corpus, tmp_path):
                            "grid: {{leave_one_out: [engram, hash_lookup, mla, hyper_connections], match: params,\n"
                            "       variants: {{moe: {{components.moe.enabled: true}}}}}}\n")
     _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
-    base = grid.total_params(runs[0].cfg)
+    base = grid.params_of(runs[0].cfg, "params")
     for r in runs:
-        assert abs(grid.total_params(r.cfg) - base) <= 0.01 * base, r.variant.name
+        assert abs(grid.params_of(r.cfg, "params") - base) <= 0.01 * base, r.variant.name
     adjust = {r.variant.name: r.adjust for r in runs}
     assert "model.ffn_hidden" in adjust["no_engram"]  # the dropped table went to the FFN
-    assert "components.moe.expert_hidden" in adjust["moe"]  # MoE resizes its experts instead
+    assert adjust["moe"] == {}  # its active experts already match the dense FFN: nothing to resize
+
+
+def test_match_params_counts_non_embedding_params_by_default(corpus, tmp_path):
+    from escarda_lab.accounting import build_on_meta, embedding_params, param_counts
+
+    _, runs, _ = grid.expand(write(tmp_path, TWO_BY_TWO), tiny_overrides(corpus, tmp_path / "runs"))
+    model = build_on_meta(runs[0].cfg)
+    assert grid.params_of(runs[0].cfg, "params") == param_counts(model)["active"] - 264 * 32
+    assert embedding_params(model) == 264 * 32  # tied: the head is the same matrix
+
+
+@pytest.mark.parametrize("kind", ["params", "params_total"])
+def test_match_params_on_add_one_in_matches_at_sane_widths_or_refuses(corpus, tmp_path, kind):
+    over = tiny_overrides(corpus, tmp_path / "runs", **{"grid.match": kind})
+    try:
+        _, runs, _ = grid.expand(ROOT / "experiments/add_one_in.yaml", over)
+    except ConfigError as e:
+        assert "below half its width" in str(e) and "grid.match" in str(e)
+        return
+    base = {r.variant.name: grid.params_of(r.cfg, kind) for r in runs if r.variant.name == r.variant.baseline}
+    for r in runs:
+        assert abs(grid.params_of(r.cfg, kind) - base[r.variant.baseline]) <= 0.01 * base[r.variant.baseline]
+        for key, (old, new) in r.adjust.items():
+            assert new >= old / 2, (r.variant.name, key, old, new)
+
+
+def test_match_params_refuses_a_width_below_half(corpus, tmp_path):
+    path = write(tmp_path, "extends: {root}/experiments/vanilla.yaml\nname: g\n"
+                           "grid: {{baseline: vanilla, add_one_in: [hash_lookup], match: params_total}}\n")
+    with pytest.raises(ConfigError, match="below half its width"):
+        grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+
+
+def test_match_flops_equalises_training_flops(corpus, tmp_path):
+    path = write(tmp_path, "extends: {root}/experiments/escarda.yaml\nname: g\n"
+                           "grid: {{leave_one_out: [mtp, hyper_connections], vanilla: true, match: flops}}\n")
+    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 200}))
+    spent = {r.variant.name: grid.train_flops(r.cfg, grid.flops_per_token(r.cfg)) for r in runs}
+    for name, flops in spent.items():
+        assert abs(flops - spent["full"]) <= 0.02 * spent["full"], name
+    steps = {r.variant.name: r.cfg.train.max_steps for r in runs}
+    assert steps["vanilla"] > steps["no_mtp"] > steps["full"] == 200
+
+
+CONTROLLED = """
+extends: {root}/experiments/vanilla.yaml
+name: g
+grid:
+  seeds: [0, 1]
+  controls: true
+  tune: {{key: train.lr, values: [1.0e-3, 3.0e-3], seeds: 1, max_steps: 3}}
+  variants: {{xsa: {{components.xsa.enabled: true}}}}
+"""
+
+
+def test_controls_are_the_baseline_with_other_seeds_or_half_the_steps(corpus, tmp_path):
+    _, runs, _ = grid.expand(write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"))
+    by = {(r.variant.name, r.seed): r.cfg for r in runs}
+    null, half, full = by[("control_null", 1)], by[("control_half_budget", 1)], by[("full", 1)]
+    assert (null.init_seed, null.data_seed, null.seed) == (10001, 10001, 1)
+    assert half.train.max_steps == full.train.max_steps // 2  # wins over the command line's max_steps
+    assert config.flatten(null) | {"init_seed": None, "data_seed": None, "name": "full"} == config.flatten(full)
+
+
+def test_tuning_runs_use_their_own_seeds_and_every_value(corpus, tmp_path):
+    _, runs, grid_dir = grid.expand(write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"),
+                                    tuning=True)
+    assert {(r.variant.name, r.cfg.train.lr, r.seed) for r in runs} == {
+        (v, lr, 1000) for v in ["full", "xsa"] for lr in [1e-3, 3e-3]}  # controls use the baseline's value
+    assert all(r.folder.parent.parent == grid_dir / "tune" and r.cfg.train.max_steps == 3 for r in runs)
+
+
+def test_a_tuned_grid_trains_the_verdict_seeds_at_each_variants_best_value(corpus, tmp_path):
+    path = write(tmp_path, CONTROLLED)
+    assert main([str(path), *tiny_overrides(corpus, tmp_path / "runs")]) == 0
+    grid_dir = tmp_path / "runs" / "g"
+    plan = json.loads((grid_dir / "grid.json").read_text())
+    for name in ["full", "xsa"]:
+        t = plan["tuned"][name]
+        best = min(t["scores"], key=t["scores"].get)
+        assert str(t["value"]) == best
+        for seed in [0, 1]:
+            cfg = config.load(grid_dir / name / f"seed{seed}" / "config.yaml")
+            assert cfg.train.lr == t["value"]
+    null = config.load(grid_dir / "control_null" / "seed0" / "config.yaml")
+    assert null.train.lr == plan["tuned"]["full"]["value"]
+    from escarda_lab import compare
+
+    paths = compare.write(grid_dir)
+    assert paths["tune"].stat().st_size > 5_000
+    assert "control" in paths["md"].read_text() and "tuned per variant" in paths["md"].read_text()
 
 
 def test_dry_run_prints_the_table_and_trains_nothing(corpus, tmp_path, caplog):

@@ -20,7 +20,7 @@ def engram_model(tiny_model_cfg, variant, **cfg):
 
 
 def buckets(model, ids):
-    eng = model.embedders[0]
+    eng = model.embedders["engram"]
     return eng.buckets(ids, model.embed(ids), None)
 
 
@@ -51,8 +51,8 @@ def test_bucket_at_t_depends_only_on_the_n_gram_ending_at_t(tiny_model_cfg, vari
 def test_whole_model_is_causal_and_decodes_like_the_full_forward(tiny_model_cfg, variant):
     model = engram_model(tiny_model_cfg, variant).eval()
     with torch.no_grad():
-        if hasattr(model.embedders[0], "conv"):
-            model.embedders[0].conv.normal_(std=0.3)
+        if hasattr(model.embedders["engram"], "conv"):
+            model.embedders["engram"].conv.normal_(std=0.3)
     ids = torch.randint(0, 97, (2, 12))
     full = model(ids).logits
     cache = model.new_cache()
@@ -79,7 +79,7 @@ def test_escarda_stats_report_a_forced_collapse_and_health_flags_it(tiny_model_c
     assert min(v for k, v in healthy.items() if "spread" in k) > 0.3
     assert model.health(healthy, healthy) == {}
     with torch.no_grad():
-        model.embedders[0].key_proj.zero_()  # every sign bit 0: every key in bucket 0
+        model.embedders["engram"].key_proj.zero_()  # every sign bit 0: every key in bucket 0
     model(torch.randint(8, 97, (4, 32)))
     collapsed = model.stats()
     assert collapsed["engram/occupancy_t0"] == pytest.approx(1 / 256)

@@ -32,12 +32,12 @@ def test_identity_at_init_and_gate_gets_gradient(tiny_model_cfg):
     out = on(ids).logits
     assert torch.equal(out, off(ids).logits)
     out.sum().backward()
-    assert on.embedders[0].gate.grad.abs().sum() > 0
+    assert on.embedders["hash_lookup"].gate.grad.abs().sum() > 0
 
 
 def test_only_the_first_layers_receive_features(tiny_model_cfg):
     model = EscardaLM(tiny_model_cfg(components={"hash_lookup": {"enabled": True, "layers": 1, "table_size": 64}}))
-    lookup = model.embedders[0]
+    lookup = model.embedders["hash_lookup"]
     with torch.no_grad():
         lookup.gate.fill_(1.0)
     S = torch.zeros(1, 4, 32)
