@@ -7,7 +7,7 @@ DEMO    ?= experiments/no_engram.yaml
 # 400 steps keeps set-up + training under 10 minutes on 2 cores; drop the overrides for the full run.
 DEMO_ARGS ?= name=demo_no_engram train.max_steps=400 train.warmup_steps=40
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m escarda_lab.run $(DEMO) $(DEMO_ARGS)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from escarda_lab.layers import RMSNorm, causal_attention
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab.layers import RMSNorm, causal_attention, probing
+from escarda_lab.registry import Attention, ComponentConfig, bounded, component
 
 
 def cached(cache, module: nn.Module, **new: Tensor) -> tuple[dict[str, Tensor], int]:
@@ -48,7 +49,7 @@ def cached(cache, module: nn.Module, **new: Tensor) -> tuple[dict[str, Tensor], 
         if name not in state:
             shape = (*t.shape[:-2], cache.max_len, t.shape[-1])
             state[name] = t.new_empty(shape)
-        state[name][..., past:past + t.shape[-2], :] = t
+        state[name][..., past : past + t.shape[-2], :] = t
         out[name] = state[name][..., : past + t.shape[-2], :]
     return out, past
 
@@ -57,7 +58,7 @@ class AttentionProbe:
     """Keeps a detached sample of one forward's queries and keys for a cheap entropy estimate."""
 
     def remember(self, q: Tensor, k: Tensor) -> None:
-        if self.training and not torch.compiler.is_compiling():
+        if probing(self):
             self._probe = (q[:1, :, -32:].detach(), k[:1].detach())
 
     def attention_entropy(self) -> float | None:
@@ -82,13 +83,15 @@ class LowRank(nn.Sequential):
     """x -> W_b N(W_a x): a rank-r factorisation of a d_in x d_out map (N = RMSNorm or identity)."""
 
     def __init__(self, d_in: int, rank: int, d_out: int, norm_eps: float | None = None):
-        super().__init__(nn.Linear(d_in, rank, bias=False),
-                         RMSNorm(rank, norm_eps) if norm_eps is not None else nn.Identity(),
-                         nn.Linear(rank, d_out, bias=False))
+        super().__init__(
+            nn.Linear(d_in, rank, bias=False),
+            RMSNorm(rank, norm_eps) if norm_eps is not None else nn.Identity(),
+            nn.Linear(rank, d_out, bias=False),
+        )
 
 
-@component("mha", slot="attention")
-class MultiHeadAttention(AttentionProbe, nn.Module):
+@component("mha", slot="attention", baseline=True)
+class MultiHeadAttention(AttentionProbe, Attention):
     def __init__(self, m, cfg=None, layer: int = 0, modifiers: list[nn.Module] = ()):
         super().__init__()
         self.layer = layer
@@ -122,28 +125,23 @@ class MultiHeadAttention(AttentionProbe, nn.Module):
 
 @dataclass
 class MLAConfig(ComponentConfig):
-    variant: str = "escarda"  # escarda | deepseek
-    q_lora_rank: int = 128  # query bottleneck (both variants)
-    o_lora_rank: int = 128  # output bottleneck (escarda)
-    kv_lora_rank: int = 128  # shared KV latent (deepseek)
+    variant: Literal["escarda", "deepseek"] = "escarda"
+    q_lora_rank: int = bounded(128, min=1)  # query bottleneck (both variants)
+    o_lora_rank: int = bounded(128, min=1)  # output bottleneck (escarda)
+    kv_lora_rank: int = bounded(128, min=1)  # shared KV latent (deepseek)
 
     def check(self, m) -> list[tuple[str, str, str]]:
         problems = []
-        if self.variant not in ("escarda", "deepseek"):
-            problems.append(("variant", f"unknown MLA variant {self.variant!r}", "use escarda or deepseek"))
-        for key in ("q_lora_rank", "o_lora_rank", "kv_lora_rank"):
-            if getattr(self, key) <= 0:
-                problems.append((key, f"{key} must be positive", "use e.g. 32 at CPU scale, 128 released"))
         if self.variant == "deepseek" and m.rope_dim >= m.head_dim:
-            problems.append(("variant", "deepseek MLA needs a position-free part (rope_dim < head_dim)",
-                             "lower model.rope_dim"))
+            problems.append(
+                ("variant", "deepseek MLA needs a position-free part (rope_dim < head_dim)", "lower model.rope_dim")
+            )
         return problems
 
 
+@component("mla", slot="attention", config=MLAConfig, variant="escarda")
 class EscardaMLA(MultiHeadAttention):
     """Low-rank queries and output around the baseline's K/V heads, QK-norm and RoPE."""
-
-    component_name = "mla"
 
     def build_queries(self, m, cfg: MLAConfig) -> None:
         self.wq = LowRank(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
@@ -152,8 +150,9 @@ class EscardaMLA(MultiHeadAttention):
         self.wo = LowRank(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model)
 
 
-class DeepSeekMLA(AttentionProbe, nn.Module):
-    component_name = "mla"
+@component("mla", slot="attention", config=MLAConfig, variant="deepseek")
+class DeepSeekMLA(AttentionProbe, Attention):
+    """A shared KV latent with decoupled rotary keys (see the module docstring)."""
 
     def __init__(self, m, cfg: MLAConfig, layer: int = 0, modifiers: list[nn.Module] = ()):
         super().__init__()
@@ -176,7 +175,7 @@ class DeepSeekMLA(AttentionProbe, nn.Module):
 
     def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=self.hd)
-        q_c, q_r = q[..., : self.nope], rotary(q[..., self.nope:])
+        q_c, q_r = q[..., : self.nope], rotary(q[..., self.nope :])
         c, k_r = self.w_dkv(x).split([self.rank, self.r], dim=-1)
         c, k_r = self.kv_norm(c), rotary(k_r.unsqueeze(1))  # [B, T, rank], [B, 1, T, r]
         if cache is None:
@@ -205,9 +204,3 @@ class DeepSeekMLA(AttentionProbe, nn.Module):
         k = torch.cat([c, k_r], dim=-1)  # one shared "head": multi-query attention in latent space
         o_lat = causal_attention(q, k, c, past, scale=1 / math.sqrt(self.hd))
         return torch.einsum("bhtr,hdr->bhtd", o_lat, self.w_uv)  # W_uv applied after attention
-
-
-@component("mla", slot="attention", config=MLAConfig)
-def multi_head_latent_attention(m, cfg: MLAConfig, layer: int = 0, modifiers=()) -> nn.Module:
-    cls = EscardaMLA if cfg.variant == "escarda" else DeepSeekMLA
-    return cls(m, cfg, layer=layer, modifiers=modifiers)

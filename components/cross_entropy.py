@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from escarda_lab.registry import component
+from escarda_lab.registry import Objective, component
 
 
-@component("cross_entropy", slot="objective")
-class CrossEntropy(nn.Module):
-    weight = 1.0
-
-    def __init__(self, m, cfg=None):
+@component("cross_entropy", slot="objective", baseline=True)
+class CrossEntropy(Objective):
+    def __init__(self, m, cfg=None, lm=None):
         super().__init__()
 
     def forward(self, batch: dict, out) -> Tensor:

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from escarda_lab.data import PAD
-from escarda_lab.layers import RMSNorm
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab.layers import PAD, RMSNorm, probing
+from escarda_lab.registry import ComponentConfig, Embedding, bounded, component
 
-VARIANTS = ("escarda", "ids", "deepseek")
 PRIME = 2_147_483_629
 
 
@@ -46,37 +45,38 @@ def primes_below(n: int, count: int) -> list[int]:
 
 @dataclass
 class EngramConfig(ComponentConfig):
-    variant: str = "escarda"  # escarda | ids | deepseek
-    max_ngram: int = 3
-    table_size: int = 4096
-    heads: int = 2
-    compress_dim: int = 32  # escarda key: projection width before sign-quantisation
-    dim: int = 32  # width of one table row
+    variant: Literal["escarda", "ids", "deepseek"] = "escarda"
+    max_ngram: int = bounded(3, min=2)  # n-grams of n = 2 .. max_ngram
+    table_size: int = bounded(4096, min=1)
+    heads: int = bounded(2, min=1)
+    compress_dim: int = bounded(32, min=1)  # escarda key: projection width before sign-quantisation
+    dim: int = bounded(32, min=1)  # width of one table row
     gate_bias: float = -1.0  # escarda / ids: gate σ(-1) ≈ 0.27 at init, "mostly off"
     layers: list[int] = field(default_factory=lambda: [1])  # deepseek: blocks it is inserted before
-    conv_kernel: int = 4  # deepseek: causal depthwise convolution width
+    conv_kernel: int = bounded(4, min=1)  # deepseek: causal depthwise convolution width
 
     def check(self, m) -> list[tuple[str, str, str]]:
         out = []
-        if self.variant not in VARIANTS:
-            out.append(("variant", f"unknown variant {self.variant!r}", f"use one of {list(VARIANTS)}"))
-        if self.max_ngram < 2:
-            out.append(("max_ngram", "n-grams start at n = 2", "use max_ngram >= 2 (3 released)"))
-        for key in ("table_size", "heads", "compress_dim", "dim", "conv_kernel"):
-            if getattr(self, key) <= 0:
-                out.append((key, f"{key} must be positive", "use a positive integer"))
         if self.variant == "deepseek" and not all(0 <= i < m.n_layers for i in self.layers):
-            out.append(("layers", f"layers {self.layers} must be block indices < {m.n_layers}",
-                        "list blocks between 0 and n_layers - 1"))
+            out.append(
+                (
+                    "layers",
+                    f"layers {self.layers} must be block indices < {m.n_layers}",
+                    "list blocks between 0 and n_layers - 1",
+                )
+            )
         return out
 
 
-@component("engram", slot="embedding", config=EngramConfig)
-class Engram(nn.Module):
+class Engram(Embedding):
+    """What the variants share: the G hashed tables, n-gram contexts, lookup and health. A variant
+    (registered below) defines `keys` (the bucket of every n-gram), `init_keys` (its key state,
+    drawn after the hash multipliers) and how the looked-up rows reach the model."""
+
     def __init__(self, m, cfg: EngramConfig):
         super().__init__()
         N, K = cfg.max_ngram, cfg.heads
-        self.variant, self.N, self.size = cfg.variant, N, cfg.table_size
+        self.N, self.size = N, cfg.table_size
         self.G = (N - 1) * K
         n_of = torch.arange(2, N + 1).repeat_interleave(K)  # n of each table g
         self.register_buffer("offsets", torch.arange(self.G) * cfg.table_size, persistent=False)
@@ -86,35 +86,12 @@ class Engram(nn.Module):
         mult = torch.randint(1, PRIME - 1, (self.G, N), generator=gen) | 1
         self.register_buffer("mult", mult * used, persistent=False)
         self.register_buffer("moduli", torch.tensor(primes_below(cfg.table_size, self.G)), persistent=False)
-        if cfg.variant == "escarda":
-            proj = torch.randn(N, m.d_model, self.G, cfg.compress_dim, generator=gen)
-            proj = proj * used.T[:, None, :, None]  # zero the rows of tokens outside table g's n-gram
-            self.register_buffer("key_proj", proj.flatten(0, 1).flatten(1), persistent=True)
-            self.bits = min(cfg.compress_dim, 31)
-            self.register_buffer("bit_values", 2 ** torch.arange(self.bits), persistent=False)
+        self.init_keys(m, cfg, gen, used)
         self.tables = nn.Embedding(self.G * cfg.table_size, cfg.dim)
-        width = self.G * cfg.dim
-        if cfg.variant == "deepseek":
-            self.layers = list(cfg.layers)
-            self.w_k = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
-            self.w_v = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
-            self.k_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
-            self.h_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
-            self.v_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
-            self.conv = nn.Parameter(torch.zeros(len(self.layers), m.d_model, cfg.conv_kernel))
-            self.kernel = cfg.conv_kernel
-        else:
-            self.w_e = nn.Linear(width, m.d_model, bias=False)
-            self.gate = nn.Linear(m.d_model, 1)
-            self.gate_bias = cfg.gate_bias
         self._probe: dict[str, Tensor] = {}
 
-    def init_weights(self) -> None:
-        if hasattr(self, "gate"):
-            nn.init.zeros_(self.gate.weight)
-            nn.init.constant_(self.gate.bias, self.gate_bias)
-        if hasattr(self, "conv"):
-            nn.init.zeros_(self.conv)
+    def init_keys(self, m, cfg: EngramConfig, gen: torch.Generator, used: Tensor) -> None:
+        """Key state beyond the multipliers (none by default)."""
 
     # ------------------------------------------------------------------------------------ keys
     @staticmethod
@@ -126,7 +103,7 @@ class Engram(nn.Module):
             tail = torch.full((t.shape[0], n, *t.shape[2:]), pad, dtype=t.dtype, device=t.device)
         full = torch.cat([tail, t], dim=1)
         if state is not None:
-            state[name] = full[:, t.shape[1]:]
+            state[name] = full[:, t.shape[1] :]
         return full
 
     def context(self, t: Tensor, state: dict | None, name: str, pad) -> Tensor:
@@ -138,53 +115,16 @@ class Engram(nn.Module):
     def buckets(self, ids: Tensor, x: Tensor, state: dict | None) -> Tensor:
         """[B, T, G] row index of every table (offsets not added)."""
         ctx = self.context(ids.long(), state, "ids", PAD)  # [B, T, N]
-        if self.training and not torch.compiler.is_compiling():
+        if probing(self):
             self._probe["ctx"] = ctx.detach()
-        if self.variant == "escarda":
-            xc = self.context(x.detach(), state, "x", 0.0)  # [B, T, N, D]
-            p = (xc.flatten(2) @ self.key_proj).unflatten(-1, (self.G, -1))[..., : self.bits]
-            return ((p > 0).long() * self.bit_values).sum(-1) % self.size
-        if self.variant == "ids":
-            return ((ctx.unsqueeze(-2) * self.mult).sum(-1) % PRIME) % self.size
-        h = torch.zeros(ctx.shape[:2] + (self.G,), dtype=torch.long, device=ids.device)
-        for j in range(self.N):  # XOR over the n-gram's tokens (N <= max_ngram, not over positions)
-            h = h ^ (ctx[..., j, None] * self.mult[:, j])
-        return h % self.moduli
+        return self.keys(ctx, x, state)
 
     def lookup(self, ids: Tensor, x: Tensor, cache) -> Tensor:
         state = cache.state(self) if cache is not None else None
         b = self.buckets(ids, x, state)
-        if self.training and not torch.compiler.is_compiling():
+        if probing(self):
             self._probe["buckets"] = b.detach()
         return self.tables(b + self.offsets).flatten(-2)  # [B, T, G·dim]
-
-    # ------------------------------------------------------------------------------- injection
-    def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
-        if self.variant == "deepseek":
-            self._memory = self.lookup(ids, x, cache)
-            return x
-        gate = torch.sigmoid(self.gate(x))
-        if self.training and not torch.compiler.is_compiling():
-            self._probe["gate"] = gate.detach().mean()
-        return x + gate * self.w_e(self.lookup(ids, x, cache))
-
-    def before_block(self, ids: Tensor, S: Tensor, residual, layer: int, cache=None) -> Tensor:
-        if self.variant != "deepseek" or layer not in self.layers:
-            return S
-        i = self.layers.index(layer)
-        e, h = self._memory, residual.read(S)
-        s = (self.k_norm[i](self.w_k[i](e)) * self.h_norm[i](h)).sum(-1, keepdim=True) / math.sqrt(h.shape[-1])
-        alpha = torch.sigmoid(s.sign() * (s.abs() + 1e-6).sqrt())
-        v = alpha * self.w_v[i](e)
-        if self.training and not torch.compiler.is_compiling():
-            self._probe["gate"] = alpha.detach().mean()
-        return residual.add(S, v + F.silu(self.causal_conv(self.v_norm[i](v), i, cache)))
-
-    def causal_conv(self, u: Tensor, i: int, cache) -> Tensor:
-        """Depthwise causal convolution over time of u [B, T, D] with kernel conv[i] [D, k]."""
-        state = cache.state(self) if cache is not None else None
-        full = self.with_history(u, self.kernel - 1, state, f"conv{i}", 0.0)
-        return F.conv1d(full.transpose(1, 2), self.conv[i].unsqueeze(1), groups=u.shape[-1]).transpose(1, 2)
 
     # ---------------------------------------------------------------------------------- health
     def stats(self) -> dict[str, float]:
@@ -216,6 +156,102 @@ class Engram(nn.Module):
         worst = min(spread, key=spread.get) if spread else None
         if worst is not None and spread[worst] <= 0.01:
             g = worst.split("_t")[-1]
-            return (f"keys collapsed: table {g} put the last batch's n-grams into "
-                    f"{100 * final[f'occupancy_t{g}']:.2f}% of its buckets (the released model's bucket-0 bug)")
+            return (
+                f"keys collapsed: table {g} put the last batch's n-grams into "
+                f"{100 * final[f'occupancy_t{g}']:.2f}% of its buckets (the released model's bucket-0 bug)"
+            )
         return None
+
+
+@component("engram", slot="embedding", config=EngramConfig, variant="escarda")
+class EscardaEngram(Engram):
+    """As released: keys from a frozen sign projection of the n-gram's embeddings; the rows are
+    gated into the token embedding, x_t <- x_t + σ(w · x_t + gate_bias) · W_e e_t."""
+
+    def __init__(self, m, cfg: EngramConfig):
+        super().__init__(m, cfg)
+        self.w_e = nn.Linear(self.G * cfg.dim, m.d_model, bias=False)
+        self.gate = nn.Linear(m.d_model, 1)
+        self.gate_bias = cfg.gate_bias
+
+    def init_keys(self, m, cfg: EngramConfig, gen: torch.Generator, used: Tensor) -> None:
+        proj = torch.randn(self.N, m.d_model, self.G, cfg.compress_dim, generator=gen)
+        proj = proj * used.T[:, None, :, None]  # zero the rows of tokens outside table g's n-gram
+        self.register_buffer("key_proj", proj.flatten(0, 1).flatten(1), persistent=True)
+        self.bits = min(cfg.compress_dim, 31)
+        self.register_buffer("bit_values", 2 ** torch.arange(self.bits), persistent=False)
+
+    def init_weights(self) -> None:
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, self.gate_bias)
+
+    def keys(self, ctx: Tensor, x: Tensor, state: dict | None) -> Tensor:
+        xc = self.context(x.detach(), state, "x", 0.0)  # [B, T, N, D]
+        p = (xc.flatten(2) @ self.key_proj).unflatten(-1, (self.G, -1))[..., : self.bits]
+        return ((p > 0).long() * self.bit_values).sum(-1) % self.size
+
+    def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
+        gate = torch.sigmoid(self.gate(x))
+        if probing(self):
+            self._probe["gate"] = gate.detach().mean()
+        return x + gate * self.w_e(self.lookup(ids, x, cache))
+
+
+@component("engram", slot="embedding", config=EngramConfig, variant="ids")
+class IdsEngram(EscardaEngram):
+    """Escarda's injection with keys hashed from the token ids: (Σ_j id_{t-j} a_{g,j}) mod P mod size."""
+
+    def init_keys(self, m, cfg: EngramConfig, gen: torch.Generator, used: Tensor) -> None:
+        pass  # the multipliers are the whole key
+
+    def keys(self, ctx: Tensor, x: Tensor, state: dict | None) -> Tensor:
+        return ((ctx.unsqueeze(-2) * self.mult).sum(-1) % PRIME) % self.size
+
+
+@component("engram", slot="embedding", config=EngramConfig, variant="deepseek")
+class DeepSeekEngram(Engram):
+    """DeepSeek's Engram: multiplicative-XOR keys modulo a prime per table, and a context-gated
+    value added to the residual state before the listed blocks."""
+
+    def __init__(self, m, cfg: EngramConfig):
+        super().__init__(m, cfg)
+        width = self.G * cfg.dim
+        self.layers = list(cfg.layers)
+        self.w_k = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
+        self.w_v = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
+        self.k_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
+        self.h_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
+        self.v_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
+        self.conv = nn.Parameter(torch.zeros(len(self.layers), m.d_model, cfg.conv_kernel))
+        self.kernel = cfg.conv_kernel
+
+    def init_weights(self) -> None:
+        nn.init.zeros_(self.conv)
+
+    def keys(self, ctx: Tensor, x: Tensor, state: dict | None) -> Tensor:
+        h = torch.zeros(ctx.shape[:2] + (self.G,), dtype=torch.long, device=ctx.device)
+        for j in range(self.N):  # XOR over the n-gram's tokens (N <= max_ngram, not over positions)
+            h = h ^ (ctx[..., j, None] * self.mult[:, j])
+        return h % self.moduli
+
+    def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
+        self._memory = self.lookup(ids, x, cache)
+        return x
+
+    def before_block(self, ids: Tensor, S: Tensor, residual, layer: int, cache=None) -> Tensor:
+        if layer not in self.layers:
+            return S
+        i = self.layers.index(layer)
+        e, h = self._memory, residual.read(S)
+        s = (self.k_norm[i](self.w_k[i](e)) * self.h_norm[i](h)).sum(-1, keepdim=True) / math.sqrt(h.shape[-1])
+        alpha = torch.sigmoid(s.sign() * (s.abs() + 1e-6).sqrt())
+        v = alpha * self.w_v[i](e)
+        if probing(self):
+            self._probe["gate"] = alpha.detach().mean()
+        return residual.add(S, v + F.silu(self.causal_conv(self.v_norm[i](v), i, cache)))
+
+    def causal_conv(self, u: Tensor, i: int, cache) -> Tensor:
+        """Depthwise causal convolution over time of u [B, T, D] with kernel conv[i] [D, k]."""
+        state = cache.state(self) if cache is not None else None
+        full = self.with_history(u, self.kernel - 1, state, f"conv{i}", 0.0)
+        return F.conv1d(full.transpose(1, 2), self.conv[i].unsqueeze(1), groups=u.shape[-1]).transpose(1, 2)

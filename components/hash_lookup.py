@@ -1,7 +1,7 @@
 """`hash_lookup`: multi-head token-id hash tables feeding the first `layers` blocks.
 
 Escarda-86M's MultiHeadHashLookup (num_hash_layers=2); DeepSeek-V4's hash layers route MoE by the
-same kind of fixed token-id hash (see `token_hash`, used by the moe plugin's `routing: hash`).
+same kind of fixed token-id hash (`layers.token_hash`, also behind the moe plugin's `routing: hash`).
 
 For block l < layers and head k:  b_k(x) = ((x · a_k + c_k) mod P) mod table_size
     e_l = Σ_k E_{l,k}[b_k(ids)]            (combine: sum)   or   W_l [E_{l,1}[..]; ...; E_{l,K}[..]] (concat)
@@ -11,45 +11,34 @@ For block l < layers and head k:  b_k(x) = ((x · a_k + c_k) mod P) mod table_si
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from escarda_lab.registry import ComponentConfig, component
-
-PRIME = 2_147_483_629  # a prime below 2^31: (x · a + c) stays inside int64
-
-
-def token_hash(ids: Tensor, head: int, n_buckets: int, seed: int = 0) -> Tensor:
-    """A fixed universal hash of token ids into [0, n_buckets): depends only on (id, head, seed)."""
-    a = (2_654_435_761 * (2 * head + 1) + 97_531 * seed) % PRIME or 1
-    c = (40_503 * (head + 1) + 7_919 * seed) % PRIME
-    return ((ids.long() * a + c) % PRIME) % n_buckets
+from escarda_lab.layers import token_hash
+from escarda_lab.registry import ComponentConfig, Embedding, bounded, component
 
 
 @dataclass
 class HashLookupConfig(ComponentConfig):
     layers: int = 2  # num_hash_layers released
-    heads: int = 2
-    table_size: int = 4096
-    dim: int = 32  # width of one table row; projected to d_model
-    combine: str = "sum"  # sum | concat
+    heads: int = bounded(2, min=1)
+    table_size: int = bounded(4096, min=1)
+    dim: int = bounded(32, min=1)  # width of one table row; projected to d_model
+    combine: Literal["sum", "concat"] = "sum"
 
     def check(self, m) -> list[tuple[str, str, str]]:
         out = []
         if not 1 <= self.layers <= m.n_layers:
-            out.append(("layers", f"layers={self.layers} must lie in [1, n_layers={m.n_layers}]",
-                        "feed at most every block"))
-        if self.combine not in ("sum", "concat"):
-            out.append(("combine", f"unknown combine {self.combine!r}", "use sum or concat"))
-        for key in ("heads", "table_size", "dim"):
-            if getattr(self, key) <= 0:
-                out.append((key, f"{key} must be positive", "use a positive integer"))
+            out.append(
+                ("layers", f"layers={self.layers} must lie in [1, n_layers={m.n_layers}]", "feed at most every block")
+            )
         return out
 
 
 @component("hash_lookup", slot="embedding", config=HashLookupConfig)
-class HashLookup(nn.Module):
+class HashLookup(Embedding):
     def __init__(self, m, cfg: HashLookupConfig):
         super().__init__()
         self.layers, self.heads, self.size, self.combine = cfg.layers, cfg.heads, cfg.table_size, cfg.combine
@@ -58,17 +47,22 @@ class HashLookup(nn.Module):
         width = cfg.dim * (cfg.heads if cfg.combine == "concat" else 1)
         self.out = nn.Parameter(torch.empty(cfg.layers, width, m.d_model))
         self.gate = nn.Parameter(torch.zeros(cfg.layers, m.d_model))
-        self.gate.no_weight_decay = True
         self.init_std = m.init_std
-        self.register_buffer("offsets", torch.arange(cfg.layers * cfg.heads).view(cfg.layers, cfg.heads)
-                             * cfg.table_size, persistent=False)
+        self.register_buffer(
+            "offsets",
+            torch.arange(cfg.layers * cfg.heads).view(cfg.layers, cfg.heads) * cfg.table_size,
+            persistent=False,
+        )
 
     def init_weights(self) -> None:
         nn.init.normal_(self.out, std=self.init_std)
         nn.init.zeros_(self.gate)
 
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.gate]
+
     def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
-        return x
+        return x  # features go in before each block
 
     def before_block(self, ids: Tensor, S: Tensor, residual, layer: int, cache=None) -> Tensor:
         if layer >= self.layers:

@@ -3,9 +3,10 @@
     anchor = h
     for t in 1..steps:  h = h + tanh(g_t) · W_up silu(W_down [RMSNorm(h); anchor])
 
-W_down: 2D -> dim (held as its two D -> dim halves) and W_up: dim -> D are random-initialised (std 0.02), the gates g_t start at 0:
-an exact identity at init whose gates still receive gradient. (A zero-initialised W_up would sit
-at a saddle where the block stays an identity forever -- the bug the model card's authors hit.)
+W_down: 2D -> dim (held as its two D -> dim halves) and W_up: dim -> D are random-initialised
+(std 0.02), the gates g_t start at 0: an exact identity at init whose gates still receive
+gradient. (A zero-initialised W_up would sit at a saddle where the block stays an identity
+forever -- the bug the model card's authors hit.)
 `one_step_grad`: HRM's one-step gradient, all steps but the last under no_grad.
 """
 
@@ -17,26 +18,18 @@ import torch
 from torch import Tensor, nn
 
 from escarda_lab.layers import RMSNorm
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab.registry import ComponentConfig, Refine, bounded, component
 
 
 @dataclass
 class HRMRefineConfig(ComponentConfig):
-    dim: int = 128  # hrm_refine_dim released
-    steps: int = 1
+    dim: int = bounded(128, min=1)  # hrm_refine_dim released
+    steps: int = bounded(1, min=1)
     one_step_grad: bool = False
-
-    def check(self, m) -> list[tuple[str, str, str]]:
-        out = []
-        if self.dim <= 0:
-            out.append(("dim", "must be positive", "use e.g. 32 at CPU scale, 128 released"))
-        if self.steps < 1:
-            out.append(("steps", "needs at least one step", "use 1 (the released value)"))
-        return out
 
 
 @component("hrm_refine", slot="refine", config=HRMRefineConfig)
-class HRMRefine(nn.Module):
+class HRMRefine(Refine):
     def __init__(self, m, cfg: HRMRefineConfig):
         super().__init__()
         self.steps, self.one_step_grad = cfg.steps, cfg.one_step_grad
@@ -47,8 +40,6 @@ class HRMRefine(nn.Module):
         self.down_anchor = nn.Linear(m.d_model, cfg.dim, bias=False)
         self.up = nn.Linear(cfg.dim, m.d_model, bias=False)
         self.gates = nn.Parameter(torch.zeros(cfg.steps))
-        self.gates.no_weight_decay = True
-        self.init_weights()
 
     def init_weights(self) -> None:
         nn.init.zeros_(self.gates)

@@ -21,32 +21,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from escarda_lab.registry import ComponentConfig, component
-
-VARIANTS = ("static", "dynamic", "mhc")
+from escarda_lab.layers import probing
+from escarda_lab.registry import ComponentConfig, Residual, bounded, component
 
 
 @dataclass
 class HyperConnectionsConfig(ComponentConfig):
-    variant: str = "mhc"  # static | dynamic | mhc
-    streams: int = 2  # m (hc_mult=2 released)
-    sinkhorn_iters: int = 20
-    eps: float = 1.0e-6
-
-    def check(self, m) -> list[tuple[str, str, str]]:
-        out = []
-        if self.variant not in VARIANTS:
-            out.append(("variant", f"unknown variant {self.variant!r}", f"use one of {list(VARIANTS)}"))
-        if self.streams < 1:
-            out.append(("streams", "needs at least one stream", "use 2 (the released value)"))
-        if self.sinkhorn_iters < 1:
-            out.append(("sinkhorn_iters", "needs at least one iteration", "use 20 (the released value)"))
-        return out
+    variant: Literal["static", "dynamic", "mhc"] = "mhc"
+    streams: int = bounded(2, min=1)  # m (hc_mult=2 released)
+    sinkhorn_iters: int = bounded(20, min=1)
+    eps: float = bounded(1.0e-6, min=0)
 
 
 def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
@@ -83,52 +73,50 @@ def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
     return mixed + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
 
 
-@component("hyper_connections", slot="residual", config=HyperConnectionsConfig)
-class HyperConnections(nn.Module):
+@component("hyper_connections", slot="residual", config=HyperConnectionsConfig, variant="static")
+class HyperConnections(Residual):
+    """Static: pre, post, R learned per sublayer (init pre = e_(site mod m), post = 1, R = I)."""
+
+    dynamic = False
+
     def __init__(self, m, cfg: HyperConnectionsConfig, n_sites: int):
         super().__init__()
-        self.m, self.variant, self.iters, self.eps = cfg.streams, cfg.variant, cfg.sinkhorn_iters, cfg.eps
+        self.m, self.iters, self.eps = cfg.streams, cfg.sinkhorn_iters, cfg.eps
         n, S = cfg.streams, n_sites
         self.pre_b = nn.Parameter(torch.zeros(S, n))
         self.post_b = nn.Parameter(torch.zeros(S, n))
         self.res_b = nn.Parameter(torch.zeros(S, n, n))
         self.collapse_w = nn.Parameter(torch.zeros(n))
-        if cfg.variant != "static":
+        if self.dynamic:
             self.phi = nn.Parameter(torch.zeros(S, n * m.d_model, 2 * n + n * n))
-        for p in (self.pre_b, self.post_b, self.res_b, self.collapse_w):
-            p.no_weight_decay = True
         self._probe: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.init_weights()
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.pre_b, self.post_b, self.res_b, self.collapse_w]
 
     @torch.no_grad()
     def init_weights(self) -> None:
         n = self.m
         read = F.one_hot(torch.arange(self.pre_b.shape[0]) % n, n).float()  # site s reads stream s mod m
-        eye = torch.eye(n)
-        if self.variant == "mhc":  # pre = σ(b) ≈ 0.9 / 0.1, post = 2σ(0) = 1, R leaning to I
-            self.pre_b.copy_(math.log(9) * (2 * read - 1))
-            self.post_b.zero_()
-            # Off-diagonal logits -1 (R = [[.73, .27], [.27, .73]] for m = 2): near-permutation
-            # matrices make Sinkhorn converge slowly, and 20 iterations must reach 1e-3.
-            self.res_b.copy_(eye - 1)
-        else:
-            self.pre_b.copy_(read)
-            self.post_b.fill_(1.0)
-            self.res_b.copy_(eye.expand_as(self.res_b))
+        self.pre_b.copy_(read)
+        self.post_b.fill_(1.0)
+        self.res_b.copy_(torch.eye(n).expand_as(self.res_b))
         self.collapse_w.zero_()
-        if hasattr(self, "phi"):
+        if self.dynamic:
             self.phi.zero_()
 
     def coefficients(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
         n = self.m
         pre, post, R = self.pre_b[site], self.post_b[site], self.res_b[site]
-        if self.variant != "static":
+        if self.dynamic:
             xn = F.rms_norm(X.flatten(-2), (X.shape[-2] * X.shape[-1],), eps=1e-6)
             c = xn @ self.phi[site]  # [B, T, 2m + m²]
-            pre, post = pre + c[..., :n], post + c[..., n:2 * n]
-            R = R + c[..., 2 * n:].unflatten(-1, (n, n))
-        if self.variant == "mhc":
-            pre, post, R = torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(R, self.iters, self.eps)
+            pre, post = pre + c[..., :n], post + c[..., n : 2 * n]
+            R = R + c[..., 2 * n :].unflatten(-1, (n, n))
+        return self.activate(pre, post, R)
+
+    def activate(self, pre: Tensor, post: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The coefficients from their logits (identity here; mHC constrains them)."""
         return pre, post, R
 
     def expand(self, x: Tensor) -> Tensor:
@@ -136,7 +124,7 @@ class HyperConnections(nn.Module):
 
     def sublayer(self, X: Tensor, fn, site: int) -> Tensor:
         pre, post, R = self.coefficients(X, site)
-        if self.training and not torch.compiler.is_compiling():
+        if probing(self):
             self._probe[site] = (pre.detach(), post.detach(), R.detach())
         return hc_update(X, fn, pre, post, R)
 
@@ -154,8 +142,9 @@ class HyperConnections(nn.Module):
         if not self._probe:
             return {}
         n = self.m
-        pre, post, R = (torch.cat([p[i].reshape(-1, *(n,) * (1 + (i == 2))) for p in self._probe.values()])
-                        for i in range(3))
+        pre, post, R = (
+            torch.cat([p[i].reshape(-1, *(n,) * (1 + (i == 2))) for p in self._probe.values()]) for i in range(3)
+        )
         return {
             "sinkhorn_row_err": float((R.sum(-1) - 1).abs().max()),
             "sinkhorn_col_err": float((R.sum(-2) - 1).abs().max()),
@@ -163,3 +152,29 @@ class HyperConnections(nn.Module):
             "pre_mean": float(pre.mean()),
             "post_mean": float(post.mean()),
         }
+
+
+@component("hyper_connections", slot="residual", config=HyperConnectionsConfig, variant="dynamic")
+class DynamicHyperConnections(HyperConnections):
+    """Static + input-dependent terms: [pre; post; R] += φ · RMSNorm(vec X), φ zero-initialised."""
+
+    dynamic = True
+
+
+@component("hyper_connections", slot="residual", config=HyperConnectionsConfig, variant="mhc")
+class ManifoldHyperConnections(DynamicHyperConnections):
+    """mHC: dynamic, with pre = σ(·), post = 2σ(·), R = Sinkhorn-Knopp(exp(·)) doubly stochastic."""
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        super().init_weights()
+        read = F.one_hot(torch.arange(self.pre_b.shape[0]) % self.m, self.m).float()
+        # pre = σ(b) ≈ 0.9 / 0.1, post = 2σ(0) = 1, R leaning to I. Off-diagonal logits -1
+        # (R = [[.73, .27], [.27, .73]] for m = 2): near-permutation matrices make Sinkhorn
+        # converge slowly, and 20 iterations must reach 1e-3.
+        self.pre_b.copy_(math.log(9) * (2 * read - 1))
+        self.post_b.zero_()
+        self.res_b.copy_(torch.eye(self.m) - 1)
+
+    def activate(self, pre: Tensor, post: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(R, self.iters, self.eps)

@@ -16,31 +16,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from escarda_lab.layers import RMSNorm
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab.registry import ComponentConfig, Objective, bounded, component
 
 
 @dataclass
 class JEPAConfig(ComponentConfig):
-    pred_dim: int = 256
-    horizon: int = 1
-    weight: float = 0.1
-
-    def check(self, m) -> list[tuple[str, str, str]]:
-        out = []
-        if self.pred_dim <= 0 or self.horizon <= 0:
-            out.append(("horizon", "pred_dim and horizon must be positive", "use pred_dim 64, horizon 1"))
-        if self.weight < 0:
-            out.append(("weight", "weight must be >= 0", "use 0.1 (the released value)"))
-        return out
+    pred_dim: int = bounded(256, min=1)
+    horizon: int = bounded(1, min=1)
+    weight: float = bounded(0.1, min=0)
 
 
 @component("jepa", slot="objective", config=JEPAConfig)
-class JEPA(nn.Module):
-    def __init__(self, m, cfg: JEPAConfig):
+class JEPA(Objective):
+    def __init__(self, m, cfg: JEPAConfig, lm=None):
         super().__init__()
         self.weight, self.k = cfg.weight, cfg.horizon
-        self.predictor = nn.Sequential(RMSNorm(m.d_model, m.norm_eps), nn.Linear(m.d_model, cfg.pred_dim, bias=False),
-                                       nn.Linear(cfg.pred_dim, m.d_model, bias=False))
+        self.predictor = nn.Sequential(
+            RMSNorm(m.d_model, m.norm_eps),
+            nn.Linear(m.d_model, cfg.pred_dim, bias=False),
+            nn.Linear(cfg.pred_dim, m.d_model, bias=False),
+        )
 
     def forward(self, batch: dict, out) -> Tensor:
         h, k = out.hidden, self.k

@@ -16,16 +16,15 @@ batched matmul for all experts, scattered back with their weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.hash_lookup import token_hash
-from components.swiglu import SwiGLUFFN
-from escarda_lab.layers import SwiGLU
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab import registry
+from escarda_lab.layers import SwiGLU, token_hash
+from escarda_lab.registry import FFN, ComponentConfig, bounded, component
 
 SCORES = {
     "softmax": lambda z: z.softmax(-1),
@@ -36,46 +35,62 @@ SCORES = {
 
 @dataclass
 class MoEConfig(ComponentConfig):
-    n_routed: int = 6
-    n_shared: int = 1
-    top_k: int = 2
-    expert_hidden: int = 0  # 0: ffn_hidden // (top_k + n_shared), so active params ≈ the dense FFN
-    scoring: str = "sqrtsoftplus"  # softmax | sigmoid | sqrtsoftplus
+    n_routed: int = bounded(6, min=1)
+    n_shared: int = bounded(1, min=0)
+    top_k: int = bounded(2, min=1)
+    expert_hidden: int = bounded(0, min=0)  # 0: ffn_hidden // (top_k + n_shared), so active params ≈ the dense FFN
+    scoring: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "sqrtsoftplus"
     norm_topk: bool = True
     routed_scaling: float = 1.0
     bias_update_speed: float = 1.0e-3
     aux_loss_coef: float = 0.01
     layers: Any = "all"  # "all" or a list of block indices; the other blocks keep the dense FFN
-    routing: str = "learned"  # learned | hash
+    routing: Literal["learned", "hash"] = "learned"
     hash_layers: int = 1  # with routing: hash, the first hash_layers MoE layers route by token id
 
     def check(self, m) -> list[tuple[str, str, str]]:
         out = []
         if not 1 <= self.top_k <= self.n_routed:
-            out.append(("top_k", f"top_k={self.top_k} must lie in [1, n_routed={self.n_routed}]",
-                        "pick at most n_routed experts per token"))
-        if self.scoring not in SCORES:
-            out.append(("scoring", f"unknown scoring {self.scoring!r}", f"use one of {sorted(SCORES)}"))
-        if self.routing not in ("learned", "hash"):
-            out.append(("routing", f"unknown routing {self.routing!r}", "use learned or hash"))
-        if self.layers != "all" and not (isinstance(self.layers, list)
-                                         and all(isinstance(i, int) and 0 <= i < m.n_layers for i in self.layers)):
-            out.append(("layers", f"layers must be `all` or block indices below {m.n_layers}",
-                        "write e.g. `layers: all` or `layers: [1, 3]`"))
-        if self.n_shared < 0 or self.expert_hidden < 0:
-            out.append(("n_shared", "n_shared and expert_hidden must be >= 0", "use 1 and 0 (auto)"))
+            out.append(
+                (
+                    "top_k",
+                    f"top_k={self.top_k} must lie in [1, n_routed={self.n_routed}]",
+                    "pick at most n_routed experts per token",
+                )
+            )
+        if self.layers != "all" and not (
+            isinstance(self.layers, list) and all(isinstance(i, int) and 0 <= i < m.n_layers for i in self.layers)
+        ):
+            out.append(
+                (
+                    "layers",
+                    f"layers must be `all` or block indices below {m.n_layers}",
+                    "write e.g. `layers: all` or `layers: [1, 3]`",
+                )
+            )
         return out
 
     def moe_layers(self, n_layers: int) -> list[int]:
         return list(range(n_layers)) if self.layers == "all" else list(self.layers)
 
 
-class MoE(nn.Module):
-    component_name = "moe"
-    emits_aux_loss = True
+@component("moe", slot="ffn", config=MoEConfig)
+class MoE(FFN):
     needs_ids = True
 
-    def __init__(self, m, cfg: MoEConfig, hash_routed: bool):
+    @classmethod
+    def build(cls, m, cfg: MoEConfig, layer: int = 0) -> nn.Module:
+        """MoE in the listed layers; the slot's dense baseline elsewhere."""
+        layers = cfg.moe_layers(m.n_layers)
+        if layer not in layers:
+            return registry.baseline("ffn").build(m, registry.ComponentConfig(enabled=True), layer=layer)
+        return cls(m, cfg, hash_routed=cfg.routing == "hash" and layers.index(layer) < cfg.hash_layers)
+
+    @classmethod
+    def width(cls, m, cfg: MoEConfig) -> tuple[str, int]:
+        return "components.moe.expert_hidden", cfg.expert_hidden or m.ffn_hidden // (cfg.top_k + cfg.n_shared)
+
+    def __init__(self, m, cfg: MoEConfig, hash_routed: bool = False):
         super().__init__()
         E, H = cfg.n_routed, cfg.expert_hidden or max(1, m.ffn_hidden // (cfg.top_k + cfg.n_shared))
         self.E, self.k, self.H, self.cfg, self.hash_routed = E, cfg.top_k, H, cfg, hash_routed
@@ -164,15 +179,5 @@ class MoE(nn.Module):
         frac = self.load / self.load.sum()
         out = {f"load_e{i}": float(v) for i, v in enumerate(frac)}
         out["load_cv"] = float(frac.std(unbiased=False) / frac.mean())
-        out["dropped"] = 0.0  # dropless by construction: every (token, expert) pair is computed
         out["bias_norm"] = float(self.bias.norm())
         return out
-
-
-@component("moe", slot="ffn", config=MoEConfig)
-def mixture_of_experts(m, cfg: MoEConfig, layer: int = 0) -> nn.Module:
-    layers = cfg.moe_layers(m.n_layers)
-    if layer not in layers:
-        return SwiGLUFFN(m, None, layer)
-    hash_routed = cfg.routing == "hash" and layers.index(layer) < cfg.hash_layers
-    return MoE(m, cfg, hash_routed)

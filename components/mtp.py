@@ -14,74 +14,29 @@ Training only: generation never calls it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from escarda_lab.layers import RMSNorm, nll_and_logsumexp
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab.registry import ComponentConfig, Objective, bounded, component
 
 
 @dataclass
 class MTPConfig(ComponentConfig):
-    variant: str = "escarda"  # escarda | deepseek
-    depth: int = 1  # num_nextn_predict_layers
-    weight: float = 0.3
-
-    def check(self, m) -> list[tuple[str, str, str]]:
-        out = []
-        if self.variant not in ("escarda", "deepseek"):
-            out.append(("variant", f"unknown variant {self.variant!r}", "use escarda or deepseek"))
-        if self.depth < 1:
-            out.append(("depth", "depth must be >= 1", "use 1 (the released value)"))
-        if self.weight < 0:
-            out.append(("weight", "weight must be >= 0", "use 0.3 (the released value)"))
-        return out
+    variant: Literal["escarda", "deepseek"] = "escarda"
+    depth: int = bounded(1, min=1)  # num_nextn_predict_layers
+    weight: float = bounded(0.3, min=0)
 
 
-@component("mtp", slot="objective", config=MTPConfig)
-class MultiTokenPrediction(nn.Module):
+class MultiTokenPrediction(Objective):
+    """Shared by both variants: the loss is the mean CE of the heads' logits, which each variant
+    gives by `head_logits(batch, out)`: head k = 1..depth at positions 0 .. T-1-k ([B, T-k, V])."""
+
     def __init__(self, m, cfg: MTPConfig):
         super().__init__()
-        self.weight, self.depth, self.variant = cfg.weight, cfg.depth, cfg.variant
-        D = m.d_model
-        if cfg.variant == "escarda":
-            self.maps = nn.ParameterList(nn.Parameter(torch.zeros(D, D)) for _ in range(cfg.depth))
-        else:
-            from components.residual import PlainResidual
-            from escarda_lab.config import schema_class
-            from escarda_lab.model import Block
-
-            comps = schema_class()().components  # a block of baseline plugins (mha + swiglu)
-            self.h_norm = nn.ModuleList(RMSNorm(D, m.norm_eps) for _ in range(cfg.depth))
-            self.e_norm = nn.ModuleList(RMSNorm(D, m.norm_eps) for _ in range(cfg.depth))
-            self.merge = nn.ModuleList(nn.Linear(2 * D, D, bias=False) for _ in range(cfg.depth))
-            self.blocks = nn.ModuleList(Block(m, comps, layer=0) for _ in range(cfg.depth))
-            self.residual = PlainResidual(m)
-
-    def init_weights(self) -> None:
-        if self.variant == "escarda":
-            for w in self.maps:
-                nn.init.zeros_(w)
-
-    def head_logits(self, batch: dict, out) -> list[Tensor]:
-        """Logits of head k = 1..depth at positions 0 .. T-1-k ([B, T-k, V] each)."""
-        lm, h, labels = out.model, out.hidden, batch["labels"]
-        T = h.shape[1]
-        logits = []
-        if self.variant == "escarda":
-            for k, W in enumerate(self.maps, start=1):
-                hk = h[:, : T - k]
-                logits.append(lm.logits(hk + hk @ W.T))
-            return logits
-        prev = h
-        for k in range(1, self.depth + 1):
-            nxt = labels[:, k - 1: T - 1].clamp(min=0)  # token x_{t+k} is the label of position t+k-1
-            x = self.merge[k - 1](torch.cat([self.h_norm[k - 1](prev[:, : T - k]),
-                                             self.e_norm[k - 1](lm.embed(nxt))], dim=-1))
-            prev = self.blocks[k - 1](x, self.residual, lm.rope.at(0, T - k), None)
-            logits.append(lm.logits(prev))
-        return logits
+        self.weight, self.depth = cfg.weight, cfg.depth
 
     def forward(self, batch: dict, out) -> Tensor:
         labels = batch["labels"]
@@ -91,3 +46,48 @@ class MultiTokenPrediction(nn.Module):
             nll, _ = nll_and_logsumexp(lg, target)
             losses.append(nll.sum() / (target != -100).sum().clamp(min=1))
         return torch.stack(losses).mean()
+
+
+@component("mtp", slot="objective", config=MTPConfig, variant="escarda")
+class EscardaMTP(MultiTokenPrediction):
+    """h^k_t = h_t + W_k h_t through the shared head; W_k zero-initialised."""
+
+    def __init__(self, m, cfg: MTPConfig, lm=None):
+        super().__init__(m, cfg)
+        self.maps = nn.ParameterList(nn.Parameter(torch.zeros(m.d_model, m.d_model)) for _ in range(cfg.depth))
+
+    def init_weights(self) -> None:
+        for w in self.maps:
+            nn.init.zeros_(w)
+
+    def head_logits(self, batch: dict, out) -> list[Tensor]:
+        h, T = out.hidden, out.hidden.shape[1]
+        return [out.lm.logits(h[:, : T - k] + h[:, : T - k] @ W.T) for k, W in enumerate(self.maps, start=1)]
+
+
+@component("mtp", slot="objective", config=MTPConfig, variant="deepseek")
+class DeepSeekMTP(MultiTokenPrediction):
+    """Chained heads: a merge of the previous hidden state and the next token's embedding, then a
+    block of the slot baselines (mha + swiglu) with a plain residual."""
+
+    def __init__(self, m, cfg: MTPConfig, lm=None):
+        super().__init__(m, cfg)
+        D = m.d_model
+        self.h_norm = nn.ModuleList(RMSNorm(D, m.norm_eps) for _ in range(cfg.depth))
+        self.e_norm = nn.ModuleList(RMSNorm(D, m.norm_eps) for _ in range(cfg.depth))
+        self.merge = nn.ModuleList(nn.Linear(2 * D, D, bias=False) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(lm.baseline_block(layer=0) for _ in range(cfg.depth))
+        self.residual = lm.plain_residual()
+
+    def head_logits(self, batch: dict, out) -> list[Tensor]:
+        lm, h, labels = out.lm, out.hidden, batch["labels"]
+        T = h.shape[1]
+        logits, prev = [], h
+        for k in range(1, self.depth + 1):
+            nxt = labels[:, k - 1 : T - 1].clamp(min=0)  # token x_{t+k} is the label of position t+k-1
+            x = self.merge[k - 1](
+                torch.cat([self.h_norm[k - 1](prev[:, : T - k]), self.e_norm[k - 1](lm.embed(nxt))], dim=-1)
+            )
+            prev = self.blocks[k - 1](x, self.residual, lm.rotary(0, T - k), None)
+            logits.append(lm.logits(prev))
+        return logits

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from escarda_lab.registry import component
+from escarda_lab.registry import Residual, component
 
 
-@component("plain", slot="residual")
-class PlainResidual(nn.Module):
+@component("plain", slot="residual", baseline=True)
+class PlainResidual(Residual):
     def __init__(self, m, cfg=None, n_sites: int = 0):
         super().__init__()
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab.layers import probing
+from escarda_lab.registry import AttentionModifier, ComponentConfig, component
 
 
 @dataclass
@@ -23,7 +23,7 @@ class XSAConfig(ComponentConfig):
 
 
 @component("xsa", slot="attention_modifier", config=XSAConfig)
-class ExclusiveSelfAttention(nn.Module):
+class ExclusiveSelfAttention(AttentionModifier):
     def __init__(self, m, cfg: XSAConfig):
         super().__init__()
         self.eps = cfg.eps
@@ -35,7 +35,7 @@ class ExclusiveSelfAttention(nn.Module):
         vg = v.unsqueeze(2)
         coef = (yg * vg).sum(-1, keepdim=True) / (vg.square().sum(-1, keepdim=True) + self.eps)
         z = (yg - coef * vg).view(B, H, T, d)
-        if self.training and not torch.compiler.is_compiling():
+        if probing(self):
             self._probe = (y[:1].detach(), z[:1].detach())
         return z
 

@@ -1,30 +1,25 @@
 """`z_loss`: keeps the softmax normaliser near 1 (PaLM, Chowdhery et al. 2022).
 
-    L_z = mean over valid positions of (log Σ_v exp(logit_v))²        (weight 1e-4 released)
+L_z = mean over valid positions of (log Σ_v exp(logit_v))²        (weight 1e-4 released)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from escarda_lab.registry import ComponentConfig, component
+from escarda_lab.registry import ComponentConfig, Objective, bounded, component
 
 
 @dataclass
 class ZLossConfig(ComponentConfig):
-    weight: float = 1.0e-4
-
-    def check(self, model) -> list[tuple[str, str, str]]:
-        if self.weight < 0:
-            return [("weight", f"weight must be >= 0, got {self.weight}", "use e.g. 1.0e-4")]
-        return []
+    weight: float = bounded(1.0e-4, min=0)
 
 
 @component("z_loss", slot="objective", config=ZLossConfig)
-class ZLoss(nn.Module):
-    def __init__(self, m, cfg: ZLossConfig):
+class ZLoss(Objective):
+    def __init__(self, m, cfg: ZLossConfig, lm=None):
         super().__init__()
         self.weight = cfg.weight
 

@@ -21,11 +21,14 @@ def _register_cpu_attention() -> None:
     bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if fwd is not None and fwd not in fc.flop_registry:
         fc.register_flop_formula(fwd)(
-            lambda query, key, value, *a, out_shape=None, **k: fc.sdpa_flop_count(query, key, value))
+            lambda query, key, value, *a, out_shape=None, **k: fc.sdpa_flop_count(query, key, value)
+        )
     if bwd is not None and bwd not in fc.flop_registry:
         fc.register_flop_formula(bwd)(
-            lambda grad_out, query, key, value, *a, out_shape=None, **k:
-            fc.sdpa_backward_flop_count(grad_out, query, key, value))
+            lambda grad_out, query, key, value, *a, out_shape=None, **k: fc.sdpa_backward_flop_count(
+                grad_out, query, key, value
+            )
+        )
 
 
 _register_cpu_attention()
@@ -117,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from escarda_lab import config
+    from escarda_lab.cli import user_error
     from escarda_lab.errors import UserError
-    from escarda_lab.run import user_error
 
     p = argparse.ArgumentParser(prog="python -m escarda_lab.accounting", description=main.__doc__)
     p.add_argument("experiment")

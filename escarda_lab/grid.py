@@ -36,7 +36,8 @@ from typing import Any
 
 from escarda_lab import config, registry
 from escarda_lab.errors import ConfigError, UserError
-from escarda_lab.io import atomic_write, read_json, run_dir, write_json
+from escarda_lab.io import atomic_write, read_json, write_json
+from escarda_lab.runs import check_same_config, run_dir
 
 
 @dataclass
@@ -129,16 +130,18 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, 
     tune = raw.pop("tune", None)
     if tune is not None:
         if not isinstance(tune, dict) or set(tune) - {f.name for f in fields(TuneConfig)}:
-            raise ConfigError(src, "grid.tune", f"tune must be a mapping with keys "
-                              f"{', '.join(f.name for f in fields(TuneConfig))}, got {tune!r}",
-                              "write e.g. `tune: {key: train.lr, values: [1.0e-3, 3.0e-3, 1.0e-2], seeds: 1}`")
+            raise ConfigError(
+                src,
+                "grid.tune",
+                f"tune must be a mapping with keys {', '.join(f.name for f in fields(TuneConfig))}, got {tune!r}",
+                "write e.g. `tune: {key: train.lr, values: [1.0e-3, 3.0e-3, 1.0e-2], seeds: 1}`",
+            )
         raw["tune"] = TuneConfig(**tune)
     sub = raw.pop("submitit", None) or {}
     sub_known = {f.name for f in fields(SubmititConfig)}
     for key in sub:
         if key not in sub_known:
-            raise ConfigError(src, f"grid.submitit.{key}", "unknown key",
-                              f"valid keys: {', '.join(sorted(sub_known))}")
+            raise ConfigError(src, f"grid.submitit.{key}", "unknown key", f"valid keys: {', '.join(sorted(sub_known))}")
     spec = GridConfig(**raw, submitit=SubmititConfig(**sub))
     check_spec(spec, src)
     return spec, src
@@ -150,38 +153,81 @@ def check_spec(g: GridConfig, src: str) -> None:
             raise ConfigError(src, f"grid.{key}", problem, fix)
 
     plugins = registry.toggleable()
-    need(isinstance(g.seeds, list) and g.seeds and all(isinstance(s, int) for s in g.seeds), "seeds",
-         f"seeds must be a non-empty list of integers, got {g.seeds!r}", "write e.g. `seeds: [0, 1, 2]`")
+    need(
+        isinstance(g.seeds, list) and g.seeds and all(isinstance(s, int) for s in g.seeds),
+        "seeds",
+        f"seeds must be a non-empty list of integers, got {g.seeds!r}",
+        "write e.g. `seeds: [0, 1, 2]`",
+    )
     for key in ["leave_one_out", "add_one_in"]:
         names = getattr(g, key)
         need(isinstance(names, list), key, f"{key} must be a list of component names", "write e.g. `[engram, xsa]`")
         for n in names:
             need(n in plugins, key, f"unknown component `{n}`", f"registered components are: {', '.join(plugins)}")
-    need(isinstance(g.variants, dict) and all(isinstance(v, dict) for v in g.variants.values()), "variants",
-         "variants must map a name to a set of overrides", "write e.g. `variants: {wide: {model.d_model: 192}}`")
-    need(isinstance(g.axes, dict) and all(isinstance(v, list) and v for v in g.axes.values()), "axes",
-         "axes must map a dotted key to a non-empty list of values", "write e.g. `axes: {model.d_model: [64, 128]}`")
+    need(
+        isinstance(g.variants, dict) and all(isinstance(v, dict) for v in g.variants.values()),
+        "variants",
+        "variants must map a name to a set of overrides",
+        "write e.g. `variants: {wide: {model.d_model: 192}}`",
+    )
+    need(
+        isinstance(g.axes, dict) and all(isinstance(v, list) and v for v in g.axes.values()),
+        "axes",
+        "axes must map a dotted key to a non-empty list of values",
+        "write e.g. `axes: {model.d_model: [64, 128]}`",
+    )
     need(g.match in MATCHES, "match", f"unknown match {g.match!r}", f"use one of: {', '.join(MATCHES)}")
-    need(isinstance(g.parallel, int) and g.parallel >= 1, "parallel", f"parallel must be >= 1, got {g.parallel}",
-         "give the number of runs to train at once")
+    need(
+        isinstance(g.parallel, int) and g.parallel >= 1,
+        "parallel",
+        f"parallel must be >= 1, got {g.parallel}",
+        "give the number of runs to train at once",
+    )
     need(g.launcher in ("local", "submitit"), "launcher", f"unknown launcher {g.launcher!r}", "use local or submitit")
-    need(isinstance(g.margin, (int, float)) and g.margin > 0, "margin", f"margin must be a positive number, got {g.margin!r}",
-         "give the smallest bpb difference that matters, e.g. 0.01")
+    need(
+        isinstance(g.margin, (int, float)) and g.margin > 0,
+        "margin",
+        f"margin must be a positive number, got {g.margin!r}",
+        "give the smallest bpb difference that matters, e.g. 0.01",
+    )
     if g.tune is not None:
         t = g.tune
-        need(isinstance(t.values, list) and len(t.values) >= 2, "tune.values",
-             f"tune needs at least two values to choose from, got {t.values!r}", "write e.g. `values: [1.0e-3, 3.0e-3, 1.0e-2]`")
-        need(isinstance(t.seeds, int) and t.seeds >= 1, "tune.seeds", f"tune.seeds must be >= 1, got {t.seeds!r}",
-             "give the number of tuning seeds (they are never reused by the verdict runs)")
-        need(t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps > 0), "tune.max_steps",
-             f"tune.max_steps must be a positive integer or null, got {t.max_steps!r}", "leave it null to tune at full length")
-        need(all(s_ < TUNE_SEED for s_ in g.seeds), "seeds", f"verdict seeds must be below {TUNE_SEED} "
-             "when tuning (tuning uses its own seeds from there)", "use seeds 0, 1, 2, ...")
+        need(
+            isinstance(t.values, list) and len(t.values) >= 2,
+            "tune.values",
+            f"tune needs at least two values to choose from, got {t.values!r}",
+            "write e.g. `values: [1.0e-3, 3.0e-3, 1.0e-2]`",
+        )
+        need(
+            isinstance(t.seeds, int) and t.seeds >= 1,
+            "tune.seeds",
+            f"tune.seeds must be >= 1, got {t.seeds!r}",
+            "give the number of tuning seeds (they are never reused by the verdict runs)",
+        )
+        need(
+            t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps > 0),
+            "tune.max_steps",
+            f"tune.max_steps must be a positive integer or null, got {t.max_steps!r}",
+            "leave it null to tune at full length",
+        )
+        need(
+            all(s_ < TUNE_SEED for s_ in g.seeds),
+            "seeds",
+            f"verdict seeds must be below {TUNE_SEED} when tuning (tuning uses its own seeds from there)",
+            "use seeds 0, 1, 2, ...",
+        )
     for e in g.evaluate:
-        ok = e == "minimal_pairs" or str(e).startswith(("text:", "corpus:")) or \
-            (str(e).endswith(".jsonl") and Path(e).is_file())
-        need(ok, "evaluate", f"cannot evaluate {e!r}",
-             "list minimal_pairs, existing multiple-choice .jsonl files, text:FILE or corpus:NAME")
+        ok = (
+            e == "minimal_pairs"
+            or str(e).startswith(("text:", "corpus:"))
+            or (str(e).endswith(".jsonl") and Path(e).is_file())
+        )
+        need(
+            ok,
+            "evaluate",
+            f"cannot evaluate {e!r}",
+            "list minimal_pairs, existing multiple-choice .jsonl files, text:FILE or corpus:NAME",
+        )
 
 
 def eval_args(g: GridConfig) -> list[str]:
@@ -224,11 +270,22 @@ def controls(g: GridConfig, base_train) -> list[Variant]:
     tokens (must read hurts). Both use the baseline's tuned value."""
     half = base_train.max_steps // 2
     return [
-        Variant("control_null", f"{g.baseline}, init and data seeds + {NULL_SEED_OFFSET}", "control", {},
-                seed_offset=NULL_SEED_OFFSET, tune_as=g.baseline),
-        Variant("control_half_budget", f"{g.baseline}, half the training tokens", "control", {},
-                tune_as=g.baseline, forced={"train.max_steps": max(1, half),
-                                            "train.warmup_steps": min(base_train.warmup_steps, max(1, half))}),
+        Variant(
+            "control_null",
+            f"{g.baseline}, init and data seeds + {NULL_SEED_OFFSET}",
+            "control",
+            {},
+            seed_offset=NULL_SEED_OFFSET,
+            tune_as=g.baseline,
+        ),
+        Variant(
+            "control_half_budget",
+            f"{g.baseline}, half the training tokens",
+            "control",
+            {},
+            tune_as=g.baseline,
+            forced={"train.max_steps": max(1, half), "train.warmup_steps": min(base_train.warmup_steps, max(1, half))},
+        ),
     ]
 
 
@@ -241,13 +298,21 @@ def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
         tag = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, combo))
         over = dict(zip(keys, combo))
         for v in vs:
-            out.append(replace(v, name=f"{v.name}-{tag}", baseline=f"{g.baseline}-{tag}", axes=over,
-                               tune_as=f"{v.tune_as}-{tag}" if v.tune_as else ""))
+            out.append(
+                replace(
+                    v,
+                    name=f"{v.name}-{tag}",
+                    baseline=f"{g.baseline}-{tag}",
+                    axes=over,
+                    tune_as=f"{v.tune_as}-{tag}" if v.tune_as else "",
+                )
+            )
     return out
 
 
-def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned: dict | None = None,
-           tuning: bool = False) -> tuple[GridConfig, list[Run], Path]:
+def expand(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned: dict | None = None, tuning: bool = False
+) -> tuple[GridConfig, list[Run], Path]:
     """The grid's spec, its fully resolved runs, and the grid folder. Validates every run's config.
 
     With `grid.tune`, `tuning=True` gives the tuning runs instead (every value x tuning seed of
@@ -267,12 +332,20 @@ def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned:
     vs = with_axes(plain, g)
     names = [v.name for v in vs]
     if g.baseline not in [v.name for v in plain]:
-        raise ConfigError(src, "grid.baseline", f"baseline {g.baseline!r} is not one of the variants",
-                          f"use one of: {', '.join(v.name for v in plain)}")
+        raise ConfigError(
+            src,
+            "grid.baseline",
+            f"baseline {g.baseline!r} is not one of the variants",
+            f"use one of: {', '.join(v.name for v in plain)}",
+        )
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
-        raise ConfigError(src, "grid.variants", f"variant names {sorted(dupes)} occur twice",
-                          "rename the named variant (no_X, with_X, vanilla and full are taken)")
+        raise ConfigError(
+            src,
+            "grid.variants",
+            f"variant names {sorted(dupes)} occur twice",
+            "rename the named variant (no_X, with_X, vanilla and full are taken)",
+        )
     grid_dir = Path(base.output.dir) / base.name
     runs = []
     if tuning:
@@ -280,12 +353,18 @@ def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned:
         for v in (v for v in vs if not v.tune_as):
             for value in t.values:
                 for seed in range(TUNE_SEED, TUNE_SEED + t.seeds):
-                    forced = {**v.axes, t.key: value, "seed": seed, "name": tune_name(v.name, t.key, value),
-                              "output.dir": str(grid_dir / "tune")}
+                    forced = {
+                        **v.axes,
+                        t.key: value,
+                        "seed": seed,
+                        "name": tune_name(v.name, t.key, value),
+                        "output.dir": str(grid_dir / "tune"),
+                    }
                     if t.max_steps:
                         forced["train.max_steps"] = t.max_steps
-                    cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides),
-                                      forced=forced)
+                    cfg = config.load(
+                        path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides), forced=forced
+                    )
                     runs.append(Run(v, seed, cfg))
         return g, with_vocab(runs, str(path)), grid_dir
     for seed in g.seeds:  # seed-major: a grid stopped early still has every variant once
@@ -295,8 +374,7 @@ def expand(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned:
                 forced.update(init_seed=seed + v.seed_offset, data_seed=seed + v.seed_offset)
             if g.tune is not None and (tuned or {}).get(v.tune_as or v.name) is not None:
                 forced[g.tune.key] = tuned[v.tune_as or v.name]
-            cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides),
-                              forced=forced)
+            cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides), forced=forced)
             runs.append(Run(v, seed, cfg))
     runs = with_vocab(runs, str(path))
     if g.match.startswith("params"):
@@ -318,23 +396,27 @@ def pick_tuned(g: GridConfig, runs: list[Run]) -> dict:
         value = config.flatten(r.cfg)[g.tune.key]
         m = read_json(r.folder / "metrics.json") or {}
         entry = out.setdefault(r.variant.name, {"key": g.tune.key, "scores": {}, "losses": {}})
-        entry["losses"].setdefault(str(value), []).append(
-            m["val_loss"] if m.get("status") == "finished" else None)
+        entry["losses"].setdefault(str(value), []).append(m["val_loss"] if m.get("status") == "finished" else None)
     for name, entry in out.items():
         for value, losses in entry["losses"].items():
             entry["scores"][value] = None if None in losses else sum(losses) / len(losses)
         ok = {v: x for v, x in entry["scores"].items() if x is not None}
         best = min(ok, key=ok.get) if ok else None
-        entry["value"] = None if best is None else next(
-            config.flatten(r.cfg)[g.tune.key] for r in runs
-            if r.variant.name == name and str(config.flatten(r.cfg)[g.tune.key]) == best)
+        entry["value"] = (
+            None
+            if best is None
+            else next(
+                config.flatten(r.cfg)[g.tune.key]
+                for r in runs
+                if r.variant.name == name and str(config.flatten(r.cfg)[g.tune.key]) == best
+            )
+        )
     return out
 
 
 def with_vocab(runs: list[Run], source: str) -> list[Run]:
     """Fill model.vocab_size from each run's tokenizer (built once per data config, cached)."""
     from escarda_lab import data
-    from escarda_lab.run import with_vocab as fill
 
     sizes: dict[str, int] = {}
     out = []
@@ -342,7 +424,7 @@ def with_vocab(runs: list[Run], source: str) -> list[Run]:
         key = config.to_yaml(r.cfg.data)
         if key not in sizes:
             sizes[key] = data.prepare(r.cfg.data, source).tokenizer.vocab_size
-        out.append(replace(r, cfg=fill(r.cfg, sizes[key], source)))
+        out.append(replace(r, cfg=config.with_vocab(r.cfg, sizes[key], source)))
     return out
 
 
@@ -363,7 +445,7 @@ def params_of(cfg, kind: str) -> int:
 
 
 def match_params(runs: list[Run], g: GridConfig, src: str, tol: float = 0.01) -> list[Run]:
-    """Resize each variant's FFN width (expert width under MoE) so its parameters (`g.match`:
+    """Resize each variant's FFN width (the FFN plugin's `width`) so its parameters (`g.match`:
     non-embedding, total or active) equal its baseline's within ±1%."""
     target: dict[str, int] = {}
     for r in runs:
@@ -376,8 +458,11 @@ def match_params(runs: list[Run], g: GridConfig, src: str, tol: float = 0.01) ->
         if r.variant.name not in cache:
             cache[r.variant.name] = resize(r.cfg, goal, tol, src, r.variant.name, g.match)
         cfg, adjust = cache[r.variant.name]
-        out.append(replace(r, cfg=replace(cfg, seed=r.seed, init_seed=r.cfg.init_seed, data_seed=r.cfg.data_seed),
-                           adjust=adjust))
+        out.append(
+            replace(
+                r, cfg=replace(cfg, seed=r.seed, init_seed=r.cfg.init_seed, data_seed=r.cfg.data_seed), adjust=adjust
+            )
+        )
     return out
 
 
@@ -385,18 +470,11 @@ def resize(cfg, goal: int, tol: float, src: str, name: str, kind: str = "params"
     count = lambda c: params_of(c, kind)  # noqa: E731
     if abs(count(cfg) - goal) <= tol * goal:
         return cfg, {}
-    moe = getattr(cfg.components, "moe", None)
-    if moe is not None and moe.enabled:
-        key = "components.moe.expert_hidden"
-        old = moe.expert_hidden or cfg.model.ffn_hidden // (moe.top_k + moe.n_shared)
+    ((ffn, ffn_cfg),) = registry.enabled("ffn", cfg.components)
+    key, old = ffn.cls_for(ffn_cfg).width(cfg.model, ffn_cfg)  # the FFN plugin names its width
 
-        def at(h):
-            return replace(cfg, components=replace(cfg.components, moe=replace(moe, expert_hidden=h)))
-    else:
-        key, old = "model.ffn_hidden", cfg.model.ffn_hidden
-
-        def at(h):
-            return replace(cfg, model=replace(cfg.model, ffn_hidden=h))
+    def at(h):
+        return config.replace_dotted(cfg, key, h)
 
     lo, hi = 1, max(2 * old, 8)
     while count(at(hi)) < goal and hi < 1 << 20:
@@ -407,15 +485,23 @@ def resize(cfg, goal: int, tol: float, src: str, name: str, kind: str = "params"
     best = min({max(lo - 1, 1), lo}, key=lambda h: abs(count(at(h)) - goal))
     what = {"params": "non-embedding active", "params_total": "total", "params_active": "active"}[kind]
     if best < old / 2:
-        raise ConfigError(src, "grid.match", f"matching {what} params would shrink variant `{name}`'s {key} "
-                          f"from {old} to {best}, below half its width: that is a different, broken model, "
-                          "not a matched one",
-                          "use `match: none` (and report params beside the result), or `match: flops`, or "
-                          "match a variant whose parameters the FFN can absorb")
+        raise ConfigError(
+            src,
+            "grid.match",
+            f"matching {what} params would shrink variant `{name}`'s {key} "
+            f"from {old} to {best}, below half its width: that is a different, broken model, "
+            "not a matched one",
+            "use `match: none` (and report params beside the result), or `match: flops`, or "
+            "match a variant whose parameters the FFN can absorb",
+        )
     if abs(count(at(best)) - goal) > tol * goal:
-        raise ConfigError(src, "grid.match", f"variant `{name}` cannot reach the baseline's {goal:,} {what} params "
-                          f"within {tol:.0%} by resizing {key} (closest: {count(at(best)):,})",
-                          "use `match: none`, or change the variant so the FFN width can absorb the difference")
+        raise ConfigError(
+            src,
+            "grid.match",
+            f"variant `{name}` cannot reach the baseline's {goal:,} {what} params "
+            f"within {tol:.0%} by resizing {key} (closest: {count(at(best)):,})",
+            "use `match: none`, or change the variant so the FFN width can absorb the difference",
+        )
     return at(best), {key: [old, best]}
 
 
@@ -426,16 +512,21 @@ def match_flops(runs: list[Run], src: str, tol: float = 0.02) -> list[Run]:
     for r in runs:
         if r.variant.name not in fpt:
             fpt[r.variant.name] = flops_per_token(r.cfg)
-    budget = {r.variant.name: train_flops(r.cfg, fpt[r.variant.name]) for r in runs
-              if r.variant.name == r.variant.baseline}
+    budget = {
+        r.variant.name: train_flops(r.cfg, fpt[r.variant.name]) for r in runs if r.variant.name == r.variant.baseline
+    }
     out = []
     for r in runs:
         steps = max(1, round(budget[r.variant.baseline] / train_flops(r.cfg, fpt[r.variant.name], steps=1)))
         old = r.cfg.train.max_steps
         if steps < r.cfg.train.warmup_steps:
-            raise ConfigError(src, "grid.match", f"matching FLOPs gives variant `{r.variant.name}` {steps} steps, "
-                              f"fewer than its {r.cfg.train.warmup_steps} warm-up steps",
-                              "train the baseline longer or shorten train.warmup_steps")
+            raise ConfigError(
+                src,
+                "grid.match",
+                f"matching FLOPs gives variant `{r.variant.name}` {steps} steps, "
+                f"fewer than its {r.cfg.train.warmup_steps} warm-up steps",
+                "train the baseline longer or shorten train.warmup_steps",
+            )
         cfg = replace(r.cfg, train=replace(r.cfg.train, max_steps=steps))
         out.append(replace(r, cfg=cfg, adjust={"train.max_steps": [old, steps]} if steps != old else {}))
     return out
@@ -467,8 +558,16 @@ def plan_table(runs: list[Run], grid_dir: Path, title: str = "") -> str:
         b = base.get(r.variant.baseline, n)
         m = read_json(r.folder / "metrics.json") or {}
         adj = "; ".join(f"{k} {a}->{b_}" for k, (a, b_) in r.adjust.items())
-        rows.append((r.cfg.name, str(r.seed), f"{n:,}", f"{100 * (n - b) / b:+.2f}%",
-                     m.get("status", "new"), r.variant.change + (f" [{adj}]" if adj else "")))
+        rows.append(
+            (
+                r.cfg.name,
+                str(r.seed),
+                f"{n:,}",
+                f"{100 * (n - b) / b:+.2f}%",
+                m.get("status", "new"),
+                r.variant.change + (f" [{adj}]" if adj else ""),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return f"grid {grid_dir}: {len(runs)} runs{': ' + title if title else ''}\n" + "\n".join(lines)
@@ -495,8 +594,9 @@ def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = ()) -> di
         for cmd in commands:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m {' '.join(cmd)}\n".encode())
             log.flush()
-            rc = subprocess.run([sys.executable, "-m", *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                env=child_env(parallel)).returncode
+            rc = subprocess.run(
+                [sys.executable, "-m", *cmd], stdout=log, stderr=subprocess.STDOUT, env=child_env(parallel)
+            ).returncode
             if rc != 0:
                 break
     return {"returncode": rc, "wall_s": time.perf_counter() - t0}
@@ -517,17 +617,36 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
     rc = outcome.get("returncode", 0)
     if status == "running" and "skipped" not in outcome:  # the process ended without finishing
         status = "failed"
-    rec = {"variant": r.variant.name, "run": r.cfg.name, "seed": r.seed, "baseline": r.variant.baseline,
-           "change": r.variant.change, "kind": r.variant.kind, "folder": str(r.folder.relative_to(grid_dir)),
-           "status": status, "adjust": r.adjust, **outcome}
+    rec = {
+        "variant": r.variant.name,
+        "run": r.cfg.name,
+        "seed": r.seed,
+        "baseline": r.variant.baseline,
+        "change": r.variant.change,
+        "kind": r.variant.kind,
+        "folder": str(r.folder.relative_to(grid_dir)),
+        "status": status,
+        "adjust": r.adjust,
+        **outcome,
+    }
     if status != "finished":
         rec["error"] = m.get("error") or last_error(r.folder) or f"exit code {rc}"
         if rc is not None and rc < 0:
             rec["error"] = f"killed by signal {-rc}; rerun the grid to resume. Last output: {rec['error']}"
     elif rc not in (0, None):  # trained, but the evaluation after it failed (see log.txt)
         rec["eval_error"] = last_error(r.folder)
-    for k in ["val_loss", "val_bpb", "params", "flops_per_token", "tokens_per_s", "mfu", "dead_components", "step",
-              "instability", "train_tokens"]:
+    for k in [
+        "val_loss",
+        "val_bpb",
+        "params",
+        "flops_per_token",
+        "tokens_per_s",
+        "mfu",
+        "dead_components",
+        "step",
+        "instability",
+        "train_tokens",
+    ]:
         if k in m:
             rec[k] = m[k]
     rec.update(eval_columns(read_json(r.folder / "eval.json") or {}))
@@ -551,20 +670,39 @@ def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str, tune
     seen: dict[str, dict] = {}
     for r in runs:
         v = r.variant
-        seen.setdefault(v.name, {"name": v.name, "change": v.change, "kind": v.kind, "baseline": v.baseline,
-                                 "overrides": v.overrides, "axes": v.axes, "adjust": r.adjust,
-                                 "seed_offset": v.seed_offset, "tune_as": v.tune_as or v.name,
-                                 "max_steps": r.cfg.train.max_steps})
-    write_json(grid_dir / "grid.json", {"source": source, "baseline": g.baseline, "seeds": g.seeds,
-                                        "match": g.match, "margin": g.margin, "controls": g.controls,
-                                        "tune": None if g.tune is None else vars(g.tune),
-                                        "tuned": tuned or {}, "variants": list(seen.values())})
+        seen.setdefault(
+            v.name,
+            {
+                "name": v.name,
+                "change": v.change,
+                "kind": v.kind,
+                "baseline": v.baseline,
+                "overrides": v.overrides,
+                "axes": v.axes,
+                "adjust": r.adjust,
+                "seed_offset": v.seed_offset,
+                "tune_as": v.tune_as or v.name,
+                "max_steps": r.cfg.train.max_steps,
+            },
+        )
+    write_json(
+        grid_dir / "grid.json",
+        {
+            "source": source,
+            "baseline": g.baseline,
+            "seeds": g.seeds,
+            "match": g.match,
+            "margin": g.margin,
+            "controls": g.controls,
+            "tune": None if g.tune is None else vars(g.tune),
+            "tuned": tuned or {},
+            "variants": list(seen.values()),
+        },
+    )
 
 
 def prepare_folder(r: Run) -> str | None:
     """Write the run's config.yaml (or check the one there); returns an error message or None."""
-    from escarda_lab.run import check_same_config
-
     text = config.to_yaml(r.cfg)
     try:
         check_same_config(r.folder, text, "grid")
@@ -575,8 +713,9 @@ def prepare_folder(r: Run) -> str | None:
     return None
 
 
-def run_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_run: bool = False,
-             echo=print) -> list[dict]:
+def run_grid(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_run: bool = False, echo=print
+) -> list[dict]:
     tuned = None
     g, runs, grid_dir = expand(path, overrides)
     if g.tune is not None:
@@ -588,12 +727,19 @@ def run_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_
         train_runs(g, tune_runs, grid_dir / "tune", echo)
         tuned = pick_tuned(g, tune_runs)
         for name, t in tuned.items():
-            echo(f"tuned {name}: {t['key']} = {t['value']} (val loss by value: "
-                 + ", ".join(f"{v}: {'failed' if x is None else f'{x:.4f}'}" for v, x in t["scores"].items()) + ")")
+            echo(
+                f"tuned {name}: {t['key']} = {t['value']} (val loss by value: "
+                + ", ".join(f"{v}: {'failed' if x is None else f'{x:.4f}'}" for v, x in t["scores"].items())
+                + ")"
+            )
         missing = [n for n, t in tuned.items() if t["value"] is None]
         if missing:
-            raise UserError(str(path), "grid.tune", f"every tuning run of {', '.join(missing)} failed or diverged",
-                            f"see {grid_dir / 'tune'}/*/seed*/log.txt; widen tune.values towards smaller values")
+            raise UserError(
+                str(path),
+                "grid.tune",
+                f"every tuning run of {', '.join(missing)} failed or diverged",
+                f"see {grid_dir / 'tune'}/*/seed*/log.txt; widen tune.values towards smaller values",
+            )
         g, runs, grid_dir = expand(path, overrides, tuned={n: t["value"] for n, t in tuned.items()})
     echo(plan_table(runs, grid_dir))
     if dry_run:
@@ -615,11 +761,16 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
     def save(r: Run, rec: dict) -> None:
         with lock:
             results[(r.cfg.name, r.seed)] = rec
-            lines = [json.dumps(results[(x.cfg.name, x.seed)], sort_keys=True, default=str)
-                     for x in runs if (x.cfg.name, x.seed) in results]
+            lines = [
+                json.dumps(results[(x.cfg.name, x.seed)], sort_keys=True, default=str)
+                for x in runs
+                if (x.cfg.name, x.seed) in results
+            ]
             atomic_write(grid_dir / "results.jsonl", "\n".join(lines) + "\n")
-            echo(f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
-                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})"))
+            echo(
+                f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
+                + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
+            )
 
     todo = []
     for r in runs:
@@ -646,20 +797,31 @@ def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> Non
     try:
         import submitit
     except ImportError:
-        raise ConfigError("grid", "grid.launcher", "launcher: submitit needs the submitit package",
-                          "pip install submitit, or use `launcher: local`") from None
+        raise ConfigError(
+            "grid",
+            "grid.launcher",
+            "launcher: submitit needs the submitit package",
+            "pip install submitit, or use `launcher: local`",
+        ) from None
     if not todo:
         return
     s = g.submitit
     ex = submitit.AutoExecutor(folder=str(grid_dir / "submitit" / "%j"), cluster=s.cluster)
-    params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node,
-                              "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb, "nodes": s.nodes,
-                              "name": grid_dir.name, "slurm_array_parallelism": g.parallel}
+    params: dict[str, Any] = {
+        "timeout_min": s.timeout_min,
+        "gpus_per_node": s.gpus_per_node,
+        "cpus_per_task": s.cpus_per_task,
+        "mem_gb": s.mem_gb,
+        "nodes": s.nodes,
+        "name": grid_dir.name,
+        "slurm_array_parallelism": g.parallel,
+    }
     if s.partition:
         params["slurm_partition"] = s.partition
     ex.update_parameters(**params)
-    jobs = ex.map_array(run_one, [str(r.folder / "config.yaml") for r in todo], [g.parallel] * len(todo),
-                        [eval_args(g)] * len(todo))
+    jobs = ex.map_array(
+        run_one, [str(r.folder / "config.yaml") for r in todo], [g.parallel] * len(todo), [eval_args(g)] * len(todo)
+    )
     for r, job in zip(todo, jobs):
         try:
             outcome = {**job.result(), "job_id": job.job_id}

@@ -1,4 +1,4 @@
-"""The one place for run-folder layout and atomic writes."""
+"""The one place for atomic writes (temp file in the same folder, fsync, rename) and JSON."""
 
 from __future__ import annotations
 
@@ -34,8 +34,3 @@ def write_json(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> dict | None:
     path = Path(path)
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def run_dir(cfg) -> Path:
-    """<output.dir>/<name>/seed<seed>/ (a grid sets output.dir to runs/<grid> and name to the variant)."""
-    return Path(cfg.output.dir) / cfg.name / f"seed{cfg.seed}"

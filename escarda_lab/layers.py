@@ -1,11 +1,28 @@
-"""Shared primitives: RMSNorm, decoupled RoPE, SwiGLU, causal SDPA. Plugins build from these."""
+"""Shared primitives: RMSNorm, decoupled RoPE, SwiGLU, causal SDPA, token hashing, the pad id,
+the stats-probe guard. Plugins build from these (and from `escarda_lab.registry`), nothing else."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from typing import NamedTuple
+
+PAD = 0  # the tokenizer's <pad> id: what n-gram histories hold before the first token
+PRIME = 2_147_483_629  # a prime below 2^31: (x · a + c) stays inside int64
+
+
+def token_hash(ids: Tensor, head: int, n_buckets: int, seed: int = 0) -> Tensor:
+    """A fixed universal hash of token ids into [0, n_buckets): depends only on (id, head, seed)."""
+    a = (2_654_435_761 * (2 * head + 1) + 97_531 * seed) % PRIME or 1
+    c = (40_503 * (head + 1) + 7_919 * seed) % PRIME
+    return ((ids.long() * a + c) % PRIME) % n_buckets
+
+
+def probing(module: nn.Module) -> bool:
+    """Whether a forward should keep detached tensors for `stats()`: training, not compiling."""
+    return module.training and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +55,7 @@ class Rope(nn.Module):
 
     def at(self, start: int, length: int) -> "Rotary":
         """The rotation for positions start .. start+length-1."""
-        return Rotary(self.cos[start:start + length], self.sin[start:start + length], self.style)
+        return Rotary(self.cos[start : start + length], self.sin[start : start + length], self.style)
 
 
 class Rotary(NamedTuple):
@@ -55,9 +72,9 @@ class Rotary(NamedTuple):
             return x
         cos, sin = self.cos, self.sin
         hd = x.shape[-1]
-        nope, rot = x[..., : hd - r], x[..., hd - r:]
+        nope, rot = x[..., : hd - r], x[..., hd - r :]
         if self.style == "half":
-            x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+            x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
             rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         else:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]

@@ -25,7 +25,7 @@ from escarda_lab.evaluate import Scorer
 class EscardaEvalLM(LM):
     def __init__(self, pretrained: str, batch_size: int | str = 16, device: str = "cpu", **kwargs):
         super().__init__()
-        from escarda_lab.generate import load_run
+        from escarda_lab.runs import load_run
 
         model, self.tok, self.cfg = load_run(pretrained)
         self.model = model.to(device)
@@ -49,8 +49,14 @@ class EscardaEvalLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
             prompt = [self.tok.bos_id] + self.tok.encode(context)
-            new = generate(self.model, prompt, int(kw.get("max_gen_toks", 256)), temperature=temperature,
-                           stop_ids=(EOS, IM_END), seed=0)
+            new = generate(
+                self.model,
+                prompt,
+                int(kw.get("max_gen_toks", 256)),
+                temperature=temperature,
+                stop_ids=(EOS, IM_END),
+                seed=0,
+            )
             text = self.tok.decode(new)
             for stop in until:
                 text = text.split(stop)[0]
@@ -68,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-path", default=None, help="folder of local task YAML files")
     p.add_argument("--limit", type=int, default=None)
     args = p.parse_args(argv)
-    res = lm_eval.simple_evaluate(model=EscardaEvalLM(args.run), tasks=args.tasks.split(","), limit=args.limit,
-                                  task_manager=TaskManager(include_path=args.include_path))
+    res = lm_eval.simple_evaluate(
+        model=EscardaEvalLM(args.run),
+        tasks=args.tasks.split(","),
+        limit=args.limit,
+        task_manager=TaskManager(include_path=args.include_path),
+    )
     print(json.dumps(res["results"], indent=2, default=str))
     return 0
 

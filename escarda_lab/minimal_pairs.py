@@ -11,32 +11,90 @@ import random
 from dataclasses import dataclass
 
 # Nouns: (singular, plural, gender of the singular: m / f / n)
-NOUNS = [("king", "kings", "m"), ("queen", "queens", "f"), ("knight", "knights", "m"), ("lady", "ladies", "f"),
-         ("lord", "lords", "m"), ("servant", "servants", "n"), ("soldier", "soldiers", "n"),
-         ("prince", "princes", "m"), ("princess", "princesses", "f"), ("father", "fathers", "m"),
-         ("mother", "mothers", "f"), ("brother", "brothers", "m"), ("sister", "sisters", "f"),
-         ("friend", "friends", "n"), ("stranger", "strangers", "n"), ("man", "men", "m"),
-         ("woman", "women", "f"), ("boy", "boys", "m"), ("girl", "girls", "f"), ("child", "children", "n")]
-THINGS = [("sword", "swords"), ("letter", "letters"), ("crown", "crowns"), ("house", "houses"),
-          ("horse", "horses"), ("book", "books"), ("ship", "ships"), ("ring", "rings"), ("gate", "gates"),
-          ("tower", "towers"), ("garden", "gardens"), ("cup", "cups")]
+NOUNS = [
+    ("king", "kings", "m"),
+    ("queen", "queens", "f"),
+    ("knight", "knights", "m"),
+    ("lady", "ladies", "f"),
+    ("lord", "lords", "m"),
+    ("servant", "servants", "n"),
+    ("soldier", "soldiers", "n"),
+    ("prince", "princes", "m"),
+    ("princess", "princesses", "f"),
+    ("father", "fathers", "m"),
+    ("mother", "mothers", "f"),
+    ("brother", "brothers", "m"),
+    ("sister", "sisters", "f"),
+    ("friend", "friends", "n"),
+    ("stranger", "strangers", "n"),
+    ("man", "men", "m"),
+    ("woman", "women", "f"),
+    ("boy", "boys", "m"),
+    ("girl", "girls", "f"),
+    ("child", "children", "n"),
+]
+THINGS = [
+    ("sword", "swords"),
+    ("letter", "letters"),
+    ("crown", "crowns"),
+    ("house", "houses"),
+    ("horse", "horses"),
+    ("book", "books"),
+    ("ship", "ships"),
+    ("ring", "rings"),
+    ("gate", "gates"),
+    ("tower", "towers"),
+    ("garden", "gardens"),
+    ("cup", "cups"),
+]
 # Verbs: (3rd person singular, plural / base) with a complement that fits every subject
-VERBS = [("is", "are", "in the hall"), ("was", "were", "at the gate"), ("has", "have", "a horse"),
-         ("walks", "walk", "to the river"), ("speaks", "speak", "of the war"), ("sleeps", "sleep", "in the tower"),
-         ("loves", "love", "the old house"), ("keeps", "keep", "the letters"), ("sees", "see", "the ships"),
-         ("fears", "fear", "the night")]
+VERBS = [
+    ("is", "are", "in the hall"),
+    ("was", "were", "at the gate"),
+    ("has", "have", "a horse"),
+    ("walks", "walk", "to the river"),
+    ("speaks", "speak", "of the war"),
+    ("sleeps", "sleep", "in the tower"),
+    ("loves", "love", "the old house"),
+    ("keeps", "keep", "the letters"),
+    ("sees", "see", "the ships"),
+    ("fears", "fear", "the night"),
+]
 PLACES = ["the tower", "the gate", "the river", "the garden", "the hall", "the castle"]
 PREPS = ["near", "behind", "beside", "with"]
 # Irregular verbs: (past, past participle, object)
-IRREGULAR = [("wrote", "written", "a letter"), ("broke", "broken", "the sword"), ("spoke", "spoken", "the truth"),
-             ("took", "taken", "the crown"), ("gave", "given", "a ring"), ("saw", "seen", "the ships"),
-             ("ate", "eaten", "the bread"), ("forgot", "forgotten", "the name"), ("hid", "hidden", "the gold"),
-             ("rode", "ridden", "the horse"), ("chose", "chosen", "a wife"), ("stole", "stolen", "the cup"),
-             ("drove", "driven", "the sheep"), ("began", "begun", "the war"), ("sang", "sung", "a song"),
-             ("drank", "drunk", "the wine"), ("threw", "thrown", "the stone"), ("knew", "known", "the truth"),
-             ("shook", "shaken", "his hand"), ("swore", "sworn", "an oath")]
-TRANSITIVE = [("praised", "praises"), ("blamed", "blames"), ("hurt", "hurts"), ("saw", "sees"),
-              ("loved", "loves"), ("forgot", "forgets"), ("deceived", "deceives"), ("hated", "hates")]
+IRREGULAR = [
+    ("wrote", "written", "a letter"),
+    ("broke", "broken", "the sword"),
+    ("spoke", "spoken", "the truth"),
+    ("took", "taken", "the crown"),
+    ("gave", "given", "a ring"),
+    ("saw", "seen", "the ships"),
+    ("ate", "eaten", "the bread"),
+    ("forgot", "forgotten", "the name"),
+    ("hid", "hidden", "the gold"),
+    ("rode", "ridden", "the horse"),
+    ("chose", "chosen", "a wife"),
+    ("stole", "stolen", "the cup"),
+    ("drove", "driven", "the sheep"),
+    ("began", "begun", "the war"),
+    ("sang", "sung", "a song"),
+    ("drank", "drunk", "the wine"),
+    ("threw", "thrown", "the stone"),
+    ("knew", "known", "the truth"),
+    ("shook", "shaken", "his hand"),
+    ("swore", "sworn", "an oath"),
+]
+TRANSITIVE = [
+    ("praised", "praises"),
+    ("blamed", "blames"),
+    ("hurt", "hurts"),
+    ("saw", "sees"),
+    ("loved", "loves"),
+    ("forgot", "forgets"),
+    ("deceived", "deceives"),
+    ("hated", "hates"),
+]
 NUMBERS = ["two", "three", "four", "five", "many", "some"]
 ADJECTIVES = ["old", "new", "fine", "strange", "small", "great", "dark", "fair"]
 PARTICIPLES = ["seen", "known", "heard", "loved", "feared", "found"]
@@ -160,8 +218,13 @@ PARADIGMS = {
     "existential_there": existential_there,
     "negative_polarity": negative_polarity,
 }
-AGREEMENT = ["sv_agreement", "sv_agreement_across_pp", "sv_agreement_across_rc", "determiner_noun_agreement",
-             "anaphor_agreement"]
+AGREEMENT = [
+    "sv_agreement",
+    "sv_agreement_across_pp",
+    "sv_agreement_across_rc",
+    "determiner_noun_agreement",
+    "anaphor_agreement",
+]
 
 
 def generate(per_paradigm: int = 200, seed: int = 0, paradigms: list[str] | None = None) -> list[Pair]:

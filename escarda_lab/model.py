@@ -28,7 +28,7 @@ class ModelOutput:
     hidden: Tensor  # [B, T, D] final hidden state, before the final norm
     aux_losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)  # name -> (term, weight)
     cache: "Cache | None" = None
-    model: "EscardaLM | None" = field(default=None, repr=False)  # objectives reach head / embed here
+    lm: "LMHandle | None" = field(default=None, repr=False)  # what objectives may use of the model
     _nll_lse: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     def nll_lse(self, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,14 +92,15 @@ def seeded(seed: int, name: str):
 
 class Block(nn.Module):
     def __init__(self, m, comps, layer: int):
+        """comps: the components config (None: the slot baselines only)."""
         super().__init__()
-        (att, att_cfg), = registry.enabled("attention", comps)
-        (ffn, ffn_cfg), = registry.enabled("ffn", comps)
-        modifiers = [e.cls(m, c) for e, c in registry.enabled("attention_modifier", comps)]
+        ((att, att_cfg),) = registry.enabled("attention", comps) if comps is not None else [baseline("attention")]
+        ((ffn, ffn_cfg),) = registry.enabled("ffn", comps) if comps is not None else [baseline("ffn")]
+        mods = registry.enabled("attention_modifier", comps) if comps is not None else []
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.attn = att.cls(m, att_cfg, layer=layer, modifiers=modifiers)
+        self.attn = att.build(m, att_cfg, layer=layer, modifiers=[e.build(m, c) for e, c in mods])
         self.ffn_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.ffn = ffn.cls(m, ffn_cfg, layer=layer)
+        self.ffn = ffn.build(m, ffn_cfg, layer=layer)
         self.ffn_needs_ids = getattr(self.ffn, "needs_ids", False)  # e.g. MoE routed by token-id hash
         self.layer = layer
 
@@ -107,6 +108,40 @@ class Block(nn.Module):
         S = residual.sublayer(S, lambda x: self.attn(self.attn_norm(x), rotary, cache), 2 * self.layer)
         kw = {"ids": ids} if self.ffn_needs_ids else {}
         return residual.sublayer(S, lambda x: self.ffn(self.ffn_norm(x), **kw), 2 * self.layer + 1)
+
+
+def own_stats(stats: dict[str, float], name: str) -> dict[str, float]:
+    """The `<name>/<stat>` entries of `stats`, keyed by `<stat>`."""
+    return {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith(name + "/")}
+
+
+def baseline(slot: str) -> tuple[registry.Entry, registry.ComponentConfig]:
+    return registry.baseline(slot), registry.ComponentConfig(enabled=True)
+
+
+class LMHandle:
+    """What an objective may use of the model, and nothing else (not a module: owns no weights)."""
+
+    def __init__(self, model: "EscardaLM"):
+        self._model = model
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self._model.embed(ids)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The output head on hidden states h [.., D]: final norm, then the (tied) projection."""
+        return self._model.logits(h)
+
+    def rotary(self, pos: int, T: int):
+        return self._model.rope.at(pos, T)
+
+    def baseline_block(self, layer: int = 0) -> "Block":
+        """A new block of the slot baselines (attention and FFN) at the model's shape."""
+        return Block(self._model.cfg, None, layer)
+
+    def plain_residual(self) -> nn.Module:
+        ((entry, cfg),) = [baseline("residual")]
+        return entry.build(self._model.cfg, cfg, n_sites=0)
 
 
 class EscardaLM(nn.Module):
@@ -120,12 +155,12 @@ class EscardaLM(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         # Keyed by plugin name (not position), so a plugin's parameter names, and with them its
         # initial values, do not depend on which other embedding plugins are on.
-        self.embedders = nn.ModuleDict({e.name: e.cls(m, c) for e, c in registry.enabled("embedding", comps)})
-        (res, res_cfg), = registry.enabled("residual", comps)
-        self.residual = res.cls(m, res_cfg, n_sites=2 * m.n_layers)
+        self.embedders = nn.ModuleDict({e.name: e.build(m, c) for e, c in registry.enabled("embedding", comps)})
+        ((res, res_cfg),) = registry.enabled("residual", comps)
+        self.residual = res.build(m, res_cfg, n_sites=2 * m.n_layers)
         self.blocks = nn.ModuleList(Block(m, comps, i) for i in range(m.n_layers))
         refine = registry.enabled("refine", comps)
-        self.refine = refine[0][0].cls(m, refine[0][1]) if refine else None
+        self.refine = refine[0][0].build(m, refine[0][1]) if refine else None
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
@@ -133,12 +168,11 @@ class EscardaLM(nn.Module):
         self.rope = Rope(m.rope_dim, m.max_seq_len, m.rope_theta, m.rope_style)
         # Objectives may own parameters (JEPA predictor, MTP heads): they live in the model.
         self.objectives = nn.ModuleDict(
-            {e.name: e.cls(m, c) for e, c in registry.enabled("objective", comps)})
+            {e.name: e.build(m, c, lm=LMHandle(self)) for e, c in registry.enabled("objective", comps)}
+        )
         self.init_seed = config.seeds(cfg)[0]
         self.reset_parameters()
-        self._block_hooks = tuple(e for e in self.embedders.values() if hasattr(e, "before_block"))
-        self._aux_modules = tuple((n, mod) for n, mod in self.plugin_modules()
-                                  if getattr(mod, "emits_aux_loss", False))
+        self._plugins = tuple(self.plugin_modules())
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix; then each plugin's own `init_weights()`.
@@ -156,7 +190,7 @@ class EscardaLM(nn.Module):
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
         for name, mod in named:  # after the matrices: a plugin may re-initialise its children
-            if mod is not self and hasattr(mod, "init_weights"):
+            if isinstance(mod, registry.Plugin):
                 with seeded(self.init_seed, name + "#init_weights"):
                     mod.init_weights()
 
@@ -179,7 +213,7 @@ class EscardaLM(nn.Module):
         rotary = self.rope.at(pos, T)
         S = self.residual.expand(x)
         for block in self.blocks:
-            for e in self._block_hooks:
+            for e in self.embedders.values():
                 S = e.before_block(ids, S, self.residual, block.layer, cache)
             S = block(S, self.residual, rotary, cache, ids)
         h = self.residual.collapse(S)
@@ -188,20 +222,17 @@ class EscardaLM(nn.Module):
         logits = self.logits(h)
         if cache is not None:
             cache.pos += T
-        return ModelOutput(logits, h, self.aux_losses(), cache=cache, model=self)
+        return ModelOutput(logits, h, self.aux_losses(), cache=cache, lm=LMHandle(self))
 
-    def plugin_modules(self) -> list[tuple[str, nn.Module]]:
+    def plugin_modules(self) -> list[tuple[str, registry.Plugin]]:
         """(component name, module) for every plugin instance in the model."""
-        return [(m.component_name, m) for m in self.modules() if hasattr(m, "component_name")]
+        return [(m.component_name, m) for m in self.modules() if isinstance(m, registry.Plugin)]
 
     def aux_losses(self) -> dict[str, tuple[Tensor, float]]:
-        """Losses plugins left during forward (`self.aux_loss = (term, weight)`), summed by name.
-
-        Only plugins whose class sets `emits_aux_loss = True` are asked (listed once at init).
-        """
+        """Losses plugins left during forward (`self.aux_loss = (term, weight)`), summed by name."""
         out: dict[str, tuple[Tensor, float]] = {}
-        for name, mod in self._aux_modules:
-            aux = getattr(mod, "aux_loss", None)
+        for name, mod in self._plugins:
+            aux = mod.aux_loss
             if aux is not None:
                 term, weight = aux
                 out[name] = (out[name][0] + term, weight) if name in out else (term, weight)
@@ -213,11 +244,10 @@ class EscardaLM(nn.Module):
         final: the last `stats()`; peak: the largest |value| each stat reached during the run.
         """
         flags: dict[str, str] = {}
-        for name, mod in self.plugin_modules():
-            if name in flags or not hasattr(mod, "health"):
+        for name, mod in self._plugins:
+            if name in flags:
                 continue
-            own = lambda d: {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(name + "/")}
-            reason = mod.health(own(final), own(peak))
+            reason = mod.health(own_stats(final, name), own_stats(peak, name))
             if reason:
                 flags[name] = reason
         return flags
@@ -226,8 +256,7 @@ class EscardaLM(nn.Module):
     def stats(self) -> dict[str, float]:
         """Health signals of every plugin, `<component>/<stat>`, averaged over its instances."""
         acc: dict[str, list[float]] = {}
-        for name, mod in self.plugin_modules():
-            if hasattr(mod, "stats"):
-                for k, v in mod.stats().items():
-                    acc.setdefault(f"{name}/{k}", []).append(float(v))
+        for name, mod in self._plugins:
+            for k, v in mod.stats().items():
+                acc.setdefault(f"{name}/{k}", []).append(float(v))
         return {k: sum(v) / len(v) for k, v in acc.items()}

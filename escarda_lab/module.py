@@ -15,6 +15,7 @@ from escarda_lab.errors import Diverged
 from escarda_lab.evaluate import summarize, window_nll
 from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
+from escarda_lab.registry import Plugin
 
 
 def lr_factor(step: int, t) -> float:
@@ -29,15 +30,28 @@ def lr_factor(step: int, t) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases, gates and scales (ndim < 2, or a parameter a plugin
-    marked `no_weight_decay = True`) are not decayed."""
+    """Decay matrices only: norms, biases, gates and scales (ndim < 2, or listed by a plugin's
+    `no_weight_decay()`) are not decayed."""
+    keep = {id(p) for m in model.modules() if isinstance(m, Plugin) for p in m.no_weight_decay()}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
+        (decay if p.ndim >= 2 and id(p) not in keep else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer(model: torch.nn.Module, t, device: torch.device):
+    """AdamW over `param_groups` with the warmup + `schedule` learning-rate factor (per step)."""
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), **fused)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
+
+
+def after_step_hooks(model) -> list:
+    """The plugins that define `after_step` (called after every optimizer step)."""
+    return [m for _, m in model.plugin_modules() if type(m).after_step is not Plugin.after_step]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -66,8 +80,11 @@ def resolve_runtime(cfg):
     if precision == "auto":
         precision = "bf16-mixed" if gpu else "32-true"
     if not gpu and precision.startswith("bf16") and not cpu_has_native_bf16():
-        warnings.warn(f"train.precision={precision} asked for, but this CPU has no native bf16 "
-                      "(avx512_bf16 / amx_bf16): training in fp32 instead", stacklevel=2)
+        warnings.warn(
+            f"train.precision={precision} asked for, but this CPU has no native bf16 "
+            "(avx512_bf16 / amx_bf16): training in fp32 instead",
+            stacklevel=2,
+        )
         precision = "32-true"
     if compile_ == "auto":
         compile_ = gpu
@@ -89,7 +106,7 @@ class EscardaModule(L.LightningModule):
         self.stat_peak: dict[str, float] = {}  # largest |stat| seen at a log step (dead-component checks)
         # Every step's gradient norm (before clipping), kept on the device: spikes are an outcome.
         self.grad_norms = torch.full((cfg.train.max_steps,), float("nan"))
-        self._after_step = [m for _, m in self.model.plugin_modules() if hasattr(m, "after_step")]
+        self._after_step = after_step_hooks(self.model)
 
     def configure_model(self) -> None:
         """Compiled here, inside fit, so FLOP counting and checkpoint loading see the eager model."""
@@ -99,11 +116,7 @@ class EscardaModule(L.LightningModule):
 
     # --------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        t = self.cfg.train
-        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
-        opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
-                                betas=(t.beta1, t.beta2), **fused)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
+        opt, sched = optimizer(self.model, self.cfg.train, self.device)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def compute_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
@@ -157,8 +170,10 @@ class EscardaModule(L.LightningModule):
             return
         step = self.global_step - 1  # the step whose loss was computed
         if self.trainer.world_size > 1:  # every rank logs at the same steps: average the losses
-            self._pending = {k: self.trainer.strategy.reduce(v, reduce_op="mean") if k.startswith("train/") else v
-                             for k, v in self._pending.items()}
+            self._pending = {
+                k: self.trainer.strategy.reduce(v, reduce_op="mean") if k.startswith("train/") else v
+                for k, v in self._pending.items()
+            }
         tps = self._window_steps * self.tokens_per_step / self._window_seconds
         self._pending["perf/tokens_per_s"] = tps
         if self.flops_per_token and self.peak_flops:
@@ -209,8 +224,7 @@ def instability(grad_norms: Tensor, warmup_steps: int, factor: float = SPIKE_FAC
         return {"grad_spikes": 0, "spike_steps": [], "max_grad_ratio": float("nan")}
     ratio = g / g.median().clamp_min(1e-12)
     spikes = steps[ratio > factor]
-    return {"grad_spikes": int(len(spikes)), "spike_steps": spikes[:20].tolist(),
-            "max_grad_ratio": float(ratio.max())}
+    return {"grad_spikes": int(len(spikes)), "spike_steps": spikes[:20].tolist(), "max_grad_ratio": float(ratio.max())}
 
 
 class AtomicCheckpoint(L.Callback):

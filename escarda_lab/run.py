@@ -11,57 +11,17 @@ import logging
 import os
 import sys
 import time
-import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from escarda_lab import config
-from escarda_lab.errors import ConfigError, Diverged, UserError
-from escarda_lab.io import atomic_write, read_json, run_dir, write_json
+from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
+from escarda_lab.errors import Diverged, UserError
+from escarda_lab.io import atomic_write, read_json, write_json
+from escarda_lab.runs import check_same_config, run_dir
 
 log = logging.getLogger("escarda_lab")
-
-
-def quiet_libraries() -> None:
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
-    for name in ["lightning", "lightning.pytorch", "lightning.fabric"]:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def prepare_torch() -> None:
-    torch.set_flush_denormal(True)  # denormals made tiny-model CPU steps 4-7x slower
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left under autocast
-
-
-def with_vocab(cfg, vocab_size: int, source: str):
-    """The config with model.vocab_size taken from the tokenizer (or checked against it)."""
-    if cfg.model.vocab_size is None:
-        return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))
-    if cfg.model.vocab_size < vocab_size:
-        raise ConfigError(source, "model.vocab_size",
-                          f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}",
-                          "leave model.vocab_size null to take the tokenizer's size")
-    return cfg
-
-
-def check_same_config(folder: Path, new_yaml: str, source: str) -> None:
-    """Refuse to resume a run folder written by a different config (it would mix two runs)."""
-    old = folder / "config.yaml"
-    if old.exists() and old.read_text() != new_yaml:
-        from omegaconf import OmegaConf
-
-        a = config.flatten(OmegaConf.to_container(OmegaConf.create(old.read_text())))
-        b = config.flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
-        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        raise ConfigError(source, ", ".join(diff[:4]),
-                          f"{folder} already holds a run with a different config",
-                          "give this experiment another `name` (or seed), or delete that folder to start over")
 
 
 def train(cfg, source: str = "experiment") -> dict:
@@ -82,7 +42,7 @@ def train(cfg, source: str = "experiment") -> dict:
         return previous
 
     tokens = data.prepare(cfg.data, source)
-    cfg = with_vocab(cfg, tokens.tokenizer.vocab_size, source)
+    cfg = config.with_vocab(cfg, tokens.tokenizer.vocab_size, source)
     resolved = config.to_yaml(cfg)
     check_same_config(folder, resolved, source)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,27 +55,47 @@ def train(cfg, source: str = "experiment") -> dict:
     peak = accounting.matmul_peak_flops(seconds=0.3, **accounting.probe_kind(cfg))
     module = EscardaModule(cfg, tokens.token_bytes, peak_flops=peak)
     module.flops_per_token = accounting.train_flops_per_token(
-        module.model, lambda b: module.compute_loss(b)[0], cfg.data.seq_len)
+        module.model, lambda b: module.compute_loss(b)[0], cfg.data.seq_len
+    )
     dm = data.EscardaData(cfg, tokens)
     ckpt = folder / "last.ckpt"
     resume = ckpt if ckpt.exists() else None
     start_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if resume else 0
     if resume:
         log.info("%s: resuming from step %d", folder, start_step)
-    logger = TensorBoardLogger(save_dir=str(folder), name="", version="", default_hp_metric=False,
-                               purge_step=start_step or None)
+    logger = TensorBoardLogger(
+        save_dir=str(folder), name="", version="", default_hp_metric=False, purge_step=start_step or None
+    )
     t = cfg.train
     trainer = L.Trainer(
-        max_steps=t.max_steps, val_check_interval=t.val_every, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, log_every_n_steps=1, enable_checkpointing=False,
-        callbacks=[AtomicCheckpoint(ckpt, t.checkpoint_every)], logger=logger,
-        precision=t.precision, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, use_distributed_sampler=False,
-        enable_model_summary=False, enable_progress_bar=sys.stderr.isatty(), default_root_dir=str(folder),
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        callbacks=[AtomicCheckpoint(ckpt, t.checkpoint_every)],
+        logger=logger,
+        precision=t.precision,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        default_root_dir=str(folder),
     )
     params = accounting.param_counts(module.model)
-    base = {"name": cfg.name, "seed": cfg.seed, "params": params, "precision": t.precision, "compiled": t.compile,
-            "flops_per_token": module.flops_per_token, "peak_flops": peak}
+    base = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "params": params,
+        "precision": t.precision,
+        "compiled": t.compile,
+        "flops_per_token": module.flops_per_token,
+        "peak_flops": peak,
+    }
     if trainer.is_global_zero:
         write_json(folder / "metrics.json", {**base, "status": "running", "step": start_step})
     t0 = time.perf_counter()
@@ -123,13 +103,23 @@ def train(cfg, source: str = "experiment") -> dict:
         trainer.fit(module, dm, ckpt_path=resume)
     except Diverged as e:
         if trainer.is_global_zero:
-            write_json(folder / "metrics.json", {**base, "status": "diverged", "step": e.step, "error": str(e),
-                                                 "instability": instability(module.grad_norms, t.warmup_steps)})
+            write_json(
+                folder / "metrics.json",
+                {
+                    **base,
+                    "status": "diverged",
+                    "step": e.step,
+                    "error": str(e),
+                    "instability": instability(module.grad_norms, t.warmup_steps),
+                },
+            )
         raise
     except Exception as e:  # recorded so that a grid can report it; the checkpoint stays for a rerun
         if trainer.is_global_zero:
-            write_json(folder / "metrics.json", {**base, "status": "failed", "step": trainer.global_step,
-                                                 "error": f"{type(e).__name__}: {e}"})
+            write_json(
+                folder / "metrics.json",
+                {**base, "status": "failed", "step": trainer.global_step, "error": f"{type(e).__name__}: {e}"},
+            )
         raise
     if not trainer.is_global_zero:
         return {}
@@ -137,11 +127,16 @@ def train(cfg, source: str = "experiment") -> dict:
     # The number a grid compares: the whole validation split in non-overlapping windows.
     val = score_val_split(module.model, dm, tokens.token_bytes, module.device)
     metrics = {
-        **base, "status": "finished", "step": trainer.global_step,
-        "val_loss": val["loss"], "val_bpb": val["bpb"], "val_tokens": val["tokens"],
+        **base,
+        "status": "finished",
+        "step": trainer.global_step,
+        "val_loss": val["loss"],
+        "val_bpb": val["bpb"],
+        "val_tokens": val["tokens"],
         "train_tokens": trainer.global_step * cfg.data.batch_size * cfg.data.seq_len,
         "tokens_per_s": trainer.global_step * module.tokens_per_step / max(module.train_seconds, 1e-9),
-        "train_seconds": module.train_seconds, "wall_seconds_this_process": time.perf_counter() - t0,
+        "train_seconds": module.train_seconds,
+        "wall_seconds_this_process": time.perf_counter() - t0,
         "stats": module.model.stats(),
     }
     metrics["instability"] = instability(module.grad_norms, t.warmup_steps)
@@ -167,10 +162,6 @@ def write_hparams(folder: Path, cfg, metrics: dict) -> None:
     for k, v in final.items():
         writer.add_scalar(k, v, metrics["step"])
     writer.close()
-
-
-def user_error(e: UserError) -> str:
-    return f"escarda_lab: error in {e}"
 
 
 def run_grid(args) -> int:
@@ -199,13 +190,22 @@ def main(argv: list[str] | None = None) -> int:
         print(user_error(e), file=sys.stderr)
         return 2
     except Diverged as e:
-        print(f"escarda_lab: {e}; recorded as status=diverged in {run_dir(cfg) / 'metrics.json'}. "
-              "Lower train.lr, raise train.warmup_steps or enable z_loss.", file=sys.stderr)
+        print(
+            f"escarda_lab: {e}; recorded as status=diverged in {run_dir(cfg) / 'metrics.json'}. "
+            "Lower train.lr, raise train.warmup_steps or enable z_loss.",
+            file=sys.stderr,
+        )
         return 1
     if metrics:
-        log.info("%s: val/loss %.4f  val/bpb %.4f  (%s params, %.0f tokens/s, MFU %.1f%%)",
-                 run_dir(cfg), metrics["val_loss"], metrics["val_bpb"], f"{metrics['params']['total']:,}",
-                 metrics["tokens_per_s"], 100 * metrics.get("mfu", 0))
+        log.info(
+            "%s: val/loss %.4f  val/bpb %.4f  (%s params, %.0f tokens/s, MFU %.1f%%)",
+            run_dir(cfg),
+            metrics["val_loss"],
+            metrics["val_bpb"],
+            f"{metrics['params']['total']:,}",
+            metrics["tokens_per_s"],
+            100 * metrics.get("mfu", 0),
+        )
     return 0
 
 

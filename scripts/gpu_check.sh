@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 8): a bf16-mixed + torch.compile training smoke run, then the benchmark, on
+# GPU check: a bf16-mixed + torch.compile training smoke run, then the benchmark, on
 # whatever CUDA GPU this machine has. Writes to $OUT (default ./gpu_out).
 #   CORPUS=path/to/texts bash scripts/gpu_check.sh
 set -uo pipefail

@@ -17,17 +17,21 @@ from escarda_lab import config  # noqa: E402
 
 torch.set_flush_denormal(True)
 
-WORDS = ("the a one every some king queen lord lady knight fool city forest river house night "
-         "day love war letter sword crown speaks walks sees loves hates finds keeps gives takes "
-         "old young brave quiet proud and but or then".split())
+WORDS = (
+    "the a one every some king queen lord lady knight fool city forest river house night "
+    "day love war letter sword crown speaks walks sees loves hates finds keeps gives takes "
+    "old young brave quiet proud and but or then".split()
+)
 
 
 def make_text(n_paragraphs: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     paras = []
     for _ in range(n_paragraphs):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                 for _ in range(rng.randint(2, 6))]
+        sents = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+            for _ in range(rng.randint(2, 6))
+        ]
         paras.append(" ".join(sents))
     return "\n\n".join(paras) + "\n"
 
@@ -50,11 +54,24 @@ def corpus(tmp_path_factory) -> Path:
 def tiny_overrides(corpus: Path, out: Path, **extra) -> list[str]:
     """Overrides that shrink any experiment to a seconds-long CPU run."""
     o = {
-        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.head_dim": 16,
-        "model.n_kv_heads": 1, "model.rope_dim": 8, "model.ffn_hidden": 64, "model.max_seq_len": 64,
-        "data.corpus": str(corpus), "data.tokenizer.kind": "byte", "data.seq_len": 32,
-        "data.batch_size": 4, "train.max_steps": 6, "train.warmup_steps": 2, "train.val_every": 3,
-        "train.val_batches": 2, "train.log_every": 1, "train.checkpoint_every": 3,
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.head_dim": 16,
+        "model.n_kv_heads": 1,
+        "model.rope_dim": 8,
+        "model.ffn_hidden": 64,
+        "model.max_seq_len": 64,
+        "data.corpus": str(corpus),
+        "data.tokenizer.kind": "byte",
+        "data.seq_len": 32,
+        "data.batch_size": 4,
+        "train.max_steps": 6,
+        "train.warmup_steps": 2,
+        "train.val_every": 3,
+        "train.val_batches": 2,
+        "train.log_every": 1,
+        "train.checkpoint_every": 3,
         "output.dir": str(out),
     }
     o.update(extra)
@@ -76,9 +93,19 @@ def tiny_model_cfg():
     """tiny_model_cfg(**model_fields) -> config object with a small model and a fixed vocab."""
 
     def build(components: dict | None = None, **model):
-        over = {"model.vocab_size": 97, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4,
-                "model.head_dim": 8, "model.n_kv_heads": 1, "model.rope_dim": 4, "model.ffn_hidden": 48,
-                "model.max_seq_len": 32, "data.seq_len": 16, "plugins": "[tests.plugins.dummy]"}
+        over = {
+            "model.vocab_size": 97,
+            "model.d_model": 32,
+            "model.n_layers": 2,
+            "model.n_heads": 4,
+            "model.head_dim": 8,
+            "model.n_kv_heads": 1,
+            "model.rope_dim": 4,
+            "model.ffn_hidden": 48,
+            "model.max_seq_len": 32,
+            "data.seq_len": 16,
+            "plugins": "[tests.plugins.dummy]",
+        }
         over.update({f"model.{k}": v for k, v in model.items()})
         for name, fields in (components or {}).items():
             over.update({f"components.{name}.{k}": v for k, v in fields.items()})

@@ -22,9 +22,19 @@ def synthetic_grid(folder, variants: dict[str, tuple[str, list[float]]], seeds=(
     write_json(folder / "grid.json", {"source": "g.yaml", "baseline": "full", "seeds": list(seeds), "variants": plan})
     for name, (_, bpbs) in variants.items():
         for seed, bpb in zip(seeds, bpbs):
-            m = {"status": status, "error": "boom"} if math.isnan(bpb) else {
-                "status": "finished", "val_bpb": bpb, "val_loss": bpb * 0.6, "tokens_per_s": 1000.0,
-                "params": {"total": 100, "active": 100}, "flops_per_token": 6e5, "dead_components": {}}
+            m = (
+                {"status": status, "error": "boom"}
+                if math.isnan(bpb)
+                else {
+                    "status": "finished",
+                    "val_bpb": bpb,
+                    "val_loss": bpb * 0.6,
+                    "tokens_per_s": 1000.0,
+                    "params": {"total": 100, "active": 100},
+                    "flops_per_token": 6e5,
+                    "dead_components": {},
+                }
+            )
             write_json(folder / name / f"seed{seed}" / "metrics.json", m)
 
 
@@ -42,15 +52,19 @@ D_SMALL = [0.001, -0.002, 0.000, 0.002, -0.001, 0.001]  # well inside ±0.01
 
 @pytest.fixture
 def summary(tmp_path):
-    synthetic_grid(tmp_path, {
-        "full": ("base", BASE6),
-        "no_engram": ("removed", [b + d for b, d in zip(BASE6, D_ENGRAM)]),  # engram helps
-        "with_xsa": ("added", [b + d for b, d in zip(BASE6, D_ENGRAM)]),  # xsa hurts
-        "no_mtp": ("removed", [b - d for b, d in zip(BASE6, D_ENGRAM)]),  # mtp hurts
-        "same": ("changed", [b + d for b, d in zip(BASE6, D_SMALL)]),
-        "noisy": ("changed", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
-        "lonely": ("changed", [0.5] + [math.nan] * 5),  # one finished seed
-    }, seeds=SEEDS6)
+    synthetic_grid(
+        tmp_path,
+        {
+            "full": ("base", BASE6),
+            "no_engram": ("removed", [b + d for b, d in zip(BASE6, D_ENGRAM)]),  # engram helps
+            "with_xsa": ("added", [b + d for b, d in zip(BASE6, D_ENGRAM)]),  # xsa hurts
+            "no_mtp": ("removed", [b - d for b, d in zip(BASE6, D_ENGRAM)]),  # mtp hurts
+            "same": ("changed", [b + d for b, d in zip(BASE6, D_SMALL)]),
+            "noisy": ("changed", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
+            "lonely": ("changed", [0.5] + [math.nan] * 5),  # one finished seed
+        },
+        seeds=SEEDS6,
+    )
     return compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
 
 
@@ -67,7 +81,8 @@ def test_paired_interval_and_p_match_scipy(summary):
     assert summary.loc["no_engram", "ci_low"] == pytest.approx(d.mean() - t * se, abs=1e-9)
     assert summary.loc["no_engram", "ci_high"] == pytest.approx(d.mean() + t * se, abs=1e-9)
     assert summary.loc["no_engram", "p_paired"] == pytest.approx(
-        stats.ttest_rel([b + x for b, x in zip(BASE6, d)], BASE6).pvalue, rel=1e-6)
+        stats.ttest_rel([b + x for b, x in zip(BASE6, d)], BASE6).pvalue, rel=1e-6
+    )
     assert summary.loc["no_engram", "p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
     lo, hi = summary.loc["no_engram", ["boot_low", "boot_high"]]
     assert lo < d.mean() < hi and lo >= d.min() and hi <= d.max()
@@ -116,33 +131,43 @@ def test_one_seed_says_no_test_instead_of_a_verdict(summary):
 
 
 def test_all_diverged_variant_is_counted_and_gets_no_verdict(tmp_path):
-    synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [math.nan] * 3)},
-                   status="diverged")
+    synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [math.nan] * 3)}, status="diverged")
     s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
     assert s.loc["no_engram", "verdict"] == "no test (0 finished pairs)"
     assert s.loc["no_engram", "diverged"] == 3
 
 
 def test_a_verdict_on_fewer_seeds_than_planned_says_so(tmp_path):
-    synthetic_grid(tmp_path, {"full": ("base", BASE6),
-                              "no_engram": ("removed", [b + d for b, d in zip(BASE6[:5], D_ENGRAM)] + [math.nan])},
-                   seeds=SEEDS6)
+    synthetic_grid(
+        tmp_path,
+        {"full": ("base", BASE6), "no_engram": ("removed", [b + d for b, d in zip(BASE6[:5], D_ENGRAM)] + [math.nan])},
+        seeds=SEEDS6,
+    )
     s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
     assert s.loc["no_engram", "verdict"] == "helps [5/6 seeds]"
 
 
 def test_calibration_sentence_reads_the_controls(tmp_path):
-    synthetic_grid(tmp_path, {
-        "full": ("base", BASE6),
-        "control_null": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
-        "control_half_budget": ("control", [b + 0.3 + d for b, d in zip(BASE6, D_SMALL)])}, seeds=SEEDS6)
+    synthetic_grid(
+        tmp_path,
+        {
+            "full": ("base", BASE6),
+            "control_null": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
+            "control_half_budget": ("control", [b + 0.3 + d for b, d in zip(BASE6, D_SMALL)]),
+        },
+        seeds=SEEDS6,
+    )
     s = compare.summarize(compare.load_runs(tmp_path))
     assert compare.calibration(s).startswith("**Calibrated.**")
-    synthetic_grid(tmp_path, {
-        "full": ("base", BASE6),
-        "control_null": ("control", [b + d for b, d in zip(BASE6, D_SMALL)]),
-        "control_half_budget": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])])},
-        seeds=SEEDS6)
+    synthetic_grid(
+        tmp_path,
+        {
+            "full": ("base", BASE6),
+            "control_null": ("control", [b + d for b, d in zip(BASE6, D_SMALL)]),
+            "control_half_budget": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
+        },
+        seeds=SEEDS6,
+    )
     s = compare.summarize(compare.load_runs(tmp_path))
     assert "NOT CALIBRATED" in compare.calibration(s) and "UNDERPOWERED" in compare.calibration(s)
 
@@ -181,17 +206,23 @@ def test_notebook_runs_headless_on_a_real_grid_and_draws_its_figures(corpus, tmp
     import papermill
 
     from escarda_lab.run import main
-    from tests.test_grid import TWO_BY_TWO, write
     from tests.conftest import tiny_overrides
+    from tests.test_grid import TWO_BY_TWO, write
 
     path = write(tmp_path, TWO_BY_TWO)
     assert main([str(path), *tiny_overrides(corpus, tmp_path / "runs")]) == 0
     out = tmp_path / "analysis.ipynb"
-    papermill.execute_notebook(str(ROOT / "notebooks/ablation_analysis.ipynb"), str(out),
-                               parameters={"grid_dir": str(tmp_path / "runs" / "g")}, cwd=str(ROOT),
-                               progress_bar=False, kernel_name="python3")
+    papermill.execute_notebook(
+        str(ROOT / "notebooks/ablation_analysis.ipynb"),
+        str(out),
+        parameters={"grid_dir": str(tmp_path / "runs" / "g")},
+        cwd=str(ROOT),
+        progress_bar=False,
+        kernel_name="python3",
+    )
     nb = nbformat.read(out, as_version=4)
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 4  # curves, per-seed deltas, cost vs benefit, component stats
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -10,12 +10,23 @@ from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from tests.conftest import ROOT
 
-TINY = ["model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16",
-        "model.ffn_hidden=64", "model.max_seq_len=64", "data.seq_len=32"]
+TINY = [
+    "model.vocab_size=97",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.head_dim=16",
+    "model.ffn_hidden=64",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+]
 VARIANTS = {
     "escarda": [],
-    "deepseek_variants": ["components.mla.variant=deepseek", "components.engram.variant=deepseek",
-                          "components.mtp.variant=deepseek"],
+    "deepseek_variants": [
+        "components.mla.variant=deepseek",
+        "components.engram.variant=deepseek",
+        "components.mtp.variant=deepseek",
+    ],
     "moe": ["components.moe.enabled=true", "components.moe.routing=hash"],  # block 0 hash-routed, 1 learned
 }
 

@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from escarda_lab import evaluate, minimal_pairs as mp
+from escarda_lab import evaluate
+from escarda_lab import minimal_pairs as mp
 from escarda_lab.data import ByteTokenizer
 from escarda_lab.errors import DataError
 from escarda_lab.model import EscardaLM
@@ -63,14 +64,15 @@ def test_rolling_windows_predict_every_token_once_within_the_context(scorer, mon
     assert all(len(ctx) + len(cont) <= scorer.max_len + 1 for ctx, cont in pieces)  # fits the window
     start = 1
     for ctx, cont in pieces:  # each window is the text itself: the context just before its tokens
-        assert ctx + cont == ids[start - len(ctx):start + len(cont)]
+        assert ctx + cont == ids[start - len(ctx) : start + len(cont)]
         start += len(cont)
 
 
 def test_rolling_short_text_equals_one_forward(scorer, byte_model):
     ids = [ByteTokenizer().bos_id] + ByteTokenizer().encode("short text")
     assert scorer.loglikelihood_rolling(["short text"])[0] == pytest.approx(
-        brute_logprob(byte_model, ids, len(ids) - 1), abs=1e-4)
+        brute_logprob(byte_model, ids, len(ids) - 1), abs=1e-4
+    )
 
 
 def test_text_bpb_counts_utf8_bytes(scorer):
@@ -142,9 +144,14 @@ def test_pairs_are_deterministic_by_seed():
 
 
 EXPECTED_DIFFERENCE = {  # what may differ between the good and the bad word
-    "sv_agreement": "verb", "sv_agreement_across_pp": "verb", "sv_agreement_across_rc": "verb",
-    "determiner_noun_agreement": "noun", "anaphor_agreement": "reflexive",
-    "irregular_past_participle": "participle", "existential_there": "be", "negative_polarity": "licensor",
+    "sv_agreement": "verb",
+    "sv_agreement_across_pp": "verb",
+    "sv_agreement_across_rc": "verb",
+    "determiner_noun_agreement": "noun",
+    "anaphor_agreement": "reflexive",
+    "irregular_past_participle": "participle",
+    "existential_there": "be",
+    "negative_polarity": "licensor",
 }
 
 
@@ -173,8 +180,11 @@ def test_pairs_differ_in_exactly_the_paradigm_word():
 
 
 def test_minimal_pair_accuracy_counts_strictly_better_good_sentences():
-    pairs = [mp.Pair("x", "good one", "bad one", 0), mp.Pair("x", "good two", "bad two", 0),
-             mp.Pair("y", "good three", "bad three", 0)]
+    pairs = [
+        mp.Pair("x", "good one", "bad one", 0),
+        mp.Pair("x", "good two", "bad two", 0),
+        mp.Pair("y", "good three", "bad three", 0),
+    ]
     # goods then bads: pair 1 wins, pair 2 ties (a loss), pair 3 wins
     res = evaluate.minimal_pairs(FixedScorer([-1.0, -2.0, -1.0, -3.0, -2.0, -2.0]), pairs)
     assert res["x"]["acc"] == 0.5 and res["y"]["acc"] == 1.0 and res["overall"]["acc"] == pytest.approx(2 / 3)
@@ -193,8 +203,12 @@ def test_evaluate_reproduces_the_training_loops_val_bpb(corpus, tmp_path, capsys
     task.write_text('{"context": "The king", "choices": ["speaks.", "xqz"], "label": 0}\n')
     text = tmp_path / "t.txt"
     text.write_text("The queen walks to the river.\n")
-    assert evaluate.main([str(folder), "--suite", "minimal_pairs", "--pairs", "3", "--task", str(task),
-                          "--text", str(text)]) == 0
+    assert (
+        evaluate.main(
+            [str(folder), "--suite", "minimal_pairs", "--pairs", "3", "--task", str(task), "--text", str(text)]
+        )
+        == 0
+    )
     res = json.loads((folder / "eval.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
     assert res["val"]["bpb"] == pytest.approx(metrics["val_bpb"], abs=1e-4)

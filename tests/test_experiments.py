@@ -17,10 +17,15 @@ GRIDS = [p for p in FILES if config.read_grid(ROOT / p) is not None]
 EXPERIMENTS = [p for p in FILES if p not in GRIDS]
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[str(p.relative_to("experiments").with_suffix("")) for p in EXPERIMENTS])
+@pytest.mark.parametrize(
+    "experiment", EXPERIMENTS, ids=[str(p.relative_to("experiments").with_suffix("")) for p in EXPERIMENTS]
+)
 def test_experiment_trains_two_steps(experiment: Path, corpus, tmp_path):
-    over = tiny_overrides(corpus, tmp_path, **{"train.max_steps": 2, "train.warmup_steps": 1,
-                                               "train.val_every": 2, "train.checkpoint_every": 2})
+    over = tiny_overrides(
+        corpus,
+        tmp_path,
+        **{"train.max_steps": 2, "train.warmup_steps": 1, "train.val_every": 2, "train.checkpoint_every": 2},
+    )
     assert main([str(ROOT / experiment), *over]) == 0
     (folder,) = list(tmp_path.glob("*/seed0"))
     assert read_json(folder / "metrics.json")["status"] == "finished"

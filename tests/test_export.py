@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-from escarda_lab import evaluate, minimal_pairs as mp
+from escarda_lab import evaluate
+from escarda_lab import minimal_pairs as mp
 from escarda_lab.data import ByteTokenizer
 from tests.conftest import ROOT, tiny_overrides
 
@@ -40,8 +40,14 @@ TEXT = "The king speaks of the war; the queen walks, héllo."
 
 def test_export_folder_holds_what_transformers_needs(exported):
     names = {p.name for p in exported.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "modeling_escarda.py"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "modeling_escarda.py",
+    } <= names
     cfg = json.loads((exported / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_escarda.EscardaForCausalLM"
 
@@ -49,7 +55,7 @@ def test_export_folder_holds_what_transformers_needs(exported):
 def test_transformers_logits_equal_ours(run, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from escarda_lab.generate import load_run
+    from escarda_lab.runs import load_run
 
     hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
@@ -99,12 +105,14 @@ def test_lm_eval_simple_evaluate_matches_our_scorer(run, tmp_path, monkeypatch):
     (tmp_path / "task.yaml").write_text(
         "task: escarda_minimal_pairs_test\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files: {{test: {tmp_path / 'pairs.jsonl'}}}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"\"\n"
-        "doc_to_choice: \"{{[good, bad]}}\"\ndoc_to_target: 0\ntarget_delimiter: \"\"\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: ""\n'
+        'doc_to_choice: "{{[good, bad]}}"\ndoc_to_target: 0\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
     lm = EscardaEvalLM(str(run), batch_size=8)
-    res = lm_eval.simple_evaluate(model=lm, tasks=["escarda_minimal_pairs_test"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=["escarda_minimal_pairs_test"], task_manager=TaskManager(include_path=str(tmp_path))
+    )
     theirs = res["results"]["escarda_minimal_pairs_test"]["acc,none"]
     assert theirs == pytest.approx(evaluate.minimal_pairs(lm.scorer, pairs)["overall"]["acc"], abs=1e-12)
 

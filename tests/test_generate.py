@@ -37,8 +37,9 @@ def test_seeded_sampling_is_reproducible():
     assert a == b
 
 
-@pytest.mark.parametrize("comps", [{}, {"mla": {"enabled": True, "variant": "deepseek", "kv_lora_rank": 8},
-                                        "xsa": {"enabled": True}}])
+@pytest.mark.parametrize(
+    "comps", [{}, {"mla": {"enabled": True, "variant": "deepseek", "kv_lora_rank": 8}, "xsa": {"enabled": True}}]
+)
 def test_cached_and_uncached_greedy_generation_agree(tiny_model_cfg, comps):
     model = EscardaLM(tiny_model_cfg(components=comps))
     a = generate(model, [2, 5, 7], 20, temperature=0.0)

@@ -52,8 +52,11 @@ def test_expansion_resolves_every_run_with_its_folder(corpus, tmp_path):
 
 
 def test_leave_one_out_and_add_one_in_name_their_variants(corpus, tmp_path):
-    path = write(tmp_path, "extends: {root}/experiments/escarda.yaml\nname: g\n"
-                           "grid: {{leave_one_out: [engram], add_one_in: [xsa], baseline: vanilla}}\n")
+    path = write(
+        tmp_path,
+        "extends: {root}/experiments/escarda.yaml\nname: g\n"
+        "grid: {{leave_one_out: [engram], add_one_in: [xsa], baseline: vanilla}}\n",
+    )
     _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
     by = {r.variant.name: r.cfg.components for r in runs}
     assert list(by) == ["full", "no_engram", "vanilla", "with_xsa"]
@@ -73,9 +76,12 @@ def test_axes_multiply_the_variants_and_pair_each_with_its_baseline(corpus, tmp_
 
 
 def test_match_params_puts_every_variant_within_one_percent(corpus, tmp_path):
-    path = write(tmp_path, "extends: {root}/experiments/escarda.yaml\nname: g\n"
-                           "grid: {{leave_one_out: [engram, hash_lookup, mla, hyper_connections], match: params,\n"
-                           "       variants: {{moe: {{components.moe.enabled: true}}}}}}\n")
+    path = write(
+        tmp_path,
+        "extends: {root}/experiments/escarda.yaml\nname: g\n"
+        "grid: {{leave_one_out: [engram, hash_lookup, mla, hyper_connections], match: params,\n"
+        "       variants: {{moe: {{components.moe.enabled: true}}}}}}\n",
+    )
     _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
     base = grid.params_of(runs[0].cfg, "params")
     for r in runs:
@@ -110,15 +116,21 @@ def test_match_params_on_add_one_in_matches_at_sane_widths_or_refuses(corpus, tm
 
 
 def test_match_params_refuses_a_width_below_half(corpus, tmp_path):
-    path = write(tmp_path, "extends: {root}/experiments/vanilla.yaml\nname: g\n"
-                           "grid: {{baseline: vanilla, add_one_in: [hash_lookup], match: params_total}}\n")
+    path = write(
+        tmp_path,
+        "extends: {root}/experiments/vanilla.yaml\nname: g\n"
+        "grid: {{baseline: vanilla, add_one_in: [hash_lookup], match: params_total}}\n",
+    )
     with pytest.raises(ConfigError, match="below half its width"):
         grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
 
 
 def test_match_flops_equalises_training_flops(corpus, tmp_path):
-    path = write(tmp_path, "extends: {root}/experiments/escarda.yaml\nname: g\n"
-                           "grid: {{leave_one_out: [mtp, hyper_connections], vanilla: true, match: flops}}\n")
+    path = write(
+        tmp_path,
+        "extends: {root}/experiments/escarda.yaml\nname: g\n"
+        "grid: {{leave_one_out: [mtp, hyper_connections], vanilla: true, match: flops}}\n",
+    )
     _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 200}))
     spent = {r.variant.name: grid.train_flops(r.cfg, grid.flops_per_token(r.cfg)) for r in runs}
     for name, flops in spent.items():
@@ -148,10 +160,10 @@ def test_controls_are_the_baseline_with_other_seeds_or_half_the_steps(corpus, tm
 
 
 def test_tuning_runs_use_their_own_seeds_and_every_value(corpus, tmp_path):
-    _, runs, grid_dir = grid.expand(write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"),
-                                    tuning=True)
+    _, runs, grid_dir = grid.expand(write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"), tuning=True)
     assert {(r.variant.name, r.cfg.train.lr, r.seed) for r in runs} == {
-        (v, lr, 1000) for v in ["full", "xsa"] for lr in [1e-3, 3e-3]}  # controls use the baseline's value
+        (v, lr, 1000) for v in ["full", "xsa"] for lr in [1e-3, 3e-3]
+    }  # controls use the baseline's value
     assert all(r.folder.parent.parent == grid_dir / "tune" and r.cfg.train.max_steps == 3 for r in runs)
 
 
@@ -194,7 +206,11 @@ def test_grid_trains_every_run_into_its_folder(finished_grid):
     _, _, grid_dir = finished_grid
     recs = results(grid_dir)
     assert [(r["variant"], r["seed"], r["status"]) for r in recs] == [
-        ("full", 0, "finished"), ("xsa", 0, "finished"), ("full", 1, "finished"), ("xsa", 1, "finished")]
+        ("full", 0, "finished"),
+        ("xsa", 0, "finished"),
+        ("full", 1, "finished"),
+        ("xsa", 1, "finished"),
+    ]
     for r in recs:
         folder = grid_dir / r["folder"]
         assert (folder / "config.yaml").exists() and (folder / "metrics.json").exists()
@@ -212,11 +228,15 @@ def test_rerunning_a_finished_grid_skips_every_run(finished_grid):
 
 def test_a_crash_is_recorded_and_a_killed_run_resumes_alone(corpus, tmp_path):
     marker = tmp_path / "killed_once"
-    path = write(tmp_path, TWO_BY_TWO.replace("seeds: [0, 1]", "seeds: [0]").replace(
-        "variants: {{xsa: {{components.xsa.enabled: true}}}}",
-        "variants: {{crash: {{components.crash.enabled: true}},\n"
-        f"             killed: {{{{components.crash.enabled: true, components.crash.at_call: 5,\n"
-        f"                      components.crash.kill_once_marker: {marker}}}}}}}}}"))
+    path = write(
+        tmp_path,
+        TWO_BY_TWO.replace("seeds: [0, 1]", "seeds: [0]").replace(
+            "variants: {{xsa: {{components.xsa.enabled: true}}}}",
+            "variants: {{crash: {{components.crash.enabled: true}},\n"
+            f"             killed: {{{{components.crash.enabled: true, components.crash.at_call: 5,\n"
+            f"                      components.crash.kill_once_marker: {marker}}}}}}}}}",
+        ),
+    )
     over = tiny_overrides(corpus, tmp_path / "runs")
     grid_dir = tmp_path / "runs" / "g"
 
@@ -259,8 +279,12 @@ def test_grid_evaluate_scores_finished_runs_and_compare_reports_it(finished_grid
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_same_grid(corpus, tmp_path):
-    path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "parallel: 2\n  launcher: submitit\n"
-                                              "  submitit: {{cluster: local, timeout_min: 10}}"))
+    path = write(
+        tmp_path,
+        TWO_BY_TWO.replace(
+            "parallel: 2", "parallel: 2\n  launcher: submitit\n  submitit: {{cluster: local, timeout_min: 10}}"
+        ),
+    )
     over = tiny_overrides(corpus, tmp_path / "runs")
     assert main([str(path), *over]) == 0
     recs = results(tmp_path / "runs" / "g")

@@ -8,8 +8,16 @@ from escarda_lab import config
 from escarda_lab.model import EscardaLM
 from tests.conftest import ROOT
 
-SHAPE = ["model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16",
-         "model.ffn_hidden=48", "model.max_seq_len=32", "data.seq_len=16"]
+SHAPE = [
+    "model.vocab_size=97",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.head_dim=16",
+    "model.ffn_hidden=48",
+    "model.max_seq_len=32",
+    "data.seq_len=16",
+]
 
 
 def build(experiment: str, *extra: str) -> EscardaLM:

@@ -53,6 +53,8 @@ def test_flops_per_token_is_at_least_six_times_matmul_params(tiny_model_cfg):
 
 def test_attention_flops_are_counted_on_cpu(tiny_model_cfg):
     short, long = (EscardaLM(tiny_model_cfg(max_seq_len=64)) for _ in range(2))
-    f = [train_flops_per_token(m, lambda b, m=m: total_loss(m, b, m(b["ids"]))[0], T)
-         for m, T in ((short, 8), (long, 64))]
+    f = [
+        train_flops_per_token(m, lambda b, m=m: total_loss(m, b, m(b["ids"]))[0], T)
+        for m, T in ((short, 8), (long, 64))
+    ]
     assert f[1] > f[0]  # only attention grows with T

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from escarda_lab.io import read_json, run_dir
+from escarda_lab.io import read_json
 from escarda_lab.model import EscardaLM
 from escarda_lab.module import lr_factor, param_groups
 from escarda_lab.run import main
@@ -45,7 +45,10 @@ def test_norms_and_marked_gates_are_not_decayed(tiny_model_cfg):
 
 def test_diverging_run_stops_and_records_the_step(corpus, tmp_path, capsys):
     args = tiny_overrides(corpus, tmp_path, **{"train.max_steps": 20}) + [
-        "plugins=[tests.plugins.dummy]", "components.explode.enabled=true", "components.explode.at_call=4"]
+        "plugins=[tests.plugins.dummy]",
+        "components.explode.enabled=true",
+        "components.explode.at_call=4",
+    ]
     code = main(["experiments/vanilla.yaml", *args])
     assert code == 1
     assert "diverged" in capsys.readouterr().err

@@ -39,8 +39,7 @@ def test_disabled_plugin_falls_back_to_baseline_of_equal_shape(tiny_model_cfg):
 
 def test_two_plugins_in_an_exclusive_slot_is_an_error(tiny_model_cfg):
     with pytest.raises(ConfigError, match="attention"):
-        tiny_model_cfg(components={"scaled_attention": {"enabled": True},
-                                   "other_attention": {"enabled": True}})
+        tiny_model_cfg(components={"scaled_attention": {"enabled": True}, "other_attention": {"enabled": True}})
 
 
 def test_non_exclusive_slot_keeps_baseline_and_adds_plugins(tiny_model_cfg):
@@ -61,3 +60,48 @@ def test_plugin_module_listed_in_yaml_is_imported(tmp_path):
 def test_unknown_slot_is_rejected():
     with pytest.raises(ValueError, match="slot"):
         registry.component("x", slot="nonsense")
+
+
+def test_a_plugin_that_sets_aux_loss_as_documented_adds_it_to_the_loss(tiny_model_cfg):
+    from escarda_lab.objectives import total_loss
+
+    ids = torch.randint(0, 97, (2, 8))
+    batch = {"ids": ids, "labels": ids}
+    plain = EscardaLM(tiny_model_cfg())
+    penalised = EscardaLM(tiny_model_cfg(components={"penalised_ffn": {"enabled": True, "weight": 0.5}}))
+    base, _ = total_loss(plain, batch, plain(ids))
+    total, terms = total_loss(penalised, batch, penalised(ids))
+    assert terms["penalised_ffn"] > 0  # one term per plugin name, summed over the layers
+    assert total.item() == pytest.approx(base.item() + 0.5 * terms["penalised_ffn"].item(), rel=1e-6)
+
+
+def test_every_hook_is_declared_once_on_the_protocol():
+    hooks = {
+        "init_weights",
+        "no_weight_decay",
+        "stats",
+        "health",
+        "after_step",
+        "inactive_params",
+        "build",
+        "needs_ids",
+        "aux_loss",
+    }
+    assert hooks <= set(vars(registry.Plugin))
+    assert "before_block" in vars(registry.Embedding) and "width" in vars(registry.FFN)
+    assert "check" in vars(registry.ComponentConfig)
+    for name in hooks:
+        assert getattr(registry.Plugin, name).__doc__ or name in ("needs_ids", "aux_loss")
+
+
+def test_variants_register_side_by_side():
+    registry.discover()
+    assert set(registry.get("mla").variants) == {"escarda", "deepseek"}
+    assert set(registry.get("engram").variants) == {"escarda", "ids", "deepseek"}
+    assert set(registry.get("hyper_connections").variants) == {"static", "dynamic", "mhc"}
+    assert set(registry.get("mtp").variants) == {"escarda", "deepseek"}
+
+
+def test_a_class_outside_the_protocol_is_refused():
+    with pytest.raises(TypeError, match="must subclass registry.Objective"):
+        registry.component("stray", slot="objective")(type("Stray", (torch.nn.Module,), {}))

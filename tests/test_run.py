@@ -16,8 +16,7 @@ from escarda_lab.io import read_json
 from escarda_lab.run import main
 from tests.conftest import ROOT, tiny_overrides
 
-TAGS = ["train/loss", "train/cross_entropy", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu",
-        "lr", "grad_norm"]
+TAGS = ["train/loss", "train/cross_entropy", "val/loss", "val/bpb", "perf/tokens_per_s", "perf/mfu", "lr", "grad_norm"]
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -105,8 +104,14 @@ def test_other_seed_gives_other_losses(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(corpus, tmp_path):
-    extra = {"train.max_steps": 400, "train.val_every": 100, "train.checkpoint_every": 40,
-             "train.log_every": 20, "model.d_model": 64, "model.ffn_hidden": 128}
+    extra = {
+        "train.max_steps": 400,
+        "train.val_every": 100,
+        "train.checkpoint_every": 40,
+        "train.log_every": 20,
+        "model.d_model": 64,
+        "model.ffn_hidden": 128,
+    }
     cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
     killed = tiny_overrides(corpus, tmp_path, name="killed", **extra)
     folder = tmp_path / "killed" / "seed0"
@@ -135,7 +140,10 @@ def test_cpu_ddp_with_two_processes_matches_one_process(corpus, tmp_path):
     cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ddp = tiny_overrides(corpus, tmp_path, name="ddp", **extra) + [
-        "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+    ]
     res = subprocess.run(cmd + ddp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="one", **extra)]) == 0
@@ -143,5 +151,8 @@ def test_cpu_ddp_with_two_processes_matches_one_process(corpus, tmp_path):
     for tag in ("train/loss", "val/loss"):
         assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]]
         assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a[tag], b[tag]))
-    fa, fb = read_json(tmp_path / "ddp" / "seed0" / "metrics.json"), read_json(tmp_path / "one" / "seed0" / "metrics.json")
+    fa, fb = (
+        read_json(tmp_path / "ddp" / "seed0" / "metrics.json"),
+        read_json(tmp_path / "one" / "seed0" / "metrics.json"),
+    )
     assert abs(fa["val_loss"] - fb["val_loss"]) < 1e-4

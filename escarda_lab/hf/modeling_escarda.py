@@ -53,7 +53,7 @@ class EscardaForCausalLM(PreTrainedModel, GenerationMixin):
 
         fresh = dict(EscardaLM(self.escarda_cfg).named_buffers())
         saved = set(self.model.state_dict())
-        for name, buf in list(self.model.named_buffers()):
+        for name, _buf in list(self.model.named_buffers()):
             if name not in saved:
                 owner, _, leaf = name.rpartition(".")
                 mod = self.model.get_submodule(owner) if owner else self.model
@@ -66,8 +66,9 @@ class EscardaForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.model(input_ids).logits
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                     labels[:, 1:].flatten(), ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):

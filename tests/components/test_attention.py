@@ -14,12 +14,14 @@ ATTENTION = {
     "mla_escarda": {"mla": {"enabled": True, "variant": "escarda", "q_lora_rank": 16, "o_lora_rank": 16}},
     "mla_deepseek": {"mla": {"enabled": True, "variant": "deepseek", "q_lora_rank": 16, "kv_lora_rank": 12}},
 }
-SHAPES = st.fixed_dictionaries({
-    "n_kv_heads": st.sampled_from([1, 2, 4]),
-    "rope_dim": st.sampled_from([0, 4, 8]),  # none, partial, the whole head_dim (8)
-    "qk_norm": st.booleans(),
-    "rope_style": st.sampled_from(["half", "interleaved"]),
-})
+SHAPES = st.fixed_dictionaries(
+    {
+        "n_kv_heads": st.sampled_from([1, 2, 4]),
+        "rope_dim": st.sampled_from([0, 4, 8]),  # none, partial, the whole head_dim (8)
+        "qk_norm": st.booleans(),
+        "rope_style": st.sampled_from(["half", "interleaved"]),
+    }
+)
 
 
 def build(tiny_model_cfg, attention: str, xsa: bool, shape: dict) -> EscardaLM:
@@ -39,7 +41,7 @@ def test_token_by_token_decoding_equals_full_forward(tiny_model_cfg, attention, 
     ids = torch.randint(0, 97, (2, 12))
     full = model(ids).logits
     cache = model.new_cache()
-    steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(12)]
+    steps = [model(ids[:, t : t + 1], cache=cache).logits for t in range(12)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
@@ -62,7 +64,7 @@ def test_changing_later_tokens_never_changes_earlier_outputs(tiny_model_cfg, att
     model = build(tiny_model_cfg, attention, xsa, shape)
     a = torch.randint(0, 97, (1, 12), generator=g)
     b = a.clone()
-    b[:, t + 1:] = torch.randint(0, 97, (1, 11 - t), generator=g)
+    b[:, t + 1 :] = torch.randint(0, 97, (1, 11 - t), generator=g)
     assert torch.allclose(model(a).logits[:, : t + 1], model(b).logits[:, : t + 1], atol=1e-6)
 
 
@@ -72,8 +74,9 @@ def test_kv_heads_set_the_key_value_width(tiny_model_cfg):
     assert mqa.wkv.out_features == 2 * 1 * 8 and mha.wkv.out_features == 2 * 4 * 8
 
 
-@pytest.mark.parametrize("attention,kv,expected", [
-    ("mha", 2, 2 * 2 * 8), ("mla_escarda", 1, 2 * 1 * 8), ("mla_deepseek", 4, 12 + 4)])
+@pytest.mark.parametrize(
+    "attention,kv,expected", [("mha", 2, 2 * 2 * 8), ("mla_escarda", 1, 2 * 1 * 8), ("mla_deepseek", 4, 12 + 4)]
+)
 def test_cache_numbers_per_token_per_layer(tiny_model_cfg, attention, kv, expected):
     model = build(tiny_model_cfg, attention, False, {"n_kv_heads": kv, "rope_dim": 4})
     cache = model.new_cache()

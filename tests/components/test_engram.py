@@ -7,15 +7,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.engram import Engram
 from escarda_lab.model import EscardaLM
 
 VARIANTS = ["escarda", "ids", "deepseek"]
 
 
 def engram_model(tiny_model_cfg, variant, **cfg):
-    comps = {"engram": {"enabled": True, "variant": variant, "table_size": 256, "heads": 2, "max_ngram": 3,
-                        "layers": [1], **cfg}}
+    comps = {
+        "engram": {
+            "enabled": True,
+            "variant": variant,
+            "table_size": 256,
+            "heads": 2,
+            "max_ngram": 3,
+            "layers": [1],
+            **cfg,
+        }
+    }
     return EscardaLM(tiny_model_cfg(components=comps))
 
 
@@ -41,7 +49,7 @@ def test_bucket_at_t_depends_only_on_the_n_gram_ending_at_t(tiny_model_cfg, vari
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(8, 97, (1, 16), generator=g)
     b = a.clone()
-    b[:, t + 1:] = torch.randint(8, 97, (1, 15 - t), generator=g)  # the future
+    b[:, t + 1 :] = torch.randint(8, 97, (1, 15 - t), generator=g)  # the future
     if t >= 3:
         b[:, : t - 2] = torch.randint(8, 97, (1, t - 2), generator=g)  # beyond the 3-gram
     assert torch.equal(buckets(model, a)[:, t], buckets(model, b)[:, t])
@@ -56,7 +64,7 @@ def test_whole_model_is_causal_and_decodes_like_the_full_forward(tiny_model_cfg,
     ids = torch.randint(0, 97, (2, 12))
     full = model(ids).logits
     cache = model.new_cache()
-    steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(12)], 1)
+    steps = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(12)], 1)
     assert torch.allclose(steps, full, atol=1e-5)
     other = ids.clone()
     other[:, 7:] = (other[:, 7:] + 1) % 97
@@ -66,7 +74,7 @@ def test_whole_model_is_causal_and_decodes_like_the_full_forward(tiny_model_cfg,
 @pytest.mark.parametrize("variant", ["ids", "deepseek"])
 def test_id_hashes_use_most_buckets_on_random_ids(tiny_model_cfg, variant):
     model = engram_model(tiny_model_cfg, variant)
-    ids = torch.randint(0, 97, (8, 32))  # 256 positions, ~all distinct 2- and 3-grams
+    # 8 batches of 256 random positions: ~all distinct 2- and 3-grams
     many = torch.cat([buckets(model, torch.randint(0, 97, (8, 32))) for _ in range(8)]).flatten(0, 1)
     for g in range(many.shape[-1]):
         assert many[:, g].unique().numel() / 256 > 0.5

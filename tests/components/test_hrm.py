@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from components.hrm import HRMRefine, HRMRefineConfig
+from components.hrm import HRMRefine
 from escarda_lab.model import EscardaLM
 
 

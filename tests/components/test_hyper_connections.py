@@ -73,7 +73,7 @@ def test_every_variant_decodes_like_the_full_forward(tiny_model_cfg, variant):
             p.add_(0.1 * torch.randn_like(p))
     ids = torch.randint(0, 97, (2, 10))
     cache = model.new_cache()
-    steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(10)], 1)
+    steps = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(10)], 1)
     assert torch.allclose(steps, model(ids).logits, atol=1e-5)
 
 
@@ -99,6 +99,7 @@ def test_static_init_reads_one_stream_per_sublayer():
     from types import SimpleNamespace
 
     hc = HyperConnections(SimpleNamespace(d_model=4), HyperConnectionsConfig(variant="static", streams=2), n_sites=4)
+    hc.init_weights()  # the model runs it after building (under the parameter-name seed)
     assert hc.pre_b.tolist() == [[1, 0], [0, 1], [1, 0], [0, 1]]
 
 
@@ -109,7 +110,11 @@ def test_two_stream_update_equals_the_general_formula(per_token):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2, 5, 2, 8, generator=g)
     lead = (2, 5) if per_token else ()
-    pre, post, R = torch.rand(*lead, 2, generator=g), torch.rand(*lead, 2, generator=g), torch.rand(*lead, 2, 2, generator=g)
+    pre, post, R = (
+        torch.rand(*lead, 2, generator=g),
+        torch.rand(*lead, 2, generator=g),
+        torch.rand(*lead, 2, 2, generator=g),
+    )
     W = torch.randn(8, 8, generator=g)
     fn = lambda x: torch.tanh(x @ W)  # noqa: E731
     x_in = (pre.unsqueeze(-1) * X).sum(-2)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.moe import MoE, MoEConfig, SCORES
+from components.moe import SCORES, MoE, MoEConfig
 from escarda_lab.accounting import param_counts
 from escarda_lab.model import EscardaLM
 
@@ -95,8 +95,7 @@ def test_balance_loss_is_one_for_perfectly_balanced_uniform_routing():
 
 
 def test_active_params_leave_out_unselected_experts(tiny_model_cfg):
-    model = EscardaLM(tiny_model_cfg(components={"moe": {"enabled": True, "n_routed": 4, "top_k": 1,
-                                                         "layers": [1]}}))
+    model = EscardaLM(tiny_model_cfg(components={"moe": {"enabled": True, "n_routed": 4, "top_k": 1, "layers": [1]}}))
     counts = param_counts(model)
     expert = model.blocks[1].ffn.w13[0].numel() + model.blocks[1].ffn.w2[0].numel()
     assert counts["total"] - counts["active"] == 3 * expert

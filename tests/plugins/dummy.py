@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from escarda_lab.registry import ComponentConfig, component
 from components.attention import MultiHeadAttention
+from components.swiglu import SwiGLUFFN
+from escarda_lab.registry import ComponentConfig, Objective, component
 
 
 @dataclass
@@ -44,13 +44,31 @@ class ExplodeConfig(ComponentConfig):
     at_call: int = 3
 
 
+@dataclass
+class PenalisedConfig(ComponentConfig):
+    weight: float = 0.5
+
+
+@component("penalised_ffn", slot="ffn", config=PenalisedConfig)
+class PenalisedFFN(SwiGLUFFN):
+    """The baseline FFN plus an activation penalty it reports as `self.aux_loss`, exactly as the
+    README tells a plugin author to (no other flag)."""
+
+    def __init__(self, m, cfg, layer=0):
+        super().__init__(m, cfg, layer)
+        self.weight = cfg.weight
+
+    def forward(self, x):
+        y = super().forward(x)
+        self.aux_loss = (y.square().mean(), self.weight)
+        return y
+
+
 @component("explode", slot="objective", config=ExplodeConfig)
-class Explode(nn.Module):
+class Explode(Objective):
     """An objective that turns NaN after `at_call` training calls (divergence tests)."""
 
-    weight = 1.0
-
-    def __init__(self, m, cfg):
+    def __init__(self, m, cfg, lm=None):
         super().__init__()
         self.at_call, self.calls = cfg.at_call, 0
 
@@ -67,13 +85,11 @@ class CrashConfig(ComponentConfig):
 
 
 @component("crash", slot="objective", config=CrashConfig)
-class Crash(nn.Module):
+class Crash(Objective):
     """An objective that raises (or, with kill_once_marker, SIGKILLs its process once) at a call:
     injected failures for the grid tests."""
 
-    weight = 1.0
-
-    def __init__(self, m, cfg):
+    def __init__(self, m, cfg, lm=None):
         super().__init__()
         self.cfg, self.calls = cfg, 0
 
