@@ -73,12 +73,12 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, 
     b = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-    _sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
@@ -91,7 +91,8 @@ def probe_kind(cfg) -> dict:
     return {"device": device, "dtype": dtype, "n": 4096 if device == "cuda" else 1024}
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): timings must include it."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 

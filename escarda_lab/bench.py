@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from escarda_lab import accounting, config, data, registry
+from escarda_lab.accounting import sync
 from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import UserError
 from escarda_lab.module import on_gpu, resolve_runtime
@@ -39,11 +40,6 @@ from escarda_lab.objectives import total_loss
 
 def device_of(cfg) -> torch.device:
     return torch.device("cuda" if on_gpu(cfg) else "cpu")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def autocast(cfg, device: torch.device):

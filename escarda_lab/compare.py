@@ -33,7 +33,7 @@ import pandas as pd
 
 from escarda_lab.errors import DataError, UserError
 from escarda_lab.grid import eval_columns
-from escarda_lab.io import atomic_write, read_json
+from escarda_lab.io import atomic_path, atomic_write, read_json
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -350,6 +350,10 @@ def _first(x) -> float:
 # ---------------------------------------------------------------------------------------- outputs
 
 
+def table(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, disable_numparse=True)
+
+
 def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: float = 0.01) -> str:
     def pm(m, s):
         return "—" if math.isnan(m) else (f"{m:.4f}" if math.isnan(s) else f"{m:.4f} ± {s:.4f}")
@@ -362,98 +366,59 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
 
     tune = plan.get("tune") or {}
     key = tune.get("key", "")
-    head = [
-        "variant",
-        "change",
-        *([key] if key else []),
-        "seeds",
-        "diverged / spiky",
-        "params (total / active)",
-        "FLOPs/token",
-        "speed",
-        "val bpb",
-        "Δ bpb (paired)",
-        "95% CI",
-        "p",
-        "Holm p",
-        "MDE",
-        "verdict",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in summary.itertuples():
-        seeds = f"{r.seeds}/{r.planned}"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"`{r.variant}`",
-                    r.change,
-                    *([num(r.tuned, "g")] if key else []),
-                    seeds,
-                    f"{r.diverged} / {r.spiky}",
-                    f"{num(r.params_total, ',.0f')} / {num(r.params_active, ',.0f')}",
-                    num(r.flops_per_token / 1e6 if not math.isnan(r.flops_per_token) else math.nan, ".2f") + "M",
-                    num(r.speed_vs_baseline, ".2f") + "×",
-                    pm(r.val_bpb_mean, r.val_bpb_std),
-                    num(r.delta_bpb, "+.4f"),
-                    ci(r.ci_low, r.ci_high),
-                    num(r.p_paired, ".3g"),
-                    num(r.p_holm, ".3g"),
-                    num(r.mde, ".4f"),
-                    f"**{r.verdict}**",
-                ]
-            )
-            + " |"
-        )
-    extra = [
-        "variant",
-        "val loss",
-        "bootstrap 95% CI",
-        "Wilcoxon p",
-        "TOST p (±margin)",
-        "pair r",
-        "Welch p",
-        "tokens/s",
-        "dead components",
-    ]
-    lines += [
+    main = pd.DataFrame(
+        {
+            "variant": f"`{r.variant}`",
+            "change": r.change,
+            **({key: num(r.tuned, "g")} if key else {}),
+            "seeds": f"{r.seeds}/{r.planned}",
+            "diverged / spiky": f"{r.diverged} / {r.spiky}",
+            "params (total / active)": f"{num(r.params_total, ',.0f')} / {num(r.params_active, ',.0f')}",
+            "FLOPs/token": num(r.flops_per_token / 1e6, ".2f") + "M",
+            "speed": num(r.speed_vs_baseline, ".2f") + "×",
+            "val bpb": pm(r.val_bpb_mean, r.val_bpb_std),
+            "Δ bpb (paired)": num(r.delta_bpb, "+.4f"),
+            "95% CI": ci(r.ci_low, r.ci_high),
+            "p": num(r.p_paired, ".3g"),
+            "Holm p": num(r.p_holm, ".3g"),
+            "MDE": num(r.mde, ".4f"),
+            "verdict": f"**{r.verdict}**",
+        }
+        for r in summary.itertuples()
+    )
+    more = pd.DataFrame(
+        {
+            "variant": f"`{r.variant}`",
+            "val loss": pm(r.val_loss_mean, r.val_loss_std),
+            "bootstrap 95% CI": ci(r.boot_low, r.boot_high),
+            "Wilcoxon p": num(r.p_wilcoxon, ".3g"),
+            "TOST p (±margin)": num(r.p_tost, ".3g"),
+            "pair r": num(getattr(r, "pair_r", math.nan), ".2f"),
+            "Welch p": num(r.p_value, ".3g"),
+            "tokens/s": num(r.tokens_per_s, ",.0f"),
+            "dead components": r.dead or "",
+        }
+        for r in summary.itertuples()
+    )
+    lines = [
+        table(main),
         "",
         "More columns: the bootstrap interval of the mean paired difference, Wilcoxon's signed-rank p "
         "(6+ pairs), TOST p for equivalence within ±margin, the correlation of the two arms over seeds "
         "(what pairing buys), Welch's unpaired p, training throughput, components flagged dead.",
         "",
-        "| " + " | ".join(extra) + " |",
-        "|" + "---|" * len(extra),
+        table(more),
     ]
-    for r in summary.itertuples():
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"`{r.variant}`",
-                    pm(r.val_loss_mean, r.val_loss_std),
-                    ci(r.boot_low, r.boot_high),
-                    num(r.p_wilcoxon, ".3g"),
-                    num(r.p_tost, ".3g"),
-                    num(getattr(r, "pair_r", math.nan), ".2f"),
-                    num(r.p_value, ".3g"),
-                    num(r.tokens_per_s, ",.0f"),
-                    r.dead or "",
-                ]
-            )
-            + " |"
-        )
     evals = [c[:-5] for c in summary.columns if c.startswith("eval/") and c.endswith(" mean")]
     if evals:
-        lines += [
-            "",
-            "Evaluations (mean ± std over seeds):",
-            "",
-            "| variant | " + " | ".join(e.removeprefix("eval/") for e in evals) + " |",
-            "|---|" + "---|" * len(evals),
-        ]
-        for r in summary.to_dict("records"):
-            lines.append(f"| `{r['variant']}` | " + " | ".join(pm(r[f"{e} mean"], r[f"{e} std"]) for e in evals) + " |")
+        scores = pd.DataFrame(
+            {
+                "variant": f"`{r['variant']}`",
+                **{e.removeprefix("eval/"): pm(r[f"{e} mean"], r[f"{e} std"]) for e in evals},
+            }
+            for r in summary.to_dict("records")
+        )
+        lines += ["", "Evaluations (mean ± std over seeds):", "", table(scores)]
     tested = summary[summary.variant != summary.baseline]
     sd = np.sqrt(np.nanmean(tested.sd_diff**2)) if len(tested) and tested.sd_diff.notna().any() else math.nan
     n = int(np.nanmedian(tested.n_pairs)) if len(tested) and tested.n_pairs.notna().any() else 0
@@ -520,10 +485,9 @@ def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: P
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    buf = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(buf, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    buf.replace(path)
 
 
 def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb") -> None:

@@ -312,13 +312,26 @@ def merge(sources: list[tuple[str, dict]]) -> DictConfig:
                 "`python -m escarda_lab.run` and `escarda_lab.bench` accept",
                 "run it with `python -m escarda_lab.run FILE`, or pass one of its run folders' config.yaml",
             )
-        try:
-            cfg = OmegaConf.merge(cfg, raw)
-        except oc_errors.ConfigKeyError as e:
-            raise unknown_key(src, cfg, e.full_key or str(e.key)) from None
-        except (oc_errors.ValidationError, oc_errors.ConfigTypeError) as e:
-            raise wrong_type(src, cfg, e) from None
+        cfg = merge_into(cfg, raw, src)
     return cfg
+
+
+def merge_into(node: DictConfig, raw: dict, src: str) -> DictConfig:
+    """`raw` merged into a structured node; an unknown key or a wrong type is a ConfigError."""
+    try:
+        return OmegaConf.merge(node, raw)
+    except oc_errors.ConfigKeyError as e:
+        raise unknown_key(src, node, e.full_key or str(e.key)) from None
+    except (oc_errors.ValidationError, oc_errors.ConfigTypeError) as e:
+        raise wrong_type(src, node, e) from None
+
+
+def check_bounds(obj: Any, where, prefix: str = "") -> None:
+    """Every `bounded` field of a typed config inside its bounds, else a ConfigError."""
+    for key, value, bounds in bounded_fields(obj, prefix):
+        problem = registry.out_of_bounds(value, bounds)
+        if problem:
+            raise ConfigError(where(key), key, problem, "give a value inside those bounds")
 
 
 def unknown_key(src: str, cfg: DictConfig, full_key: str) -> ConfigError:
@@ -419,9 +432,7 @@ def validate(cfg: Any, where) -> None:
             raise ConfigError(where(key), key, problem, fix)
 
     m, d, t = cfg.model, cfg.data, cfg.train
-    for key, value, bounds in bounded_fields(cfg):
-        problem = registry.out_of_bounds(value, bounds)
-        need(problem is None, key, problem or "", "give a value inside those bounds")
+    check_bounds(cfg, where)
     need(
         m.n_heads % m.n_kv_heads == 0,
         "model.n_kv_heads",

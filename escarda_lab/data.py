@@ -9,7 +9,6 @@ generator seeded by (seed, k), so the data position is just the step count and r
 from __future__ import annotations
 
 import abc
-import fcntl
 import glob
 import hashlib
 import importlib.metadata as md
@@ -17,18 +16,18 @@ import itertools
 import json
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from escarda_lab import config
 from escarda_lab.errors import DataError
-from escarda_lab.io import atomic_write
+from escarda_lab.io import atomic_path, atomic_write
 from escarda_lab.layers import PAD
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -261,18 +260,6 @@ def cache_root(data_cfg) -> Path:
     return Path(root).expanduser()
 
 
-@contextmanager
-def file_lock(path: Path):
-    """Exclusive lock so that parallel runs of a grid build each cache file once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @dataclass
 class TokenData:
     """What a run needs from the data: the tokenizer and the two token streams."""
@@ -297,7 +284,8 @@ def prepare(data_cfg, source: str = "data") -> TokenData:
     tk = data_cfg.tokenizer
     tok_id = "byte" if tk.kind == "byte" else f"bpe{tk.vocab_size}"
     folder = cache_root(data_cfg) / f"{corpus_id}-{tok_id}"
-    with file_lock(folder.parent / f"{folder.name}.lock"):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.parent / f"{folder.name}.lock"):  # parallel runs build each cache once
         if not (folder / "meta.json").exists():
             _build(files, data_cfg, folder, source)
     meta = json.loads((folder / "meta.json").read_text())
@@ -319,9 +307,8 @@ def _build(files, data_cfg, folder: Path, source: str) -> None:
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "corpus": data_cfg.corpus}
     for name, docs in (("train", train_docs), ("val", val_docs)):
         ids = np.concatenate([np.asarray([BOS] + d, dtype=dtype) for d in tok.encode_batch(docs)])
-        tmp = folder / f"{name}.bin.tmp"
-        ids.tofile(tmp)
-        os.replace(tmp, folder / f"{name}.bin")
+        with atomic_path(folder / f"{name}.bin") as tmp:
+            ids.tofile(tmp)
         meta[name] = {
             "documents": len(docs),
             "tokens": int(ids.size),

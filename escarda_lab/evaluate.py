@@ -36,7 +36,7 @@ def window_nll(model, batch: dict, token_bytes: Tensor) -> Tensor:
     return torch.stack([nll.double(), valid.sum().double(), n_bytes.double()])
 
 
-def summarize(sums: Tensor) -> dict[str, float]:
+def nll_summary(sums: Tensor) -> dict[str, float]:
     """[nll_sum, n_tokens, n_bytes] -> {"loss", "bpb", "tokens", "bytes"}."""
     nll, n, b = (float(x) for x in sums)
     return {"loss": nll / max(n, 1), "bpb": bits_per_byte(nll, b), "tokens": int(n), "bytes": int(b)}
@@ -152,7 +152,7 @@ def text_bpb(scorer: Scorer, text: str, stride: int | None = None) -> dict:
 
 def score_val_split(model, dm, token_bytes: Tensor, device=None) -> dict:
     """The whole validation split in non-overlapping windows: the number a run ends with."""
-    val = summarize(score(model, dm.loader(dm.all_val_starts, shard=False), token_bytes, device))
+    val = nll_summary(score(model, dm.loader(dm.all_val_starts, shard=False), token_bytes, device))
     return {**val, "byte_perplexity": 2 ** val["bpb"]}
 
 

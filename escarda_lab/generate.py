@@ -13,14 +13,14 @@ import sys
 import torch
 from torch import Tensor
 
+from escarda_lab.data import IM_END, IM_START, SPECIALS
 from escarda_lab.errors import UserError
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 def chatml(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+    start, end = SPECIALS[IM_START], SPECIALS[IM_END]
+    text = "".join(f"{start}{m['role']}\n{m['content']}{end}\n" for m in messages)
+    return text + (f"{start}assistant\n" if add_generation_prompt else "")
 
 
 def sample(
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         text = args.prompt
     prompt = [tok.bos_id] + tok.encode(text)
-    stops = (tok.special_id(IM_END), tok.eos_id)
+    stops = (IM_END, tok.eos_id)
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed)
     print(tok.decode(new))
     return 0

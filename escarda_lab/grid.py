@@ -30,13 +30,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import pandas as pd
+from omegaconf import OmegaConf
 
 from escarda_lab import config, registry
 from escarda_lab.errors import ConfigError, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
+from escarda_lab.registry import bounded
 from escarda_lab.runs import check_same_config, run_dir
 
 
@@ -56,12 +60,11 @@ class TuneConfig:
     """A short sweep of one key per variant before the verdict runs (the best value is kept)."""
 
     key: str = "train.lr"
-    values: list = field(default_factory=list)
-    seeds: int = 1  # tuning seeds TUNE_SEED, TUNE_SEED + 1, ...: never reused by the verdict runs
-    max_steps: int | None = None  # None: as long as the verdict runs
+    values: list[Any] = field(default_factory=list)
+    seeds: int = bounded(1, min=1)  # tuning seeds TUNE_SEED, TUNE_SEED + 1, ...: never reused by verdict runs
+    max_steps: int | None = bounded(None, min=1)  # None: as long as the verdict runs
 
 
-MATCHES = ("none", "params", "params_total", "params_active", "flops")
 TUNE_SEED = 1000
 NULL_SEED_OFFSET = 10000
 
@@ -69,18 +72,19 @@ NULL_SEED_OFFSET = 10000
 @dataclass
 class GridConfig:
     baseline: str = "full"
-    seeds: list = field(default_factory=lambda: [0])
-    leave_one_out: list = field(default_factory=list)
-    add_one_in: list = field(default_factory=list)
-    variants: dict = field(default_factory=dict)
-    axes: dict = field(default_factory=dict)
-    match: str = "none"  # none | params (non-embedding, active) | params_total | params_active | flops
-    parallel: int = 1
-    launcher: str = "local"  # local | submitit
-    evaluate: list = field(default_factory=list)  # minimal_pairs, task .jsonl files, text:FILE, corpus:NAME
+    seeds: list[int] = field(default_factory=lambda: [0])
+    leave_one_out: list[str] = field(default_factory=list)
+    add_one_in: list[str] = field(default_factory=list)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    # params: non-embedding active parameters
+    match: Literal["none", "params", "params_total", "params_active", "flops"] = "none"
+    parallel: int = bounded(1, min=1)
+    launcher: Literal["local", "submitit"] = "local"
+    evaluate: list[str] = field(default_factory=list)  # minimal_pairs, task .jsonl files, text:FILE, corpus:NAME
     vanilla: bool = False  # add the every-plugin-off variant (add_one_in adds it too)
     controls: bool = False  # add control_null and control_half_budget (see `controls`)
-    margin: float = 0.01  # bpb: differences within ±margin count as equivalent (compare's TOST)
+    margin: float = bounded(0.01, above=0)  # bpb: differences within ±margin count as equivalent (TOST)
     tune: TuneConfig | None = None
     submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
@@ -123,26 +127,11 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, 
         cli = config.parse_overrides(overrides)["grid"]
         raw = {**raw, **cli}
         src = f"{src} or the command line"
-    known = {f.name for f in fields(GridConfig)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(src, f"grid.{key}", "unknown grid key", f"valid keys: {', '.join(sorted(known))}")
-    tune = raw.pop("tune", None)
-    if tune is not None:
-        if not isinstance(tune, dict) or set(tune) - {f.name for f in fields(TuneConfig)}:
-            raise ConfigError(
-                src,
-                "grid.tune",
-                f"tune must be a mapping with keys {', '.join(f.name for f in fields(TuneConfig))}, got {tune!r}",
-                "write e.g. `tune: {key: train.lr, values: [1.0e-3, 3.0e-3, 1.0e-2], seeds: 1}`",
-            )
-        raw["tune"] = TuneConfig(**tune)
-    sub = raw.pop("submitit", None) or {}
-    sub_known = {f.name for f in fields(SubmititConfig)}
-    for key in sub:
-        if key not in sub_known:
-            raise ConfigError(src, f"grid.submitit.{key}", "unknown key", f"valid keys: {', '.join(sorted(sub_known))}")
-    spec = GridConfig(**raw, submitit=SubmititConfig(**sub))
+    node = OmegaConf.create({"grid": OmegaConf.structured(GridConfig)})
+    if isinstance(raw.get("tune"), dict):  # typed (and its keys checked) like every other block
+        node.grid.tune = OmegaConf.structured(TuneConfig)
+    spec = OmegaConf.to_object(config.merge_into(node, {"grid": raw}, src))["grid"]
+    config.check_bounds(spec, lambda key: src, "grid.")
     check_spec(spec, src)
     return spec, src
 
@@ -152,63 +141,30 @@ def check_spec(g: GridConfig, src: str) -> None:
         if not ok:
             raise ConfigError(src, f"grid.{key}", problem, fix)
 
+    """What the schema cannot say: names that must exist, non-empty lists, seed ranges, files."""
     plugins = registry.toggleable()
     need(
-        isinstance(g.seeds, list) and g.seeds and all(isinstance(s, int) for s in g.seeds),
+        bool(g.seeds) and min(g.seeds) >= 0,
         "seeds",
-        f"seeds must be a non-empty list of integers, got {g.seeds!r}",
+        f"seeds must be a non-empty list of integers >= 0, got {g.seeds!r}",
         "write e.g. `seeds: [0, 1, 2]`",
     )
     for key in ["leave_one_out", "add_one_in"]:
-        names = getattr(g, key)
-        need(isinstance(names, list), key, f"{key} must be a list of component names", "write e.g. `[engram, xsa]`")
-        for n in names:
+        for n in getattr(g, key):
             need(n in plugins, key, f"unknown component `{n}`", f"registered components are: {', '.join(plugins)}")
     need(
-        isinstance(g.variants, dict) and all(isinstance(v, dict) for v in g.variants.values()),
-        "variants",
-        "variants must map a name to a set of overrides",
-        "write e.g. `variants: {wide: {model.d_model: 192}}`",
-    )
-    need(
-        isinstance(g.axes, dict) and all(isinstance(v, list) and v for v in g.axes.values()),
+        all(g.axes.values()),
         "axes",
-        "axes must map a dotted key to a non-empty list of values",
+        "every axis needs at least one value",
         "write e.g. `axes: {model.d_model: [64, 128]}`",
-    )
-    need(g.match in MATCHES, "match", f"unknown match {g.match!r}", f"use one of: {', '.join(MATCHES)}")
-    need(
-        isinstance(g.parallel, int) and g.parallel >= 1,
-        "parallel",
-        f"parallel must be >= 1, got {g.parallel}",
-        "give the number of runs to train at once",
-    )
-    need(g.launcher in ("local", "submitit"), "launcher", f"unknown launcher {g.launcher!r}", "use local or submitit")
-    need(
-        isinstance(g.margin, (int, float)) and g.margin > 0,
-        "margin",
-        f"margin must be a positive number, got {g.margin!r}",
-        "give the smallest bpb difference that matters, e.g. 0.01",
     )
     if g.tune is not None:
         t = g.tune
         need(
-            isinstance(t.values, list) and len(t.values) >= 2,
+            len(t.values) >= 2,
             "tune.values",
             f"tune needs at least two values to choose from, got {t.values!r}",
             "write e.g. `values: [1.0e-3, 3.0e-3, 1.0e-2]`",
-        )
-        need(
-            isinstance(t.seeds, int) and t.seeds >= 1,
-            "tune.seeds",
-            f"tune.seeds must be >= 1, got {t.seeds!r}",
-            "give the number of tuning seeds (they are never reused by the verdict runs)",
-        )
-        need(
-            t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps > 0),
-            "tune.max_steps",
-            f"tune.max_steps must be a positive integer or null, got {t.max_steps!r}",
-            "leave it null to tune at full length",
         )
         need(
             all(s_ < TUNE_SEED for s_ in g.seeds),
@@ -366,7 +322,7 @@ def expand(
                         path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides), forced=forced
                     )
                     runs.append(Run(v, seed, cfg))
-        return g, with_vocab(runs, str(path)), grid_dir
+        return g, fill_vocab(runs, str(path)), grid_dir
     for seed in g.seeds:  # seed-major: a grid stopped early still has every variant once
         for v in vs:
             forced = {**v.forced, **v.axes, "seed": seed, "name": v.name, "output.dir": str(grid_dir)}
@@ -376,7 +332,7 @@ def expand(
                 forced[g.tune.key] = tuned[v.tune_as or v.name]
             cfg = config.load(path, overrides, variant=(f"{src}, grid variant `{v.name}`", v.overrides), forced=forced)
             runs.append(Run(v, seed, cfg))
-    runs = with_vocab(runs, str(path))
+    runs = fill_vocab(runs, str(path))
     if g.match.startswith("params"):
         runs = match_params(runs, g, src)
     elif g.match == "flops":
@@ -414,7 +370,7 @@ def pick_tuned(g: GridConfig, runs: list[Run]) -> dict:
     return out
 
 
-def with_vocab(runs: list[Run], source: str) -> list[Run]:
+def fill_vocab(runs: list[Run], source: str) -> list[Run]:
     """Fill model.vocab_size from each run's tokenizer (built once per data config, cached)."""
     from escarda_lab import data
 
@@ -552,24 +508,22 @@ def train_flops(cfg, per_token: float, steps: int | None = None) -> float:
 
 def plan_table(runs: list[Run], grid_dir: Path, title: str = "") -> str:
     base = {r.variant.name: total_params(r.cfg) for r in runs if r.variant.name == r.variant.baseline}
-    rows = [("run", "seed", "params", "vs base", "status", "what differs")]
+    rows = []
     for r in runs:
         n = total_params(r.cfg)
         b = base.get(r.variant.baseline, n)
-        m = read_json(r.folder / "metrics.json") or {}
-        adj = "; ".join(f"{k} {a}->{b_}" for k, (a, b_) in r.adjust.items())
+        adj = "; ".join(f"{k} {old}->{new}" for k, (old, new) in r.adjust.items())
         rows.append(
-            (
-                r.cfg.name,
-                str(r.seed),
-                f"{n:,}",
-                f"{100 * (n - b) / b:+.2f}%",
-                m.get("status", "new"),
-                r.variant.change + (f" [{adj}]" if adj else ""),
-            )
+            {
+                "run": r.cfg.name,
+                "seed": r.seed,
+                "params": f"{n:,}",
+                "vs base": f"{100 * (n - b) / b:+.2f}%",
+                "status": (read_json(r.folder / "metrics.json") or {}).get("status", "new"),
+                "what differs": r.variant.change + (f" [{adj}]" if adj else ""),
+            }
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = pd.DataFrame(rows).to_string(index=False, justify="left").splitlines()
     return f"grid {grid_dir}: {len(runs)} runs{': ' + title if title else ''}\n" + "\n".join(lines)
 
 

@@ -96,7 +96,6 @@ TRANSITIVE = [
     ("hated", "hates"),
 ]
 NUMBERS = ["two", "three", "four", "five", "many", "some"]
-ADJECTIVES = ["old", "new", "fine", "strange", "small", "great", "dark", "fair"]
 PARTICIPLES = ["seen", "known", "heard", "loved", "feared", "found"]
 OBJECTS = ["the sea", "a ghost", "such a sword", "the king", "a better friend", "that tower"]
 
@@ -218,13 +217,6 @@ PARADIGMS = {
     "existential_there": existential_there,
     "negative_polarity": negative_polarity,
 }
-AGREEMENT = [
-    "sv_agreement",
-    "sv_agreement_across_pp",
-    "sv_agreement_across_rc",
-    "determiner_noun_agreement",
-    "anaphor_agreement",
-]
 
 
 def generate(per_paradigm: int = 200, seed: int = 0, paradigms: list[str] | None = None) -> list[Pair]:

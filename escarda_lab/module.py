@@ -11,8 +11,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from escarda_lab.accounting import sync
 from escarda_lab.errors import Diverged
-from escarda_lab.evaluate import summarize, window_nll
+from escarda_lab.evaluate import nll_summary, window_nll
 from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from escarda_lab.registry import Plugin
@@ -160,8 +161,7 @@ class EscardaModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         for mod in self._after_step:  # e.g. MoE's aux-loss-free bias update
             mod.after_step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(self.device)
         dt = time.perf_counter() - self._t0
         self.train_seconds += dt
         self._window_seconds += dt
@@ -206,7 +206,7 @@ class EscardaModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        val = summarize(sums.cpu())
+        val = nll_summary(sums.cpu())
         self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"]}, self.global_step)
 
 
@@ -234,6 +234,7 @@ class AtomicCheckpoint(L.Callback):
         self.path, self.every = Path(path), every
 
     def save(self, trainer: L.Trainer) -> None:
+        # Not io.atomic_path: every rank calls save_checkpoint with the same temp name (rank 0 writes).
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
