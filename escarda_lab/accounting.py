@@ -13,6 +13,8 @@ import torch
 import torch.utils.flop_counter as fc
 from torch import nn
 
+from escarda_lab.device import on_gpu, sync
+
 _aten = torch.ops.aten
 
 
@@ -84,17 +86,10 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, 
 
 def probe_kind(cfg) -> dict:
     """matmul_peak_flops arguments matching how `cfg` trains: device, and bf16 under bf16 precision."""
-    from escarda_lab.module import on_gpu
 
     device = "cuda" if on_gpu(cfg) else "cpu"
     dtype = torch.bfloat16 if str(cfg.train.precision).startswith("bf16") else torch.float32
     return {"device": device, "dtype": dtype, "n": 4096 if device == "cuda" else 1024}
-
-
-def sync(device) -> None:
-    """Wait for the device's queued work (a no-op on CPU): timings must include it."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def embedding_params(model: nn.Module) -> int:

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from escarda_lab import accounting, config, data, registry
-from escarda_lab.accounting import sync
 from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
+from escarda_lab.device import on_gpu, sync
 from escarda_lab.errors import UserError
-from escarda_lab.module import on_gpu, resolve_runtime
+from escarda_lab.module import resolve_runtime
 from escarda_lab.objectives import total_loss
 
 

@@ -432,6 +432,12 @@ def validate(cfg: Any, where) -> None:
             raise ConfigError(where(key), key, problem, fix)
 
     m, d, t = cfg.model, cfg.data, cfg.train
+    need(
+        bool(cfg.name) and cfg.name not in (".", "..") and "/" not in cfg.name and "\\" not in cfg.name,
+        "name",
+        f"name {cfg.name!r} is not a plain folder name (a run goes to <output.dir>/<name>/seed<k>/)",
+        "use letters, digits, '-', '_' or '.', e.g. `name: no_engram`; put runs elsewhere with output.dir",
+    )
     check_bounds(cfg, where)
     need(
         m.n_heads % m.n_kv_heads == 0,

@@ -535,6 +535,19 @@ def child_env(parallel: int) -> dict:
     return env
 
 
+def die_with_parent() -> None:
+    """In a child process (Linux): receive SIGTERM when the thread that started it dies, however
+    it dies, so no orphan keeps training (SIGTERM makes a run checkpoint and stop; a rerun resumes).
+    The grid's worker threads live as long as the grid."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:  # not Linux: a killed grid leaves its children running, as before
+        pass
+
+
 def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = ()) -> dict:
     """Train one run in its own process (a finished run is skipped by the run itself), then
     evaluate it if asked; all output is appended to log.txt in the run folder."""
@@ -549,7 +562,11 @@ def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = ()) -> di
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m {' '.join(cmd)}\n".encode())
             log.flush()
             rc = subprocess.run(
-                [sys.executable, "-m", *cmd], stdout=log, stderr=subprocess.STDOUT, env=child_env(parallel)
+                [sys.executable, "-m", *cmd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(parallel),
+                preexec_fn=die_with_parent,
             ).returncode
             if rc != 0:
                 break

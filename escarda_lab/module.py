@@ -11,12 +11,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from escarda_lab.accounting import sync
+from escarda_lab.device import on_gpu, sync
 from escarda_lab.errors import Diverged
 from escarda_lab.evaluate import nll_summary, window_nll
 from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from escarda_lab.registry import Plugin
+from escarda_lab.runs import write_checksum
 
 
 def lr_factor(step: int, t) -> float:
@@ -62,11 +63,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def on_gpu(cfg) -> bool:
-    acc = str(cfg.trainer.accelerator)
-    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
 
 
 def resolve_runtime(cfg):
@@ -227,6 +223,39 @@ def instability(grad_norms: Tensor, warmup_steps: int, factor: float = SPIKE_FAC
     return {"grad_spikes": int(len(spikes)), "spike_steps": spikes[:20].tolist(), "max_grad_ratio": float(ratio.max())}
 
 
+class Interrupted(Exception):
+    """Training stopped at a signal after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, signum: int):
+        import signal
+
+        self.step, self.signum = step, signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} (checkpoint saved)")
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (what SLURM sends before pre-emption or the time limit), SIGINT and SIGUSR1 are
+    noted when they arrive and acted on at the end of the current step: checkpoint, then
+    `Interrupted`. A rerun resumes from that step exactly."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self, checkpoint: "AtomicCheckpoint"):
+        import signal
+
+        self.checkpoint, self.signum = checkpoint, None
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self.note)
+
+    def note(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.signum is not None:
+            self.checkpoint.save(trainer)
+            raise Interrupted(trainer.global_step, self.signum)
+
+
 class AtomicCheckpoint(L.Callback):
     """Saves `last.ckpt` every `every` steps and at the end, via temp file + rename."""
 
@@ -239,6 +268,7 @@ class AtomicCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
+            write_checksum(self.path)
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,32 +20,73 @@ from escarda_lab import config
 from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import Diverged, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
-from escarda_lab.runs import check_same_config, run_dir
+from escarda_lab.runs import check_same_config, run_dir, verify_checkpoint
 
 log = logging.getLogger("escarda_lab")
 
 
 def train(cfg, source: str = "experiment") -> dict:
-    """Train one run to completion (or resume it); returns its metrics.json content."""
+    """Train one run to completion (or resume it); returns its metrics.json content. A finished
+    run is skipped; a folder holding a run of a different config is refused, whatever its status."""
+    from escarda_lab import data
+
+    quiet_libraries()
+    prepare_torch()
+    folder = run_dir(cfg)
+    tokens = data.prepare(cfg.data, source)
+    cfg = config.with_vocab(cfg, tokens.tokenizer.vocab_size, source)
+    resolved = config.to_yaml(cfg)
+    check_same_config(folder, resolved, source)  # whatever the folder's status
+    previous = read_json(folder / "metrics.json")
+    if previous and previous.get("status") == "finished":
+        log.info("%s is finished (val/bpb %.4f): skipping", folder, previous["val_bpb"])
+        return previous
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP rank Lightning started: rank 0 holds the lock
+        return fit(cfg, source, folder, tokens, resolved)
+    with run_lock(folder, source):
+        return fit(cfg, source, folder, tokens, resolved)
+
+
+@contextmanager
+def run_lock(folder: Path, source: str):
+    """One process per run folder: a second one is refused with the holder's PID."""
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = (folder / ".pid").read_text().strip() if (folder / ".pid").exists() else "?"
+        raise UserError(
+            source,
+            None,
+            f"{folder} is being trained by another process (PID {holder})",
+            "wait for it to finish, or stop it (it checkpoints on SIGTERM) and rerun to resume",
+        ) from None
+    try:
+        (folder / ".pid").write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        lock.release()
+
+
+def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
+    """Train (or resume) the run in `folder`, holding its lock; returns metrics.json's content."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from escarda_lab import accounting, data
     from escarda_lab.evaluate import score_val_split
-    from escarda_lab.module import AtomicCheckpoint, EscardaModule, instability, resolve_runtime
+    from escarda_lab.module import (
+        AtomicCheckpoint,
+        EscardaModule,
+        Interrupted,
+        StopOnSignal,
+        instability,
+        resolve_runtime,
+    )
 
-    quiet_libraries()
-    prepare_torch()
-    folder = run_dir(cfg)
-    previous = read_json(folder / "metrics.json")
-    if previous and previous.get("status") == "finished":
-        log.info("%s is finished (val/bpb %.4f): skipping", folder, previous["val_bpb"])
-        return previous
-
-    tokens = data.prepare(cfg.data, source)
-    cfg = config.with_vocab(cfg, tokens.tokenizer.vocab_size, source)
-    resolved = config.to_yaml(cfg)
-    check_same_config(folder, resolved, source)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.yaml").exists():  # a grid writes it before starting the run
         atomic_write(folder / "config.yaml", resolved)
@@ -60,6 +102,14 @@ def train(cfg, source: str = "experiment") -> dict:
     dm = data.EscardaData(cfg, tokens)
     ckpt = folder / "last.ckpt"
     resume = ckpt if ckpt.exists() else None
+    if resume:
+        try:
+            verify_checkpoint(ckpt)
+        except UserError as e:
+            write_json(
+                folder / "metrics.json", {"name": cfg.name, "seed": cfg.seed, "status": "failed", "error": str(e)}
+            )
+            raise
     start_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if resume else 0
     if resume:
         log.info("%s: resuming from step %d", folder, start_step)
@@ -74,7 +124,7 @@ def train(cfg, source: str = "experiment") -> dict:
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         enable_checkpointing=False,
-        callbacks=[AtomicCheckpoint(ckpt, t.checkpoint_every)],
+        callbacks=[saver := AtomicCheckpoint(ckpt, t.checkpoint_every), StopOnSignal(saver)],
         logger=logger,
         precision=t.precision,
         accelerator=cfg.trainer.accelerator,
@@ -101,6 +151,10 @@ def train(cfg, source: str = "experiment") -> dict:
     t0 = time.perf_counter()
     try:
         trainer.fit(module, dm, ckpt_path=resume)
+    except Interrupted as e:
+        if trainer.is_global_zero:
+            write_json(folder / "metrics.json", {**base, "status": "interrupted", "step": e.step, "error": str(e)})
+        raise
     except Diverged as e:
         if trainer.is_global_zero:
             write_json(
@@ -175,6 +229,8 @@ def run_grid(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from escarda_lab.module import Interrupted
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m escarda_lab.run", description=__doc__.splitlines()[0])
     p.add_argument("experiment", help="experiment YAML file")
@@ -189,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(user_error(e), file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"escarda_lab: {run_dir(cfg)}: {e}; rerun the same command to resume.", file=sys.stderr)
+        return 128 + e.signum
     except Diverged as e:
         print(
             f"escarda_lab: {e}; recorded as status=diverged in {run_dir(cfg) / 'metrics.json'}. "

@@ -16,21 +16,78 @@ def run_dir(cfg) -> Path:
     return Path(cfg.output.dir) / cfg.name / f"seed{cfg.seed}"
 
 
+# Keys that do not change a run's result: how it is logged, checkpointed, placed and compiled
+# (the data order is the step and per-rank shares add up to the same global batch; the final
+# numbers score the whole validation split whatever the periodic validation did).
+RESULT_NEUTRAL = {
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.val_batches",
+    "train.compile",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.accelerator",
+    "output.dir",
+    "data.cache_dir",
+}
+
+
 def check_same_config(folder: Path, new_yaml: str, source: str) -> None:
-    """Refuse to resume a run folder written by a different config (it would mix two runs)."""
+    """Refuse a run folder written by a config that differs in anything but RESULT_NEUTRAL keys,
+    whatever its status: resuming would mix two runs, and skipping would report old numbers."""
     old = folder / "config.yaml"
     if old.exists() and old.read_text() != new_yaml:
         from omegaconf import OmegaConf
 
         a = config.flatten(OmegaConf.to_container(OmegaConf.create(old.read_text())))
         b = config.flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
-        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        raise ConfigError(
-            source,
-            ", ".join(diff[:4]),
-            f"{folder} already holds a run with a different config",
-            "give this experiment another `name` (or seed), or delete that folder to start over",
-        )
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESULT_NEUTRAL)
+        if diff:
+            changes = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+            raise ConfigError(
+                source,
+                ", ".join(diff[:4]),
+                f"{folder} already holds a run with a different config ({changes})",
+                "give this experiment another `name` (or seed), or delete that folder to start over",
+            )
+
+
+def checksum(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(ckpt: Path) -> None:
+    """`<ckpt>.sha256` beside a checkpoint, so that a damaged file is never loaded silently."""
+    from escarda_lab.io import atomic_write
+
+    atomic_write(ckpt.with_name(ckpt.name + ".sha256"), checksum(ckpt) + "\n")
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """A UserError naming `ckpt` unless it matches its checksum (or, without one, reads as a zip)."""
+    import zipfile
+
+    fix = f"delete {ckpt} (and its .sha256) to restart the run from scratch, or restore it from a copy"
+    recorded = ckpt.with_name(ckpt.name + ".sha256")
+    if recorded.exists():
+        if checksum(ckpt) != recorded.read_text().strip():
+            raise UserError(str(ckpt), None, "the checkpoint does not match its checksum: it is damaged", fix)
+        return
+    try:
+        with zipfile.ZipFile(ckpt) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(str(ckpt), None, f"the checkpoint cannot be read ({e})", fix) from None
+    if bad is not None:
+        raise UserError(str(ckpt), None, f"the checkpoint is damaged (CRC error in {bad})", fix)
 
 
 def load_run(path: str | Path):
@@ -50,6 +107,7 @@ def load_run(path: str | Path):
             "pass runs/<name>/seed<k>/ of a run that has saved a checkpoint",
         )
     cfg = config.load(folder / "config.yaml")
+    verify_checkpoint(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model = EscardaLM(cfg)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})

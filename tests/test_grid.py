@@ -291,3 +291,25 @@ def test_submitit_local_executor_runs_the_same_grid(corpus, tmp_path):
     assert len(recs) == 4 and all(r["status"] == "finished" and r["job_id"] for r in recs)
     assert main([str(path), *over]) == 0
     assert all(r.get("skipped") for r in results(tmp_path / "runs" / "g"))
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_with_controls_is_calibrated(corpus, tmp_path):
+    """Five paired seeds: half the training budget reads `hurts`; independent seeds read neither."""
+    from escarda_lab import compare
+
+    path = write(
+        tmp_path,
+        "extends: {root}/experiments/vanilla.yaml\nname: g\n"
+        "grid: {{seeds: [0, 1, 2, 3, 4], controls: true, parallel: 2}}\n",
+    )
+    over = tiny_overrides(
+        corpus,
+        tmp_path / "runs",
+        **{"train.max_steps": 24, "train.warmup_steps": 2, "train.val_every": 12, "train.lr": 1e-2},
+    )
+    assert main([str(path), *over]) == 0
+    s = compare.summarize(compare.load_runs(tmp_path / "runs" / "g")).set_index("variant")
+    assert s.loc["control_half_budget", "verdict"] == "hurts"
+    assert not s.loc["control_null", "verdict"].startswith(("helps", "hurts"))
+    assert compare.calibration(s.reset_index()).startswith("**Calibrated.**")

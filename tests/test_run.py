@@ -156,3 +156,93 @@ def test_cpu_ddp_with_two_processes_matches_one_process(corpus, tmp_path):
         read_json(tmp_path / "one" / "seed0" / "metrics.json"),
     )
     assert abs(fa["val_loss"] - fb["val_loss"]) < 1e-4
+
+
+def test_a_finished_run_rerun_with_a_result_changing_override_is_refused_with_the_diff(finished, corpus, capsys):
+    out = finished.parent.parent
+    before = read_json(finished / "metrics.json")
+    for change in ({"train.lr": 0.01}, {"model.n_layers": 3}, {"train.max_steps": 8}):
+        assert main(["experiments/escarda.yaml", *tiny_overrides(corpus, out, **change)]) == 2
+        err = capsys.readouterr().err
+        key = next(iter(change))
+        assert key in err and "->" in err, err
+    # keys that do not change the result may differ: the finished run is still skipped
+    assert main(["experiments/escarda.yaml", *tiny_overrides(corpus, out, **{"train.log_every": 5})]) == 0
+    assert read_json(finished / "metrics.json") == before
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/escape", "a/b", ".."])
+def test_a_name_that_leaves_the_output_folder_is_refused(corpus, tmp_path, capsys, name):
+    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path / "runs", name=name)]) == 2
+    assert "`name`" in capsys.readouterr().err
+    assert not any(p.name == "escape" for p in tmp_path.rglob("*")) and not Path("/tmp/escape").exists()
+
+
+def interrupted_copy(finished: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run folder that looks interrupted (so a rerun would resume it)."""
+    import shutil
+
+    folder = tmp_path / "escarda" / "seed0"
+    shutil.copytree(finished, folder)
+    m = read_json(folder / "metrics.json")
+    (folder / "metrics.json").write_text(f'{{"status": "running", "step": {m["step"]}}}')
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "empty"])
+def test_a_damaged_checkpoint_is_refused_by_name(finished, corpus, tmp_path, capsys, damage):
+    folder = interrupted_copy(finished, tmp_path)
+    ckpt = folder / "last.ckpt"
+    data = bytearray(ckpt.read_bytes())
+    if damage == "zeroed":
+        start = len(data) // 3
+        data[start : start + 65536] = bytes(min(65536, len(data) - start))
+    ckpt.write_bytes(bytes(data[: len(data) // 2] if damage == "truncated" else b"" if damage == "empty" else data))
+    assert main(["experiments/escarda.yaml", *tiny_overrides(corpus, tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "delete" in err and "Traceback" not in err
+    assert read_json(folder / "metrics.json")["status"] == "failed"
+
+
+def test_a_second_process_on_a_running_folder_is_refused(finished, corpus, tmp_path, capsys):
+    from filelock import FileLock
+
+    folder = interrupted_copy(finished, tmp_path)
+    with FileLock(folder / ".lock"):
+        (folder / ".pid").write_text("4242\n")
+        assert main(["experiments/escarda.yaml", *tiny_overrides(corpus, tmp_path)]) == 2
+    assert "PID 4242" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_marks_interrupted_and_the_rerun_finishes_as_if_uninterrupted(corpus, tmp_path):
+    extra = {
+        "train.max_steps": 300,
+        "train.val_every": 100,
+        "train.checkpoint_every": 1000,
+        "train.log_every": 10,
+        "model.d_model": 64,
+        "model.ffn_hidden": 128,
+    }
+    cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
+    over = tiny_overrides(corpus, tmp_path, name="term", **extra)
+    folder = tmp_path / "term" / "seed0"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd + over, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(folder.glob("events.out.tfevents.*")) or (folder / "metrics.json").stat().st_size == 0:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    time.sleep(2.0)  # well inside training, long before the first scheduled checkpoint
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert "SIGTERM" in proc.stderr.read().decode()
+    m = read_json(folder / "metrics.json")
+    import torch
+
+    ckpt_step = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert m["status"] == "interrupted" and 0 < m["step"] == ckpt_step < 300
+    assert subprocess.run(cmd + over, cwd=ROOT, env=env, capture_output=True).returncode == 0
+    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="whole", **extra)]) == 0
+    a, b = read_json(folder / "metrics.json"), read_json(tmp_path / "whole" / "seed0" / "metrics.json")
+    assert a["step"] == b["step"] == 300 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
