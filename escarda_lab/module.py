@@ -206,21 +206,27 @@ class EscardaModule(L.LightningModule):
         self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"]}, self.global_step)
 
 
-SPIKE_FACTOR = 5.0
+SPIKE_FACTOR, SPIKE_WINDOW = 5.0, 20
 
 
-def instability(grad_norms: Tensor, warmup_steps: int, factor: float = SPIKE_FACTOR) -> dict:
-    """Gradient-norm spikes: steps after warm-up whose norm exceeds `factor` x the median
-    post-warm-up norm. Returns the count, the steps (first 20) and the largest ratio."""
+def instability(
+    grad_norms: Tensor, warmup_steps: int, factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW
+) -> dict:
+    """Gradient-norm spikes: steps after warm-up whose norm exceeds `factor` x the median of the
+    `window` steps before it (a local median, so the normal decline of the norm over training is
+    not a spike). Returns the count, the first 20 spike steps and the largest ratio."""
     g = grad_norms.detach().double().cpu()
-    steps = torch.arange(len(g))
-    keep = (steps >= warmup_steps) & torch.isfinite(g)
-    g, steps = g[keep], steps[keep]
-    if len(g) == 0:
-        return {"grad_spikes": 0, "spike_steps": [], "max_grad_ratio": float("nan")}
-    ratio = g / g.median().clamp_min(1e-12)
-    spikes = steps[ratio > factor]
-    return {"grad_spikes": int(len(spikes)), "spike_steps": spikes[:20].tolist(), "max_grad_ratio": float(ratio.max())}
+    ratios, spikes = [], []
+    for t in range(max(warmup_steps, 5), len(g)):
+        past = g[max(0, t - window) : t]
+        past = past[torch.isfinite(past)]
+        if not torch.isfinite(g[t]) or len(past) < 5:
+            continue
+        ratio = float(g[t] / past.median().clamp_min(1e-12))
+        ratios.append(ratio)
+        if ratio > factor:
+            spikes.append(t)
+    return {"grad_spikes": len(spikes), "spike_steps": spikes[:20], "max_grad_ratio": max(ratios, default=math.nan)}
 
 
 class Interrupted(Exception):

@@ -90,3 +90,17 @@ def test_bf16_is_kept_on_a_cpu_with_native_bf16(tiny, monkeypatch):
     monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: True)
     cfg = module.resolve_runtime(tiny(**{"train.precision": "bf16-mixed", "trainer.accelerator": "cpu"}))
     assert cfg.train.precision == "bf16-mixed"
+
+
+def test_a_declining_gradient_norm_is_not_a_spike_but_a_jump_is():
+    import torch
+
+    from escarda_lab.module import instability
+
+    declining = torch.linspace(10.0, 0.5, 200)  # the usual trend: 20x over the run
+    assert instability(declining, warmup_steps=10)["grad_spikes"] == 0
+    jumped = declining.clone()
+    jumped[120] = 8 * jumped[119]
+    out = instability(jumped, warmup_steps=10)
+    assert out["grad_spikes"] == 1 and out["spike_steps"] == [120] and out["max_grad_ratio"] > 7
+    assert instability(torch.full((5,), float("nan")), 0)["grad_spikes"] == 0
