@@ -456,7 +456,7 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
                 f"variant − baseline on the same seed; p is the paired t-test, Holm p adjusts it across the "
                 f"{len(tested)} comparisons; verdicts at alpha = {alpha} with an equivalence margin of ±{margin} bpb "
                 "(TOST). A `no_X` variant significantly worse than the baseline means X **helps**. "
-                "`spiky` counts runs whose gradient norm exceeded 5× its post-warm-up median.",
+                "`spiky` counts runs whose gradient norm jumped above 5× the median of its previous 20 steps.",
                 "",
                 power,
                 "",
