@@ -102,6 +102,27 @@ def test_other_seed_gives_other_losses(corpus, tmp_path):
     assert a != b
 
 
+def launch(corpus, tmp_path, name: str, extra: dict, ready):
+    """Start a run in a subprocess; returns (process, its command, env, run folder) once ready(folder)."""
+    cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
+    cmd += tiny_overrides(corpus, tmp_path, name=name, **extra)
+    folder = tmp_path / name / "seed0"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ready(folder):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    return proc, cmd, env, folder
+
+
+def assert_as_if_uninterrupted(corpus, tmp_path, folder: Path, extra: dict) -> None:
+    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="whole", **extra)]) == 0
+    a, b = read_json(folder / "metrics.json"), read_json(tmp_path / "whole" / "seed0" / "metrics.json")
+    assert a["step"] == b["step"] == extra["train.max_steps"]
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-5
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(corpus, tmp_path):
     extra = {
@@ -112,25 +133,14 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(corpus, tmp_path
         "model.d_model": 64,
         "model.ffn_hidden": 128,
     }
-    cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
-    killed = tiny_overrides(corpus, tmp_path, name="killed", **extra)
-    folder = tmp_path / "killed" / "seed0"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd + killed, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (folder / "last.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.01)
+    proc, cmd, env, folder = launch(corpus, tmp_path, "killed", extra, lambda f: (f / "last.ckpt").exists())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_json(folder / "metrics.json")["status"] == "running"  # really interrupted
-    resumed = subprocess.run(cmd + killed, cwd=ROOT, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="whole", **extra)]) == 0
-    a, b = read_json(folder / "metrics.json"), read_json(tmp_path / "whole" / "seed0" / "metrics.json")
-    assert a["step"] == b["step"] == 400
-    assert abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    assert_as_if_uninterrupted(corpus, tmp_path, folder, extra)
 
 
 @pytest.mark.slow
@@ -216,6 +226,8 @@ def test_a_second_process_on_a_running_folder_is_refused(finished, corpus, tmp_p
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_marks_interrupted_and_the_rerun_finishes_as_if_uninterrupted(corpus, tmp_path):
+    import torch
+
     extra = {
         "train.max_steps": 300,
         "train.val_every": 100,
@@ -224,25 +236,13 @@ def test_sigterm_checkpoints_marks_interrupted_and_the_rerun_finishes_as_if_unin
         "model.d_model": 64,
         "model.ffn_hidden": 128,
     }
-    cmd = [sys.executable, "-m", "escarda_lab.run", "experiments/vanilla.yaml"]
-    over = tiny_overrides(corpus, tmp_path, name="term", **extra)
-    folder = tmp_path / "term" / "seed0"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd + over, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not list(folder.glob("events.out.tfevents.*")) or (folder / "metrics.json").stat().st_size == 0:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.05)
+    proc, cmd, env, folder = launch(corpus, tmp_path, "term", extra, lambda f: list(f.glob("events.out.tfevents.*")))
     time.sleep(2.0)  # well inside training, long before the first scheduled checkpoint
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert "SIGTERM" in proc.stderr.read().decode()
     m = read_json(folder / "metrics.json")
-    import torch
-
     ckpt_step = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
     assert m["status"] == "interrupted" and 0 < m["step"] == ckpt_step < 300
-    assert subprocess.run(cmd + over, cwd=ROOT, env=env, capture_output=True).returncode == 0
-    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="whole", **extra)]) == 0
-    a, b = read_json(folder / "metrics.json"), read_json(tmp_path / "whole" / "seed0" / "metrics.json")
-    assert a["step"] == b["step"] == 300 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True).returncode == 0
+    assert_as_if_uninterrupted(corpus, tmp_path, folder, extra)
