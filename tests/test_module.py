@@ -31,16 +31,15 @@ def test_linear_and_constant_schedules():
     assert lr_factor(60, lin) == pytest.approx(0.55) and lr_factor(100, const) == 1.0
 
 
-def test_norms_and_marked_gates_are_not_decayed(tiny_model_cfg):
-    model = EscardaLM(tiny_model_cfg())
-    model.blocks[0].ffn.w2.weight.no_weight_decay = True  # a plugin marking a matrix no-decay
+def test_norms_and_gates_a_plugin_lists_are_not_decayed(tiny_model_cfg):
+    model = EscardaLM(tiny_model_cfg(components={"hash_lookup": {"enabled": True, "layers": 1}}))
+    gate = model.embedders["hash_lookup"].gate  # a [layers, D] matrix its plugin lists in no_weight_decay()
     decay, no_decay = param_groups(model, 0.1)
     no_ids = {id(p) for p in no_decay["params"]}
-    assert id(model.blocks[0].ffn.w2.weight) in no_ids
-    assert all(p.ndim == 1 for p in no_decay["params"] if p is not model.blocks[0].ffn.w2.weight)
+    assert gate.ndim == 2 and id(gate) in no_ids
+    assert all(p.ndim == 1 for p in no_decay["params"] if p is not gate)
     assert id(model.embed.weight) in {id(p) for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    del model.blocks[0].ffn.w2.weight.no_weight_decay
 
 
 def test_diverging_run_stops_and_records_the_step(corpus, tmp_path, capsys):

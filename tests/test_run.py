@@ -229,20 +229,19 @@ def test_sigterm_checkpoints_marks_interrupted_and_the_rerun_finishes_as_if_unin
     import torch
 
     extra = {
-        "train.max_steps": 300,
-        "train.val_every": 100,
-        "train.checkpoint_every": 1000,
+        "train.max_steps": 3000,
+        "train.val_every": 1000,
+        "train.checkpoint_every": 100,
         "train.log_every": 10,
         "model.d_model": 64,
         "model.ffn_hidden": 128,
     }
-    proc, cmd, env, folder = launch(corpus, tmp_path, "term", extra, lambda f: list(f.glob("events.out.tfevents.*")))
-    time.sleep(2.0)  # well inside training, long before the first scheduled checkpoint
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
-    assert "SIGTERM" in proc.stderr.read().decode()
+    proc, cmd, env, folder = launch(corpus, tmp_path, "term", extra, lambda f: (f / "last.ckpt").exists())
+    proc.send_signal(signal.SIGTERM)  # training is under way: its first scheduled checkpoint exists
+    rc, err = proc.wait(timeout=60), proc.stderr.read().decode()
+    assert rc == 143 and "SIGTERM" in err, err[-3000:]
     m = read_json(folder / "metrics.json")
     ckpt_step = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    assert m["status"] == "interrupted" and 0 < m["step"] == ckpt_step < 300
+    assert m["status"] == "interrupted" and 100 <= m["step"] == ckpt_step < 3000
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True).returncode == 0
     assert_as_if_uninterrupted(corpus, tmp_path, folder, extra)
