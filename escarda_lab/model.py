@@ -140,7 +140,7 @@ class LMHandle:
         return Block(self._model.cfg, None, layer)
 
     def plain_residual(self) -> nn.Module:
-        ((entry, cfg),) = [baseline("residual")]
+        entry, cfg = baseline("residual")
         return entry.build(self._model.cfg, cfg, n_sites=0)
 
 

@@ -247,14 +247,29 @@ class StopOnSignal(L.Callback):
     SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
     def __init__(self, checkpoint: "AtomicCheckpoint"):
-        import signal
-
-        self.checkpoint, self.signum = checkpoint, None
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, name), self.note)
+        self.checkpoint, self.signum, self._previous = checkpoint, None, {}
 
     def note(self, signum, frame) -> None:
         self.signum = self.signum or signum
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # only while fitting: the caller's handlers after
+        import signal
+
+        for name in self.SIGNALS:
+            self._previous[name] = signal.signal(getattr(signal, name), self.note)
+
+    def restore(self) -> None:
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.restore()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.signum is not None:

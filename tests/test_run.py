@@ -245,3 +245,9 @@ def test_sigterm_checkpoints_marks_interrupted_and_the_rerun_finishes_as_if_unin
     assert m["status"] == "interrupted" and 100 <= m["step"] == ckpt_step < 3000
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True).returncode == 0
     assert_as_if_uninterrupted(corpus, tmp_path, folder, extra)
+
+
+def test_a_run_in_process_leaves_the_callers_signal_handlers_as_they_were(corpus, tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path)]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
