@@ -81,6 +81,7 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
                     "status": rec.get("status", "missing"),
                     "val_loss": rec.get("val_loss", math.nan),
                     "val_bpb": rec.get("val_bpb", math.nan),
+                    "val_acc": rec.get("val_acc", math.nan),
                     "params_total": params.get("total", math.nan),
                     "params_active": params.get("active", math.nan),
                     "flops_per_token": rec.get("flops_per_token", math.nan),
@@ -216,14 +217,21 @@ def paired(d: np.ndarray, alpha: float = 0.05, margin: float = 0.01, boot: int =
     return out
 
 
-def verdict(kind: str, st: dict, alpha: float, margin: float) -> str:
+METRICS = {  # column -> (label, higher is better)
+    "val_bpb": ("bpb", False),
+    "val_loss": ("loss", False),
+    "val_acc": ("acc", True),
+}
+
+
+def verdict(kind: str, st: dict, alpha: float, margin: float, higher_is_better: bool = False) -> str:
     """The reading of one variant's paired statistics `st` (with `p_holm`) for the change it makes."""
     n = int(st["n_pairs"])
     if n < 2:
         return f"no test ({n} finished pair{'s' if n != 1 else ''})"
     significant = st["p_holm"] < alpha and (st["ci_low"] > 0 or st["ci_high"] < 0)
     if significant:
-        worse = st["delta"] > 0  # higher bpb than the baseline
+        worse = st["delta"] < 0 if higher_is_better else st["delta"] > 0  # e.g. higher bpb than the baseline
         if kind == "removed":  # removing something made it worse: that something helps
             return "helps" if worse else "hurts"
         return "hurts" if worse else "helps"
@@ -233,9 +241,10 @@ def verdict(kind: str, st: dict, alpha: float, margin: float) -> str:
     return f"inconclusive (~{need} seeds)" if need > 0 else "inconclusive"
 
 
-def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01) -> pd.DataFrame:
-    """One row per variant (in plan order): mean ± std, paired statistics vs the baseline, Holm
-    across the grid's variants, instability counts and the verdict."""
+def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01, metric: str = "val_bpb") -> pd.DataFrame:
+    """One row per variant (in plan order): mean ± std, paired statistics of `metric` (val_bpb,
+    val_loss or val_acc) vs the baseline, Holm across the grid's variants, instability counts and
+    the verdict. `delta` is the paired mean difference of `metric`; `delta_bpb` always that of bpb."""
     out = []
     ok = runs[runs.status == "finished"]
     for name, group in runs.groupby("variant", sort=False):
@@ -261,6 +270,11 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01) -> 
             "val_loss_std": _std(g.val_loss),
             "val_bpb_mean": _mean(g.val_bpb),
             "val_bpb_std": _std(g.val_bpb),
+            "val_acc_mean": _mean(g.val_acc),
+            "val_acc_std": _std(g.val_acc),
+            "metric": metric,
+            "metric_mean": _mean(g[metric]),
+            "metric_std": _std(g[metric]),
             "dead": ", ".join(sorted({d for ds in group.dead for d in ds.split(", ") if d})),
         }
         for col in [c for c in runs.columns if c.startswith("eval/")]:
@@ -269,21 +283,23 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01) -> 
             row.update(
                 {**paired([]), "n_pairs": math.nan, "pair_r": math.nan, "rho_hat": math.nan},
                 delta_bpb=0.0,
+                delta=0.0,
                 p_value=math.nan,
                 speed_vs_baseline=1.0,
             )
         else:
             both = (
-                g.set_index("seed")
-                .val_bpb.to_frame("v")
-                .join(base.set_index("seed").val_bpb.to_frame("b"), how="inner")
+                g.set_index("seed")[metric]
+                .to_frame("v")
+                .join(base.set_index("seed")[metric].to_frame("b"), how="inner")
             )
             st = paired((both.v - both.b).to_numpy(), alpha, margin)
             pooled = (np.var(both.v, ddof=1) + np.var(both.b, ddof=1)) / 2 if len(both) > 1 else math.nan
+            bpb = (g.set_index("seed").val_bpb - base.set_index("seed").val_bpb).dropna()
             row.update(
                 st,
-                delta_bpb=st["delta"],
-                p_value=welch_p(g.val_bpb, base.val_bpb),
+                delta_bpb=float(bpb.mean()) if len(bpb) else math.nan,
+                p_value=welch_p(g[metric], base[metric]),
                 pair_r=float(np.corrcoef(both.v, both.b)[0, 1]) if len(both) > 2 else math.nan,
                 rho_hat=1 - st["sd_diff"] ** 2 / (2 * pooled) if pooled and pooled > 0 else math.nan,
                 speed_vs_baseline=row["tokens_per_s"] / _mean(base.tokens_per_s),
@@ -298,7 +314,7 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01) -> 
         if r["variant"] == r["baseline"]:
             verdicts.append("baseline")
             continue
-        v = verdict(r["kind"], r, alpha, margin)
+        v = verdict(r["kind"], r, alpha, margin, METRICS[metric][1])
         if r["n_pairs"] >= 2 and r["n_pairs"] < r["planned"]:
             v += f" [{int(r['n_pairs'])}/{r['planned']} seeds]"
         verdicts.append(v)
@@ -324,7 +340,7 @@ def calibration(summary: pd.DataFrame) -> str | None:
         found = pos.verdict.startswith("hurts")
         ok &= found
         parts.append(
-            f"the positive control (half the training tokens, Δ {pos.delta_bpb:+.4f} bpb) reads "
+            f"the positive control (half the training tokens, Δ {pos.delta:+.4f} {METRICS[pos.metric][0]}) reads "
             f"**{pos.verdict}**"
             + (", as it must" if found else " — the grid cannot see an effect of that size: it is UNDERPOWERED")
         )
@@ -366,6 +382,8 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
 
     tune = plan.get("tune") or {}
     key = tune.get("key", "")
+    metric = summary.metric.iloc[0] if "metric" in summary else "val_bpb"
+    unit = METRICS[metric][0]
     main = pd.DataFrame(
         {
             "variant": f"`{r.variant}`",
@@ -376,8 +394,8 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
             "params (total / active)": f"{num(r.params_total, ',.0f')} / {num(r.params_active, ',.0f')}",
             "FLOPs/token": num(r.flops_per_token / 1e6, ".2f") + "M",
             "speed": num(r.speed_vs_baseline, ".2f") + "×",
-            "val bpb": pm(r.val_bpb_mean, r.val_bpb_std),
-            "Δ bpb (paired)": num(r.delta_bpb, "+.4f"),
+            f"val {unit}": pm(r.metric_mean, r.metric_std),
+            f"Δ {unit} (paired)": num(r.delta, "+.4f"),
             "95% CI": ci(r.ci_low, r.ci_high),
             "p": num(r.p_paired, ".3g"),
             "Holm p": num(r.p_holm, ".3g"),
@@ -390,6 +408,7 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
         {
             "variant": f"`{r.variant}`",
             "val loss": pm(r.val_loss_mean, r.val_loss_std),
+            **({"val bpb": pm(r.val_bpb_mean, r.val_bpb_std)} if unit != "bpb" else {}),
             "bootstrap 95% CI": ci(r.boot_low, r.boot_high),
             "Wilcoxon p": num(r.p_wilcoxon, ".3g"),
             "TOST p (±margin)": num(r.p_tost, ".3g"),
@@ -423,8 +442,8 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
     sd = np.sqrt(np.nanmean(tested.sd_diff**2)) if len(tested) and tested.sd_diff.notna().any() else math.nan
     n = int(np.nanmedian(tested.n_pairs)) if len(tested) and tested.n_pairs.notna().any() else 0
     power = (
-        f"Pooled sd of the paired differences {sd:.4f} bpb over {n} seeds: the minimum detectable "
-        f"effect (80% power, alpha {alpha}) is **{mde(sd, n, alpha):.4f} bpb**; effects smaller than that "
+        f"Pooled sd of the paired differences {sd:.4f} {unit} over {n} seeds: the minimum detectable "
+        f"effect (80% power, alpha {alpha}) is **{mde(sd, n, alpha):.4f} {unit}**; effects smaller than that "
         f'read inconclusive, not "no effect".'
         if n >= 2 and math.isfinite(sd)
         else ""
@@ -452,11 +471,12 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
                 "",
                 *([cal, ""] if cal else []),
                 f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}, paired (seed k: same batches, same initial "
-                f"value for every shared weight); matched: {matched}. Δ bpb is the mean over seeds of "
+                f"value for every shared weight); matched: {matched}. Δ {unit} is the mean over seeds of "
                 f"variant − baseline on the same seed; p is the paired t-test, Holm p adjusts it across the "
-                f"{len(tested)} comparisons; verdicts at alpha = {alpha} with an equivalence margin of ±{margin} bpb "
-                "(TOST). A `no_X` variant significantly worse than the baseline means X **helps**. "
-                "`spiky` counts runs whose gradient norm jumped above 5× the median of its previous 20 steps.",
+                f"{len(tested)} comparisons; verdicts at alpha = {alpha} with an equivalence margin of "
+                f"±{margin} {unit} (TOST). A `no_X` variant significantly worse than the baseline means X **helps**"
+                + (" (worse = lower accuracy at the scored positions). " if unit == "acc" else ". ")
+                + "`spiky` counts runs whose gradient norm jumped above 5× the median of its previous 20 steps.",
                 "",
                 power,
                 "",
@@ -469,15 +489,15 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
     )
 
 
-def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: Path) -> None:
+def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: Path, metric: str = "val_bpb") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    plot_curves(curve, ax1)
-    plot_deltas(runs, summary, ax2)
+    plot_curves(curve, ax1, metric.replace("_", "/"))
+    plot_deltas(runs, summary, ax2, metric)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -515,24 +535,26 @@ def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb") -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_deltas(runs: pd.DataFrame, summary: pd.DataFrame, ax) -> None:
+def plot_deltas(runs: pd.DataFrame, summary: pd.DataFrame, ax, metric: str = "val_bpb") -> None:
     """Paired differences to the baseline: one dot per seed (variant − baseline on that seed), the
     mean as a bar and its 95% t interval as a line."""
     ok = runs[runs.status == "finished"]
-    for i, r in enumerate(summary.itertuples()):
-        base = ok[ok.variant == r.baseline].set_index("seed").val_bpb
-        mine = ok[ok.variant == r.variant].set_index("seed").val_bpb
+    delta = summary.delta if "delta" in summary else summary.delta_bpb
+    for i, (r, dm) in enumerate(zip(summary.itertuples(), delta)):
+        base = ok[ok.variant == r.baseline].set_index("seed")[metric]
+        mine = ok[ok.variant == r.variant].set_index("seed")[metric]
         d = (mine - base).dropna()
         ax.scatter(d, [i] * len(d), s=18, color="0.4", zorder=3)
-        if r.variant != r.baseline and not math.isnan(r.delta_bpb):
-            ax.plot([r.delta_bpb] * 2, [i - 0.3, i + 0.3], color="C3", lw=2.5)
+        if r.variant != r.baseline and not math.isnan(dm):
+            ax.plot([dm] * 2, [i - 0.3, i + 0.3], color="C3", lw=2.5)
             if not math.isnan(r.ci_low):
                 ax.plot([r.ci_low, r.ci_high], [i, i], color="C3", lw=1.2)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(summary)))
     ax.set_yticklabels([f"{r.variant} ({r.verdict})" for r in summary.itertuples()], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("final val bpb − baseline's on the same seed (right = worse)")
+    label, higher = METRICS[metric]
+    ax.set_xlabel(f"final val {label} − baseline's on the same seed (right = {'better' if higher else 'worse'})")
     ax.set_title("paired differences: seeds, mean and 95% CI")
     ax.grid(alpha=0.3, axis="x")
 
@@ -595,16 +617,25 @@ def plot_stat(stats: pd.DataFrame, tag: str, ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def write(grid_dir: str | Path, alpha: float = 0.05, margin: float | None = None) -> dict[str, Path]:
+def write(
+    grid_dir: str | Path, alpha: float = 0.05, margin: float | None = None, metric: str | None = None
+) -> dict[str, Path]:
     grid_dir = Path(grid_dir)
     plan = load_plan(grid_dir)
     margin = plan.get("margin", 0.01) if margin is None else margin
     runs = load_runs(grid_dir)
-    summary = summarize(runs, alpha, margin)
+    metric = metric or plan.get("metric", "val_bpb")
+    summary = summarize(runs, alpha, margin, metric)
     paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
     atomic_write(paths["md"], markdown(summary, plan, alpha, margin))
     atomic_write(paths["csv"], summary.to_csv(index=False))
-    plot(runs, summary, curves(grid_dir), paths["png"])
+    plot(runs, summary, curves(grid_dir, "val/"), paths["png"], metric)
+    if plan.get("settings"):
+        paths["difficulty"] = grid_dir / "difficulty.png"
+        plot_settings(by_setting(runs, plan), plan, paths["difficulty"], metric)
+        pooled = summarize_settings(runs, plan, alpha, margin, metric)
+        atomic_write(grid_dir / "by_component.md", markdown_settings(pooled, metric, alpha, margin))
+        paths["by_component"] = grid_dir / "by_component.md"
     if plan.get("tuned"):
         import matplotlib.pyplot as plt
 
@@ -616,6 +647,143 @@ def write(grid_dir: str | Path, alpha: float = 0.05, margin: float | None = None
     return paths
 
 
+# ------------------------------------------------------------------ grids over settings (probe suites)
+
+
+def by_setting(runs: pd.DataFrame, plan: dict) -> pd.DataFrame:
+    """`runs` with each run's variant family (the name before the setting tag), setting, the
+    task (a setting's data.corpus) and the family's baseline."""
+    info = {v["name"]: v for v in plan["variants"]}
+    settings = plan.get("settings") or {}
+    out = runs.copy()
+    out["family"] = [info[n].get("family", n) for n in out.variant]
+    out["setting"] = [info[n].get("setting", "") for n in out.variant]
+    corpus = {k: str(flat_get(b, "data.corpus") or k) for k, b in settings.items()}
+    out["task"] = [corpus.get(s_, s_).removeprefix("probe:") for s_ in out.setting]
+    return out
+
+
+def flat_get(bundle: dict, dotted: str):
+    """A dotted key from a settings bundle written either flat or nested."""
+    if dotted in bundle:
+        return bundle[dotted]
+    node = bundle
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def summarize_settings(
+    runs: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: float = 0.01, metric: str = "val_acc"
+) -> pd.DataFrame:
+    """One row per (variant family, task) and per family over every setting ("all"): the paired
+    statistics of `metric` with the baseline family, the pairs being (setting, seed) — each setting
+    is a block both arms ran on the same data — with Holm across the families' pooled rows."""
+    df = by_setting(runs, plan)
+    ok = df[df.status == "finished"]
+    base_family = plan["baseline"]
+    base = ok[ok.family == base_family].set_index(["setting", "seed"])[metric]
+    higher = METRICS[metric][1]
+    kinds = {v.get("family", v["name"]): v["kind"] for v in plan["variants"]}
+    rows = []
+    for family in [f for f in dict.fromkeys(df.family) if f != base_family]:
+        mine = ok[ok.family == family]
+        for task in [*dict.fromkeys(mine.task), "all"]:
+            g = mine if task == "all" else mine[mine.task == task]
+            d = (g.set_index(["setting", "seed"])[metric] - base).dropna()
+            st = paired(d.to_numpy(), alpha, margin)
+            rows.append({"family": family, "kind": kinds.get(family, ""), "task": task, **st})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["p_holm"] = math.nan
+    pooled = out.task == "all"
+    out.loc[pooled, "p_holm"] = holm(out.loc[pooled, "p_paired"].tolist())
+    for task in out.task.unique():  # per task: Holm across the families on that task
+        sel = out.task == task
+        if task != "all":
+            out.loc[sel, "p_holm"] = holm(out.loc[sel, "p_paired"].tolist())
+    out["verdict"] = [verdict(r["kind"], r, alpha, margin, higher) for r in out.to_dict("records")]
+    return out
+
+
+def markdown_settings(pooled: pd.DataFrame, metric: str, alpha: float, margin: float) -> str:
+    unit = METRICS[metric][0]
+    if pooled.empty:
+        return "# By component\n\nNo finished pairs yet.\n"
+    cell = lambda r: f"{r.delta:+.3f} **{r.verdict.split(' (')[0]}**" if r.n_pairs >= 2 else "—"
+    tasks = [t for t in dict.fromkeys(pooled.task) if t != "all"]
+    wide = pd.DataFrame(
+        {
+            "variant": f"`{family}`",
+            **{t: next((cell(r) for r in g.itertuples() if r.task == t), "—") for t in tasks},
+            "all settings": next((cell(r) for r in g.itertuples() if r.task == "all"), "—"),
+            "95% CI (all)": next(
+                (f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for r in g.itertuples() if r.task == "all" and r.n_pairs >= 2),
+                "—",
+            ),
+            "pairs": next((int(r.n_pairs) for r in g.itertuples() if r.task == "all"), 0),
+        }
+        for family, g in pooled.groupby("family", sort=False)
+    )
+    return "\n".join(
+        [
+            "# By component",
+            "",
+            f"Δ {unit} of each variant against the baseline, paired over (setting, seed): every setting of a "
+            "task (its difficulty levels) is a block both arms ran on identical data. Per task, Holm across "
+            f"the variants on that task; `all settings`, Holm across the variants. alpha = {alpha}, "
+            f"equivalence margin ±{margin} {unit}. A `no_X` row that reads **helps** means X helps.",
+            "",
+            table(wide),
+            "",
+        ]
+    )
+
+
+def plot_settings(df: pd.DataFrame, plan: dict, path: Path, metric: str = "val_acc") -> None:
+    """One panel per task: `metric` (mean over seeds) at each of its settings, in the order the
+    grid lists them (easy to hard), one line per variant family, the same colour in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[df.status == "finished"]
+    tasks = list(dict.fromkeys(df.task))
+    families = list(dict.fromkeys(df.family))
+    colours = {f: plt.get_cmap("tab20")(i % 20) for i, f in enumerate(families)}
+    cols = min(3, len(tasks)) or 1
+    rows = math.ceil(len(tasks) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    order = list(plan.get("settings") or {})
+    for ax, task in zip(axes.flat, tasks):
+        t = ok[ok.task == task]
+        settings = [s_ for s_ in order if s_ in set(t.setting)]
+        for family in families:
+            m = t[t.family == family].groupby("setting")[metric].mean()
+            ax.plot(
+                range(len(settings)),
+                [m.get(s_, math.nan) for s_ in settings],
+                marker="o",
+                lw=1.3,
+                color=colours[family],
+                label=family,
+            )
+        ax.set_xticks(range(len(settings)), settings, rotation=20, fontsize=7)
+        ax.set_title(task, fontsize=10)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m escarda_lab.compare", description=__doc__.splitlines()[0])
     p.add_argument("grid_dir", help="a grid's folder, e.g. runs/leave_one_out")
@@ -623,9 +791,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--margin", type=float, default=None, help="equivalence margin in bpb (default: the grid's `margin`, else 0.01)"
     )
+    p.add_argument(
+        "--metric",
+        choices=sorted(METRICS),
+        default=None,
+        help="what the verdicts test (default: val_acc for probe grids, else val_bpb)",
+    )
     args = p.parse_args(argv)
     try:
-        paths = write(args.grid_dir, args.alpha, args.margin)
+        paths = write(args.grid_dir, args.alpha, args.margin, args.metric)
     except UserError as e:
         print(f"escarda_lab: error in {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from omegaconf import errors as oc_errors
 
 from escarda_lab import registry
 from escarda_lab.errors import ConfigError
+from escarda_lab.probes import ProbeConfig
 from escarda_lab.registry import bounded
 
 CLI = "command line"
@@ -52,12 +53,13 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "classics"  # shakespeare | bigtxt | classics | a file, folder or glob | hf:<name>
+    corpus: str = "classics"  # shakespeare | bigtxt | classics | a file, folder or glob | hf:<name> | probe:<task>
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seq_len: int = bounded(128, min=1)
     batch_size: int = bounded(32, min=1)  # global batch (split across devices)
     val_fraction: float = bounded(0.05, above=0, below=1)  # of documents, chosen by content hash
     cache_dir: str = ""  # tokenizers and token memmaps; "" = $ESCARDA_CACHE or ~/.cache/escarda_lab
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # corpus probe:<task> (escarda_lab.probes)
 
 
 @dataclass

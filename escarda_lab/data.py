@@ -25,7 +25,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from escarda_lab import config
+from escarda_lab import config, probes
 from escarda_lab.errors import DataError
 from escarda_lab.io import atomic_path, atomic_write
 from escarda_lab.layers import PAD
@@ -187,6 +187,32 @@ def load_tokenizer(folder: Path, kind: str) -> Tokenizer:
     return ByteTokenizer() if kind == "byte" else BPETokenizer.load(Path(folder) / "tokenizer.json")
 
 
+def run_tokenizer(folder: Path, data_cfg) -> Tokenizer:
+    """The tokenizer a run trained with: a probe task's own, else the one saved in its folder."""
+    task = probes.task_of(data_cfg.corpus)
+    if task is not None:
+        return ProbeTokenizer(probes.vocab_size(task, data_cfg.probe))
+    return load_tokenizer(folder, data_cfg.tokenizer.kind)
+
+
+class ProbeTokenizer(Tokenizer):
+    """A probe task's tokens: ids 0..7 are the specials, 8 + t is task token t, written "t"."""
+
+    kind = "probe"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode_batch(self, texts):
+        return [[int(t) + len(SPECIALS) for t in text.split()] for text in texts]
+
+    def decode(self, ids) -> str:
+        return " ".join(str(i - len(SPECIALS)) if i >= len(SPECIALS) else SPECIALS[i] for i in ids)
+
+    def token_bytes(self):  # one "byte" per task token: bpb is then the loss in bits per token
+        return np.array([0] * len(SPECIALS) + [1] * (self.vocab_size - len(SPECIALS)), dtype=np.int64)
+
+
 class ByteTokenizer(Tokenizer):
     """Ids 0..7 are the specials, 8 + b is byte b."""
 
@@ -274,8 +300,11 @@ class TokenData:
         return torch.from_numpy(self.tokenizer.token_bytes())
 
 
-def prepare(data_cfg, source: str = "data") -> TokenData:
-    """Load or build (once, under a lock) the tokenizer and token memmaps for this data config."""
+def prepare(data_cfg, source: str = "data", seed: int = 0):
+    """Load or build (once, under a lock) the tokenizer and token memmaps for this data config;
+    for a probe task, its train and test sets generated from `seed` (the data seed)."""
+    if probes.task_of(data_cfg.corpus) is not None:
+        return prepare_probe(data_cfg, source, seed)
     files = corpus_files(data_cfg.corpus, source)
     digest = hashlib.sha256()
     for _name, text in files:
@@ -315,6 +344,122 @@ def _build(files, data_cfg, folder: Path, source: str) -> None:
             "bytes": sum(len(d.encode("utf-8")) for d in docs),
         }
     atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
+
+
+# ------------------------------------------------------------------------------------ probe tasks
+
+
+@dataclass
+class ProbeTokens:
+    """What a probe run needs: the tokenizer and the task's train / test examples."""
+
+    tokenizer: Tokenizer
+    probe: probes.ProbeSet
+    meta: dict
+
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        return torch.from_numpy(self.tokenizer.token_bytes())
+
+
+def probe_error(e: probes.ProbeError, source: str, task: str) -> DataError:
+    key = "data.seq_len" if e.key == "seq_len" else f"data.probe.{e.key}"
+    return DataError(source, key, f"probe:{task}: {e.problem}", e.fix)
+
+
+def prepare_probe(data_cfg, source: str, seed: int) -> ProbeTokens:
+    task = probes.task_of(data_cfg.corpus)
+    if task not in probes.TASKS:
+        raise DataError(
+            source,
+            "data.corpus",
+            f"unknown probe task {task!r}",
+            f"use probe:<task> with one of: {', '.join(probes.TASKS)}",
+        )
+    try:
+        ps = probes.build(task, data_cfg.probe, data_cfg.seq_len, seed)
+    except probes.ProbeError as e:
+        raise probe_error(e, source, task) from None
+    tok = ProbeTokenizer(probes.vocab_size(task, data_cfg.probe))
+    scored = int((ps.test_labels != probes.IGNORE).sum())
+    meta = {"task": task, "params": ps.params, "vocab_size": tok.vocab_size, "test_scored": scored}
+    return ProbeTokens(tok, ps, meta)
+
+
+class ProbeBatches(Dataset):
+    """Index k -> this rank's share of training batch k of a probe task (a function of (seed, k))."""
+
+    def __init__(self, probe: probes.ProbeSet, batch_size: int, seed: int, rank: int, world: int):
+        self.probe, self.batch_size, self.seed, self.rank, self.world = probe, batch_size, seed, rank, world
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        x, y = self.probe.batch(int(k), self.batch_size, self.seed)
+        x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+        return {"ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
+
+
+class Examples(Dataset):
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i):
+        return {"ids": torch.from_numpy(self.inputs[i : i + 1]), "labels": torch.from_numpy(self.labels[i : i + 1])}
+
+
+class ProbeData(L.LightningDataModule):
+    """A probe task: training batches from its train set (or stream), validation on its test set
+    (the first val_batches x batch_size examples periodically, all of them at the end)."""
+
+    def __init__(self, cfg, tokens: ProbeTokens):
+        super().__init__()
+        self.cfg, self.tokens = cfg, tokens
+        p = tokens.probe
+        n = min(len(p.test_inputs), cfg.train.val_batches * cfg.data.batch_size)
+        self.val_rows = np.arange(n)
+        self.all_rows = np.arange(len(p.test_inputs))
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        ds = ProbeBatches(self.tokens.probe, self.cfg.data.batch_size, config.seeds(self.cfg)[1], rank, world)
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return DataLoader(ds, batch_size=None, sampler=FromStep(start))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val_rows)
+
+    def final_loader(self) -> DataLoader:
+        return self.loader(self.all_rows, shard=False)
+
+    def loader(self, rows: np.ndarray, shard: bool = True) -> DataLoader:
+        rank, world = self._rank_world() if shard else (0, 1)
+        p, rows = self.tokens.probe, rows[rank::world]
+        ds = Examples(p.test_inputs[rows], p.test_labels[rows])
+        return DataLoader(ds, batch_size=self.cfg.data.batch_size, collate_fn=collate)
+
+
+def vocab_size(data_cfg, source: str = "data") -> int:
+    """The model vocabulary this data config needs (a probe task's without generating it)."""
+    task = probes.task_of(data_cfg.corpus)
+    if task is None:
+        return prepare(data_cfg, source).tokenizer.vocab_size
+    try:
+        return probes.vocab_size(task, data_cfg.probe) if task in probes.TASKS else prepare(data_cfg, source)
+    except probes.ProbeError as e:
+        raise probe_error(e, source, task) from None
+
+
+def datamodule(cfg, tokens) -> L.LightningDataModule:
+    return ProbeData(cfg, tokens) if isinstance(tokens, ProbeTokens) else EscardaData(cfg, tokens)
 
 
 # ------------------------------------------------------------------------------------ data module
@@ -418,6 +563,10 @@ class EscardaData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_starts)
+
+    def final_loader(self) -> DataLoader:
+        """The whole validation split, unsharded: what a run ends with."""
+        return self.loader(self.all_val_starts, shard=False)
 
     def loader(self, starts: np.ndarray, shard: bool = True) -> DataLoader:
         """Validation windows at `starts`; split across processes unless shard=False."""

@@ -1,5 +1,5 @@
 """Evaluation: `python -m escarda_lab.evaluate RUN_DIR_OR_CKPT [--split val] [--text FILE]
-[--corpus NAME] [--suite minimal_pairs] [--task FILE.jsonl ...] [--out FILE.json]`.
+[--corpus NAME] [--suite minimal_pairs] [--task FILE.jsonl ...] [--probe TASK] [--out FILE.json]`.
 
 bpb = Σ NLL (nats) over predicted tokens / (ln 2 × Σ UTF-8 bytes of those tokens).
 Special tokens count 0 bytes but their NLL counts, so bpb is tokenizer-independent; byte
@@ -27,19 +27,31 @@ def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
     return nll_sum / (math.log(2) * max(n_bytes, 1))
 
 
+SUMS = 4  # [nll_sum, n_tokens, n_bytes, n_correct]
+
+
 def window_nll(model, batch: dict, token_bytes: Tensor) -> Tensor:
-    """[nll_sum, n_tokens, n_bytes] (float64) over the valid labels of one batch."""
+    """[nll_sum, n_tokens, n_bytes, n_correct] (float64) over the valid labels (!= -100) of one
+    batch; n_correct counts labels that are the argmax (exact match: a probe task's accuracy)."""
     labels = batch["labels"]
     valid = labels != -100
-    nll = model(batch["ids"]).nll_lse(labels)[0].sum()
+    out = model(batch["ids"])
+    nll = out.nll_lse(labels)[0].sum()
     n_bytes = token_bytes.to(labels.device)[labels.clamp(min=0)][valid].sum()
-    return torch.stack([nll.double(), valid.sum().double(), n_bytes.double()])
+    correct = ((out.logits.argmax(-1) == labels) & valid).sum()
+    return torch.stack([nll.double(), valid.sum().double(), n_bytes.double(), correct.double()])
 
 
 def nll_summary(sums: Tensor) -> dict[str, float]:
-    """[nll_sum, n_tokens, n_bytes] -> {"loss", "bpb", "tokens", "bytes"}."""
-    nll, n, b = (float(x) for x in sums)
-    return {"loss": nll / max(n, 1), "bpb": bits_per_byte(nll, b), "tokens": int(n), "bytes": int(b)}
+    """[nll_sum, n_tokens, n_bytes, n_correct] -> {"loss", "bpb", "acc", "tokens", "bytes"}."""
+    nll, n, b, c = (float(x) for x in sums)
+    return {
+        "loss": nll / max(n, 1),
+        "bpb": bits_per_byte(nll, b),
+        "acc": c / max(n, 1),
+        "tokens": int(n),
+        "bytes": int(b),
+    }
 
 
 @torch.no_grad()
@@ -47,7 +59,7 @@ def score(model, loader, token_bytes: Tensor, device=None) -> Tensor:
     """Summed [nll, tokens, bytes] of `model` over every batch of `loader`."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(3, dtype=torch.float64)
+    total = torch.zeros(SUMS, dtype=torch.float64)
     for batch in loader:
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -151,17 +163,77 @@ def text_bpb(scorer: Scorer, text: str, stride: int | None = None) -> dict:
 
 
 def score_val_split(model, dm, token_bytes: Tensor, device=None) -> dict:
-    """The whole validation split in non-overlapping windows: the number a run ends with."""
-    val = nll_summary(score(model, dm.loader(dm.all_val_starts, shard=False), token_bytes, device))
+    """The whole validation split in non-overlapping windows (a probe task: its whole test set):
+    the number a run ends with."""
+    val = nll_summary(score(model, dm.final_loader(), token_bytes, device))
     return {**val, "byte_perplexity": 2 ** val["bpb"]}
 
 
 def split_bpb(model, cfg, source: str) -> dict:
     """The run's own validation split, scored by the same function as the end of training."""
-    from escarda_lab import data
+    from escarda_lab import config, data
 
-    tokens = data.prepare(cfg.data, source)
-    return score_val_split(model, data.EscardaData(cfg, tokens), tokens.token_bytes, next(model.parameters()).device)
+    tokens = data.prepare(cfg.data, source, config.seeds(cfg)[1])
+    return score_val_split(model, data.datamodule(cfg, tokens), tokens.token_bytes, next(model.parameters()).device)
+
+
+@torch.no_grad()
+def cached_predictions(model, inputs: Tensor) -> Tensor:
+    """Argmax predictions [B, T] decoding token by token through the KV cache (what generation
+    sees), for comparison with one full forward pass."""
+    cache = model.new_cache()
+    return torch.cat([model(inputs[:, t : t + 1], cache=cache).logits.argmax(-1) for t in range(inputs.shape[1])], 1)
+
+
+@torch.no_grad()
+def probe(model, cfg, task: str, source: str, cache_examples: int = 256, batch_size: int = 64) -> dict:
+    """A probe task's test set: exact-match accuracy and loss at the scored positions (one full
+    forward pass), and the accuracy of KV-cache decoding on the first `cache_examples` examples
+    with the fraction of predictions it shares with the full pass (1.0 when the cache is exact).
+    A run trained on the task is scored on its own test set (its parameters and data seed); any
+    other run on the task's defaults."""
+    from dataclasses import replace
+
+    from escarda_lab import config, data, probes
+
+    if task not in probes.TASKS:
+        raise UserError(source, "--probe", f"unknown probe task {task!r}", f"use one of: {', '.join(probes.TASKS)}")
+    own = probes.task_of(cfg.data.corpus) == task
+    d = cfg.data if own else replace(cfg.data, corpus=f"probe:{task}", probe=probes.ProbeConfig())
+    if not own:
+        d = replace(d, seq_len=min(probes.TASKS[task].seq_len, cfg.model.max_seq_len))
+    need = data.vocab_size(d, source)
+    if need > cfg.model.vocab_size:
+        raise UserError(
+            source,
+            "--probe",
+            f"probe:{task} needs a vocabulary of {need} ids, the model has {cfg.model.vocab_size}",
+            f"evaluate a run trained on probe:{task} (experiments/probes/{task}.yaml)",
+        )
+    tokens = data.prepare(d, source, config.seeds(cfg)[1] if own else 0)
+    ps = tokens.probe
+    device = next(model.parameters()).device
+    x, y = torch.from_numpy(ps.test_inputs), torch.from_numpy(ps.test_labels)
+    sums = torch.zeros(SUMS, dtype=torch.float64)
+    model.eval()
+    for i in range(0, len(x), batch_size):
+        batch = {"ids": x[i : i + batch_size].to(device), "labels": y[i : i + batch_size].to(device)}
+        sums += window_nll(model, batch, tokens.token_bytes).cpu()
+    out = {"task": task, "params": ps.params, "seq_len": d.seq_len, "examples": len(x), **nll_summary(sums)}
+    out["scored"] = out.pop("tokens")
+    del out["bytes"], out["bpb"]
+    if cache_examples:
+        xs, ys = x[:cache_examples].to(device), y[:cache_examples]
+        cached = cached_predictions(model, xs).cpu()
+        full = model(xs).logits.argmax(-1).cpu()
+        scored = ys != -100
+        out["cache"] = {
+            "examples": len(xs),
+            "acc": float((cached == ys)[scored].float().mean()),
+            "acc_full_pass": float((full == ys)[scored].float().mean()),
+            "agreement": float((cached == full)[scored].float().mean()),
+        }
+    return out
 
 
 def minimal_pairs(scorer: Scorer, pairs) -> dict:
@@ -253,6 +325,7 @@ def evaluate(
     tasks: list[str] = (),
     pairs_per_paradigm: int = 200,
     seed: int = 0,
+    probe_tasks: list[str] = (),
 ) -> dict:
     from escarda_lab import data
     from escarda_lab import minimal_pairs as mp
@@ -277,6 +350,8 @@ def evaluate(
         out["minimal_pairs"] = minimal_pairs(scorer, mp.generate(pairs_per_paradigm, seed))
     for t in tasks:
         out.setdefault("tasks", {})[Path(t).stem] = multiple_choice(scorer, read_task(t))
+    for t in probe_tasks:
+        out.setdefault("probes", {})[t] = probe(model, cfg, t, str(run))
     return out
 
 
@@ -284,7 +359,19 @@ def report(res: dict) -> str:
     lines = []
     if "val" in res:
         v = res["val"]
-        lines.append(f"val split: loss {v['loss']:.4f}  bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}")
+        lines.append(
+            f"val split: loss {v['loss']:.4f}  bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}"
+            f"  acc {v['acc']:.4f}"
+        )
+    for name, v in res.get("probes", {}).items():
+        line = f"probe {name}: acc {v['acc']:.4f}  loss {v['loss']:.4f}  ({v['scored']:,} scored positions)"
+        if "cache" in v:
+            c = v["cache"]
+            line += (
+                f"; KV cache on {c['examples']}: acc {c['acc']:.4f} "
+                f"(full pass {c['acc_full_pass']:.4f}, agree {c['agreement']:.4f})"
+            )
+        lines.append(line)
     for kind in ["text", "corpus"]:
         for name, v in res.get(kind, {}).items():
             lines.append(
@@ -312,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", action="append", default=[], help="bits per byte of a corpus (name, file or glob)")
     p.add_argument("--suite", action="append", default=[], help="minimal_pairs")
     p.add_argument("--task", action="append", default=[], help="multiple-choice JSONL file")
+    p.add_argument("--probe", action="append", default=[], help="probe task: accuracy on its test set (+ KV cache)")
     p.add_argument("--no-split", action="store_true", help="skip the run's own validation split")
     p.add_argument("--pairs", type=int, default=200, help="minimal pairs per paradigm (default 200)")
     p.add_argument("--out", default=None, help="JSON file (default: <run>/eval.json)")
@@ -319,7 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     prepare_torch()
     try:
-        res = evaluate(args.run, not args.no_split, args.text, args.corpus, args.suite, args.task, args.pairs)
+        res = evaluate(
+            args.run,
+            not args.no_split,
+            args.text,
+            args.corpus,
+            args.suite,
+            args.task,
+            args.pairs,
+            probe_tasks=args.probe,
+        )
     except UserError as e:
         print(user_error(e), file=sys.stderr)
         return 2

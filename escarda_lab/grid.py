@@ -63,6 +63,7 @@ class TuneConfig:
     values: list[Any] = field(default_factory=list)
     seeds: int = bounded(1, min=1)  # tuning seeds TUNE_SEED, TUNE_SEED + 1, ...: never reused by verdict runs
     max_steps: int | None = bounded(None, min=1)  # None: as long as the verdict runs
+    at: str | None = None  # with grid.settings: tune at this setting only; every setting uses its value
 
 
 TUNE_SEED = 1000
@@ -77,6 +78,8 @@ class GridConfig:
     add_one_in: list[str] = field(default_factory=list)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     axes: dict[str, list[Any]] = field(default_factory=dict)
+    # named bundles of overrides crossed with every variant (e.g. probe tasks at several difficulties)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # params: non-embedding active parameters
     match: Literal["none", "params", "params_total", "params_active", "flops"] = "none"
     parallel: int = bounded(1, min=1)
@@ -100,6 +103,8 @@ class Variant:
     seed_offset: int = 0  # control_null: init and data seeds are seed + offset (the folder keeps seed)
     tune_as: str = ""  # the variant whose tuned value this one uses ("" = itself; controls: the baseline)
     forced: dict = field(default_factory=dict)  # dotted key -> value that wins over the command line
+    setting: str = ""  # the grid.settings entry this variant runs at ("" = none)
+    family: str = ""  # the variant's name before axes and settings tags
 
 
 @dataclass
@@ -158,8 +163,20 @@ def check_spec(g: GridConfig, src: str) -> None:
         "every axis needs at least one value",
         "write e.g. `axes: {model.d_model: [64, 128]}`",
     )
+    need(
+        all(isinstance(b, dict) and b for b in g.settings.values()),
+        "settings",
+        "every setting needs a mapping of overrides",
+        "write e.g. `settings: {mqar4: {data.corpus: probe:mqar, data.probe.num_kv_pairs: 4}}`",
+    )
     if g.tune is not None:
         t = g.tune
+        need(
+            t.at is None or t.at in g.settings,
+            "tune.at",
+            f"tune.at={t.at!r} is not one of the settings",
+            f"use one of: {', '.join(g.settings) or '(none: add grid.settings first)'}",
+        )
         need(
             len(t.values) >= 2,
             "tune.values",
@@ -246,24 +263,36 @@ def controls(g: GridConfig, base_train) -> list[Variant]:
 
 
 def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
-    if not g.axes:
-        return [replace(v, baseline=g.baseline) for v in vs]
-    keys = list(g.axes)
-    out = []
-    for combo in itertools.product(*g.axes.values()):
-        tag = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, combo))
-        over = dict(zip(keys, combo))
-        for v in vs:
-            out.append(
-                replace(
-                    v,
-                    name=f"{v.name}-{tag}",
-                    baseline=f"{g.baseline}-{tag}",
-                    axes=over,
-                    tune_as=f"{v.tune_as}-{tag}" if v.tune_as else "",
-                )
-            )
-    return out
+    """Every variant at every combination of the axes, then at every setting: `<name>-<tag>`,
+    compared with the baseline at the same tag."""
+    vs = [replace(v, baseline=g.baseline, family=v.name) for v in vs]
+    if g.axes:
+        keys = list(g.axes)
+        combos = [
+            ("-".join(f"{k.rsplit('.', 1)[-1]}{x}" for k, x in zip(keys, combo)), dict(zip(keys, combo)))
+            for combo in itertools.product(*g.axes.values())
+        ]
+        vs = [tagged(v, tag, over) for tag, over in combos for v in vs]
+    if g.settings:
+        at = g.tune.at if g.tune is not None else None
+        vs = [
+            replace(tagged(v, str(name), config.flatten(bundle), tune_tag=str(at) if at else None), setting=str(name))
+            for name, bundle in g.settings.items()
+            for v in vs
+        ]
+    return vs
+
+
+def tagged(v: Variant, tag: str, over: dict, tune_tag: str | None = None) -> Variant:
+    """`v` at one axes combination or setting. tune_tag: the tag whose tuned value it uses."""
+    own = v.tune_as or (v.name if tune_tag and tune_tag != tag else "")
+    return replace(
+        v,
+        name=f"{v.name}-{tag}",
+        baseline=f"{v.baseline}-{tag}",
+        axes={**v.axes, **over},
+        tune_as=f"{own}-{tune_tag or tag}" if own else "",
+    )
 
 
 def expand(
@@ -344,15 +373,27 @@ def tune_name(variant: str, key: str, value) -> str:
     return f"{variant}-{key.rsplit('.', 1)[-1]}{value}"
 
 
+def tune_score(cfg, metrics: dict) -> float:
+    """What tuning minimises: the final val loss; on a probe task, minus the accuracy (MAD keeps
+    the best accuracy of its sweep), ties broken by the loss."""
+    from escarda_lab import probes
+
+    if probes.task_of(cfg.data.corpus) is not None:
+        return -metrics["val_acc"] + 1e-6 * metrics["val_loss"]
+    return metrics["val_loss"]
+
+
 def pick_tuned(g: GridConfig, runs: list[Run]) -> dict:
-    """{variant: {"value": best, "scores": {value: mean final val loss or None}}} from finished
+    """{variant: {"value": best, "scores": {value: mean tune_score or None}}} from finished
     tuning runs; a value with a diverged or failed tuning seed scores None (never chosen)."""
     out: dict[str, dict] = {}
     for r in runs:
         value = config.flatten(r.cfg)[g.tune.key]
         m = read_json(r.folder / "metrics.json") or {}
         entry = out.setdefault(r.variant.name, {"key": g.tune.key, "scores": {}, "losses": {}})
-        entry["losses"].setdefault(str(value), []).append(m["val_loss"] if m.get("status") == "finished" else None)
+        entry["losses"].setdefault(str(value), []).append(
+            tune_score(r.cfg, m) if m.get("status") == "finished" else None
+        )
     for name, entry in out.items():
         for value, losses in entry["losses"].items():
             entry["scores"][value] = None if None in losses else sum(losses) / len(losses)
@@ -379,7 +420,7 @@ def fill_vocab(runs: list[Run], source: str) -> list[Run]:
     for r in runs:
         key = config.to_yaml(r.cfg.data)
         if key not in sizes:
-            sizes[key] = data.prepare(r.cfg.data, source).tokenizer.vocab_size
+            sizes[key] = data.vocab_size(r.cfg.data, source)
         out.append(replace(r, cfg=config.with_vocab(r.cfg, sizes[key], source)))
     return out
 
@@ -609,6 +650,7 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
     for k in [
         "val_loss",
         "val_bpb",
+        "val_acc",
         "params",
         "flops_per_token",
         "tokens_per_s",
@@ -653,6 +695,8 @@ def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str, tune
                 "adjust": r.adjust,
                 "seed_offset": v.seed_offset,
                 "tune_as": v.tune_as or v.name,
+                "family": v.family or v.name,
+                "setting": v.setting,
                 "max_steps": r.cfg.train.max_steps,
             },
         )
@@ -664,12 +708,22 @@ def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str, tune
             "seeds": g.seeds,
             "match": g.match,
             "margin": g.margin,
+            "metric": metric_of(runs),
+            "settings": g.settings,
             "controls": g.controls,
             "tune": None if g.tune is None else vars(g.tune),
             "tuned": tuned or {},
             "variants": list(seen.values()),
         },
     )
+
+
+def metric_of(runs: list[Run]) -> str:
+    """What `compare` tests: accuracy when every run is a probe task, else bits per byte."""
+    from escarda_lab import probes
+
+    probe = [probes.task_of(r.cfg.data.corpus) is not None for r in runs]
+    return "val_acc" if probe and all(probe) else "val_bpb"
 
 
 def prepare_folder(r: Run) -> str | None:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from escarda_lab.device import on_gpu, sync
 from escarda_lab.errors import Diverged
-from escarda_lab.evaluate import nll_summary, window_nll
+from escarda_lab.evaluate import SUMS, nll_summary, window_nll
 from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from escarda_lab.registry import Plugin
@@ -195,7 +195,7 @@ class EscardaModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._val_sums = torch.zeros(SUMS, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._val_sums += window_nll(self.model, batch, self.token_bytes)
@@ -203,7 +203,7 @@ class EscardaModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         val = nll_summary(sums.cpu())
-        self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"]}, self.global_step)
+        self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"], "val/acc": val["acc"]}, self.global_step)
 
 
 SPIKE_FACTOR, SPIKE_WINDOW = 5.0, 20

@@ -33,7 +33,7 @@ def train(cfg, source: str = "experiment") -> dict:
     quiet_libraries()
     prepare_torch()
     folder = run_dir(cfg)
-    tokens = data.prepare(cfg.data, source)
+    tokens = data.prepare(cfg.data, source, config.seeds(cfg)[1])
     cfg = config.with_vocab(cfg, tokens.tokenizer.vocab_size, source)
     resolved = config.to_yaml(cfg)
     check_same_config(folder, resolved, source)  # whatever the folder's status
@@ -99,7 +99,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     module.flops_per_token = accounting.train_flops_per_token(
         module.model, lambda b: module.compute_loss(b)[0], cfg.data.seq_len
     )
-    dm = data.EscardaData(cfg, tokens)
+    dm = data.datamodule(cfg, tokens)
     ckpt = folder / "last.ckpt"
     resume = ckpt if ckpt.exists() else None
     if resume:
@@ -186,6 +186,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         "step": trainer.global_step,
         "val_loss": val["loss"],
         "val_bpb": val["bpb"],
+        "val_acc": val["acc"],  # exact match at the scored positions (next-token accuracy for text)
         "val_tokens": val["tokens"],
         "train_tokens": trainer.global_step * cfg.data.batch_size * cfg.data.seq_len,
         "tokens_per_s": trainer.global_step * module.tokens_per_step / max(module.train_seconds, 1e-9),
@@ -209,7 +210,11 @@ def write_hparams(folder: Path, cfg, metrics: dict) -> None:
     from torch.utils.tensorboard.summary import hparams
 
     flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.flatten(cfg).items()}
-    final = {"final/val_bpb": metrics["val_bpb"], "final/val_loss": metrics["val_loss"]}
+    final = {
+        "final/val_bpb": metrics["val_bpb"],
+        "final/val_loss": metrics["val_loss"],
+        "final/val_acc": metrics["val_acc"],
+    }
     writer = SummaryWriter(log_dir=str(folder))
     for summary in hparams(flat, final):
         writer.file_writer.add_summary(summary)
@@ -257,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if metrics:
         log.info(
-            "%s: val/loss %.4f  val/bpb %.4f  (%s params, %.0f tokens/s, MFU %.1f%%)",
+            "%s: val/loss %.4f  val/bpb %.4f  val/acc %.4f  (%s params, %.0f tokens/s, MFU %.1f%%)",
             run_dir(cfg),
             metrics["val_loss"],
             metrics["val_bpb"],
+            metrics["val_acc"],
             f"{metrics['params']['total']:,}",
             metrics["tokens_per_s"],
             100 * metrics.get("mfu", 0),

@@ -111,4 +111,4 @@ def load_run(path: str | Path):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model = EscardaLM(cfg)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model.eval(), data.load_tokenizer(folder, cfg.data.tokenizer.kind), cfg
+    return model.eval(), data.run_tokenizer(folder, cfg.data), cfg
