@@ -795,6 +795,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
             echo(
                 f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
+                + (f" val/acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
             )
 
     todo = []
