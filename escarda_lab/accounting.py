@@ -110,6 +110,33 @@ def build_on_meta(cfg) -> nn.Module:
         return EscardaLM(cfg)
 
 
+def step_memory_bytes(cfg) -> float:
+    """A lower-bound estimate of one training step's memory on one device: fp32 weights, gradients
+    and AdamW's two moments (16 bytes per parameter), the activations kept for backward (Korthikanti
+    et al. 2022: 34·s·b·h values per layer; no s² term, as fused SDPA keeps no score matrix; the
+    residual widened by hyper-connection streams), and the logits with their gradient. Real use is
+    higher (workspace, allocator slack), so only steps that cannot fit are refused."""
+    m, d = cfg.model, cfg.data
+    params = sum(p.numel() for p in build_on_meta(cfg).parameters())
+    world = max(1, cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
+    tokens = max(1, d.batch_size // world) * d.seq_len
+    hc = getattr(cfg.components, "hyper_connections", None)
+    streams = hc.streams if hc is not None and hc.enabled else 1
+    per_layer = 34 * m.d_model * streams
+    activations = tokens * m.n_layers * per_layer * 4
+    logits = 2 * tokens * (m.vocab_size or d.tokenizer.vocab_size) * 4
+    return 16.0 * params + activations + logits
+
+
+def machine_memory_bytes(cfg) -> float:
+    """Memory of one device of this run: the GPU's, or the machine's physical RAM on CPU."""
+    import os
+
+    if on_gpu(cfg) and torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m escarda_lab.accounting EXPERIMENT.yaml [key=value ...]`: parameter breakdown."""
     import argparse

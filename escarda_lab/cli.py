@@ -28,6 +28,19 @@ def prepare_torch() -> None:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left under autocast
 
 
+def credited(e: UserError, experiment: str, overrides: list[str] | tuple[str, ...] = ()) -> UserError:
+    """`e` with its source corrected: a key given on the command line is the command line's, and an
+    error raised deep in the data code (source "data") belongs to the experiment file."""
+    given = {o.split("=", 1)[0] for o in overrides if "=" in o}
+    if e.key and e.key in given:
+        source = "command line"
+    elif e.source in ("data", "experiment"):
+        source = experiment
+    else:
+        return e
+    return type(e)(source, e.key, e.problem, e.fix)
+
+
 def user_error(e: UserError) -> str:
     return f"escarda_lab: error in {e}"
 

@@ -157,6 +157,14 @@ def seeds(cfg) -> tuple[int, int]:
 
 def read_yaml(path: Path, source: str | None = None) -> dict:
     source = source or str(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise ConfigError(
+            source,
+            None,
+            f"{path} is a folder, not an experiment file",
+            f"pass one YAML file inside it (e.g. {path / found[0]})" if found else "pass an experiment YAML file",
+        )
     if not path.is_file():
         raise ConfigError(
             source,
@@ -170,6 +178,14 @@ def read_yaml(path: Path, source: str | None = None) -> dict:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "python/" in str(problem):
+            raise ConfigError(
+                str(path),
+                None,
+                f"a YAML tag that builds a Python object{line} is not allowed ({problem})",
+                "write plain values (numbers, strings, lists, mappings); plugins are listed by module path "
+                "under `plugins:`",
+            ) from None
         raise ConfigError(
             str(path),
             None,
@@ -257,6 +273,8 @@ def load(
     registry.discover(plugins, source=str(path))
     cfg = merge(sources)
     origin = origins(sources)
+    if "name" not in origin:  # no file names the run: name it after the file, not the schema default
+        cfg.name = Path(path).stem
     obj = OmegaConf.to_object(cfg)
     validate(obj, lambda key: origin.get(key, str(path)))
     return obj

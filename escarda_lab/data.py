@@ -84,15 +84,41 @@ def corpus_files(spec: str, source: str = "data.corpus") -> list[tuple[str, str]
             f"corpus {spec!r} is not a shipped corpus, file, folder or glob",
             "use shakespeare, bigtxt, classics, or a path to existing .txt/.md files",
         )
-    out = []
-    for p in paths:
-        try:
-            out.append((str(p), p.read_text(encoding="utf-8", errors="replace")))
-        except OSError as e:
-            raise DataError(
-                source, "data.corpus", f"cannot read {p}: {e.strerror}", "check the file's permissions"
-            ) from None
-    return out
+    return [(str(p), read_text(p, source)) for p in paths]
+
+
+NOT_TEXT = 0.3  # a file with more than this fraction of bytes that are not UTF-8 text is refused
+
+
+def read_text(path: Path, source: str) -> str:
+    """A corpus file as text. Bytes that are not UTF-8 are replaced (and counted in a warning);
+    a file that is mostly not text (binary, or another encoding throughout) is refused."""
+    import logging
+
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            source, "data.corpus", f"cannot read {path}: {e.strerror}", "check the file's permissions"
+        ) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    nul = raw.count(0)
+    if (bad + nul) > NOT_TEXT * max(len(raw), 1):
+        raise DataError(
+            source,
+            "data.corpus",
+            f"{path} is not UTF-8 text ({bad:,} undecodable and {nul:,} NUL bytes of {len(raw):,})",
+            "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or leave binary files out of the corpus",
+        )
+    logging.getLogger("escarda_lab").warning(
+        "%s: %d byte sequence(s) are not UTF-8 and were replaced by U+FFFD", path, bad
+    )
+    return text
 
 
 def _hf_files(name: str, source: str) -> list[tuple[str, str]]:

@@ -598,20 +598,56 @@ def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = ()) -> di
     if evaluate and not (folder / "eval.json").exists():
         commands.append(["escarda_lab.evaluate", str(folder), *evaluate])
     rc = 0
+    global _child
     with open(folder / "log.txt", "ab") as log:
         for cmd in commands:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m {' '.join(cmd)}\n".encode())
             log.flush()
-            rc = subprocess.run(
+            _child = subprocess.Popen(
                 [sys.executable, "-m", *cmd],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=child_env(parallel),
                 preexec_fn=die_with_parent,
-            ).returncode
+            )
+            rc = _child.wait()
+            _child = None
             if rc != 0:
                 break
     return {"returncode": rc, "wall_s": time.perf_counter() - t0}
+
+
+_child: subprocess.Popen | None = None  # the training process run_one is waiting on (one per job)
+
+
+def stop_child(timeout: float = 120.0) -> int | None:
+    """SIGTERM the training child (it checkpoints at the current step and exits) and wait for it."""
+    import signal
+
+    child = _child
+    if child is None or child.poll() is not None:
+        return None
+    child.send_signal(signal.SIGTERM)
+    try:
+        return child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
+
+
+class RequeueableRun:
+    """`run_one` as a submitit job that survives pre-emption and time limits: submitit calls
+    `checkpoint` before the job is stopped; the training child then checkpoints at its current
+    step (SIGTERM) and the same call is requeued, which resumes from that checkpoint."""
+
+    def __call__(self, *args):
+        return run_one(*args)
+
+    def checkpoint(self, *args):
+        import submitit
+
+        stop_child()
+        return submitit.helpers.DelayedSubmission(RequeueableRun(), *args)
 
 
 def last_error(folder: Path) -> str:
@@ -846,7 +882,10 @@ def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> Non
         params["slurm_partition"] = s.partition
     ex.update_parameters(**params)
     jobs = ex.map_array(
-        run_one, [str(r.folder / "config.yaml") for r in todo], [g.parallel] * len(todo), [eval_args(g)] * len(todo)
+        RequeueableRun(),
+        [str(r.folder / "config.yaml") for r in todo],
+        [g.parallel] * len(todo),
+        [eval_args(g)] * len(todo),
     )
     for r, job in zip(todo, jobs):
         try:

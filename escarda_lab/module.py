@@ -17,7 +17,7 @@ from escarda_lab.evaluate import SUMS, nll_summary, window_nll
 from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from escarda_lab.registry import Plugin
-from escarda_lab.runs import write_checksum
+from escarda_lab.runs import storage_error, write_checksum
 
 
 def lr_factor(step: int, t) -> float:
@@ -286,10 +286,19 @@ class AtomicCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         # Not io.atomic_path: every rank calls save_checkpoint with the same temp name (rank 0 writes).
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-            write_checksum(self.path)
+        try:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)  # a partial file a killed process left
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.replace(tmp, self.path)
+                write_checksum(self.path)
+        except (OSError, RuntimeError) as e:
+            tmp.unlink(missing_ok=True)  # never leave a partial checkpoint behind
+            err = storage_error(e, self.path.parent, f"the checkpoint at step {trainer.global_step}")
+            if err is not None:
+                raise err from None
+            raise
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

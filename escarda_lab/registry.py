@@ -283,7 +283,24 @@ def _import(mod: str, source: str) -> None:
                 f"cannot import plugin module {mod!r}",
                 "list an importable module path (e.g. `my_pkg.my_plugin`) that is on PYTHONPATH",
             ) from None
+        raise ConfigError(
+            source,
+            "plugins",
+            f"plugin module {mod!r} imports {e.name!r}, which is not installed",
+            f"pip install the package that provides {e.name!r}, or remove {mod!r} from `plugins:`",
+        ) from None
+    except ConfigError:
         raise
+    except Exception as e:  # the plugin's own code failed while importing
+        import traceback
+
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise ConfigError(
+            source,
+            "plugins",
+            f"plugin module {mod!r} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})",
+            f"fix the error in {frame.filename}, or remove {mod!r} from `plugins:`",
+        ) from None
     _discovered.add(mod)
 
 

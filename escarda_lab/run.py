@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from escarda_lab import config
-from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
+from escarda_lab.cli import credited, prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import Diverged, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
-from escarda_lab.runs import check_same_config, run_dir, verify_checkpoint
+from escarda_lab.runs import check_same_config, check_writable, run_dir, storage_error, verify_checkpoint
 
 log = logging.getLogger("escarda_lab")
 
@@ -33,8 +33,10 @@ def train(cfg, source: str = "experiment") -> dict:
     quiet_libraries()
     prepare_torch()
     folder = run_dir(cfg)
+    check_writable(folder, source)
     tokens = data.prepare(cfg.data, source, config.seeds(cfg)[1])
     cfg = config.with_vocab(cfg, tokens.tokenizer.vocab_size, source)
+    check_memory(cfg, source)  # before anything is written or built at that size
     resolved = config.to_yaml(cfg)
     check_same_config(folder, resolved, source)  # whatever the folder's status
     previous = read_json(folder / "metrics.json")
@@ -153,12 +155,12 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         trainer.fit(module, dm, ckpt_path=resume)
     except Interrupted as e:
         if trainer.is_global_zero:
-            write_json(folder / "metrics.json", {**base, "status": "interrupted", "step": e.step, "error": str(e)})
+            record(folder, {**base, "status": "interrupted", "step": e.step, "error": str(e)})
         raise
     except Diverged as e:
         if trainer.is_global_zero:
-            write_json(
-                folder / "metrics.json",
+            record(
+                folder,
                 {
                     **base,
                     "status": "diverged",
@@ -169,11 +171,11 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
             )
         raise
     except Exception as e:  # recorded so that a grid can report it; the checkpoint stays for a rerun
+        err = e if isinstance(e, UserError) else storage_error(e, folder, "the run's files")
         if trainer.is_global_zero:
-            write_json(
-                folder / "metrics.json",
-                {**base, "status": "failed", "step": trainer.global_step, "error": f"{type(e).__name__}: {e}"},
-            )
+            record(folder, {**base, "status": "failed", "step": trainer.global_step, "error": str(err or e)})
+        if err is not None and err is not e:
+            raise err from None
         raise
     if not trainer.is_global_zero:
         return {}
@@ -202,6 +204,31 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     write_hparams(folder, cfg, metrics)
     write_json(folder / "metrics.json", metrics)
     return metrics
+
+
+def check_memory(cfg, source: str) -> None:
+    """Refuse a step that cannot fit the device, before building anything at that size."""
+    from escarda_lab import accounting
+    from escarda_lab.errors import ConfigError
+
+    need, have = accounting.step_memory_bytes(cfg), accounting.machine_memory_bytes(cfg)
+    if need > have:
+        raise ConfigError(
+            source,
+            "data.seq_len",
+            f"one training step needs at least {need / 2**30:,.1f} GiB (weights, optimizer state, "
+            f"activations at batch_size={cfg.data.batch_size} x seq_len={cfg.data.seq_len}), "
+            f"more than this device's {have / 2**30:,.1f} GiB",
+            "lower data.seq_len or data.batch_size (or the model's size), or train on more devices",
+        )
+
+
+def record(folder: Path, metrics: dict) -> None:
+    """metrics.json of a run that stopped; on a full disk the previous one is left as it was."""
+    try:
+        write_json(folder / "metrics.json", metrics)
+    except OSError as e:
+        log.warning("%s: could not record status %s in metrics.json: %s", folder, metrics.get("status"), e)
 
 
 def write_hparams(folder: Path, cfg, metrics: dict) -> None:
@@ -240,19 +267,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m escarda_lab.run", description=__doc__.splitlines()[0])
     p.add_argument("experiment", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
-    p.add_argument("--dry-run", action="store_true", help="grids: print the expanded runs and stop")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config (grids: the table of runs) and train nothing"
+    )
     args = p.parse_args(argv)
+    cfg = None
     try:
         if config.read_grid(args.experiment) is not None:
             return run_grid(args)
         cfg = config.load(args.experiment, args.overrides)
+        if args.dry_run:  # a single run: show what would train, train nothing
+            print(config.to_yaml(cfg), end="")
+            log.info("would train into %s", run_dir(cfg))
+            return 0
         metrics = train(cfg, args.experiment)
     except UserError as e:
-        print(user_error(e), file=sys.stderr)
+        print(user_error(credited(e, args.experiment, args.overrides)), file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"escarda_lab: {run_dir(cfg)}: {e}; rerun the same command to resume.", file=sys.stderr)
         return 128 + e.signum
+    except OSError as e:
+        err = storage_error(e, run_dir(cfg), "the run's files") if cfg is not None else None
+        if err is None:
+            raise
+        print(user_error(err), file=sys.stderr)
+        return 2
     except Diverged as e:
         print(
             f"escarda_lab: {e}; recorded as status=diverged in {run_dir(cfg) / 'metrics.json'}. "

@@ -16,6 +16,54 @@ def run_dir(cfg) -> Path:
     return Path(cfg.output.dir) / cfg.name / f"seed{cfg.seed}"
 
 
+def check_writable(folder: Path, source: str) -> None:
+    """A UserError naming output.dir when `folder` cannot be a folder (a file on its path) or its
+    nearest existing ancestor cannot be written."""
+    import os
+
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    source,
+                    "output.dir",
+                    f"{parent} is a file, so the run folder {folder} cannot be made",
+                    "point output.dir at a folder (or a path that does not exist yet)",
+                )
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    source, "output.dir", f"{parent} is not writable", "point output.dir at a folder you can write"
+                )
+            return
+
+
+STORAGE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EFBIG"}
+
+
+def storage_error(e: BaseException, folder: Path, what: str) -> UserError | None:
+    """The one-paragraph error for a write that failed for lack of space or permission (torch's
+    zip writer reports ENOSPC as a RuntimeError "file write failed"), else None."""
+    import errno
+    import shutil
+
+    name = errno.errorcode.get(getattr(e, "errno", None) or -1, "")
+    text = str(e)
+    if name not in STORAGE_ERRNOS and "write failed" not in text and "No space left" not in text:
+        return None
+    try:
+        free = shutil.disk_usage(next(p for p in [folder, *folder.parents] if p.exists())).free / 2**20
+    except (OSError, StopIteration):
+        free = float("nan")
+    why = "the disk is read-only or not writable" if name in ("EROFS", "EACCES") else "no space left on the device"
+    return UserError(
+        str(folder),
+        "output.dir",
+        f"writing {what} into {folder} failed: {why} ({free:.1f} MB free there); everything written before is intact",
+        "free space (or point output.dir at a larger disk) and rerun the same command: training resumes "
+        "from the last complete checkpoint",
+    )
+
+
 # Keys that do not change a run's result: how it is logged, checkpointed, placed and compiled
 # (the data order is the step and per-rank shares add up to the same global batch; the final
 # numbers score the whole validation split whatever the periodic validation did).
