@@ -120,7 +120,7 @@ def test_the_memory_estimate_grows_with_the_batch_and_is_modest_for_the_demo():
 
 def test_a_few_bytes_that_are_not_utf8_are_replaced_and_counted(tmp_path, caplog):
     path = tmp_path / "latin.txt"
-    path.write_bytes("plain text ".encode() * 100 + b"caf\xe9 na\xefve\n")
+    path.write_bytes(b"plain text " * 100 + b"caf\xe9 na\xefve\n")
     caplog.set_level("WARNING")
     text = data.read_text(path, "x.yaml")
     assert text.count("\ufffd") == 2 and "2 byte sequence(s) are not UTF-8" in caplog.text
