@@ -762,8 +762,20 @@ def metric_of(runs: list[Run]) -> str:
     return "val_acc" if probe and all(probe) else "val_bpb"
 
 
-def prepare_folder(r: Run) -> str | None:
-    """Write the run's config.yaml (or check the one there); returns an error message or None."""
+def varied_keys(runs: list[Run]) -> list[str]:
+    """The config keys whose values differ between the grid's runs (name and folder aside)."""
+    flats = [config.flatten(r.cfg) for r in runs]
+    keys = dict.fromkeys(k for f in flats for k in f)
+    return [
+        k
+        for k in keys
+        if k not in ("name", "output.dir") and len({json.dumps(f.get(k), default=str) for f in flats}) > 1
+    ]
+
+
+def prepare_folder(r: Run, varied: list[str] = ()) -> str | None:
+    """Write the run's config.yaml (or check the one there) and grid_run.json (its variant, seed and
+    the values of the keys the grid varies: TensorBoard's hparams); returns an error or None."""
     text = config.to_yaml(r.cfg)
     try:
         check_same_config(r.folder, text, "grid")
@@ -771,6 +783,11 @@ def prepare_folder(r: Run) -> str | None:
         return str(e)
     if not (r.folder / "config.yaml").exists():
         atomic_write(r.folder / "config.yaml", text)
+    flat = config.flatten(r.cfg)
+    write_json(
+        r.folder / "grid_run.json",
+        {"variant": r.variant.name, "seed": r.seed, "varied": {k: flat.get(k) for k in varied}},
+    )
     return None
 
 
@@ -835,8 +852,9 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
             )
 
     todo = []
+    varied = varied_keys(runs)
     for r in runs:
-        problem = prepare_folder(r)
+        problem = prepare_folder(r, varied)
         m = read_json(r.folder / "metrics.json") or {}
         if problem:
             save(r, {**record(r, grid_dir, {}), "status": "failed", "error": problem})

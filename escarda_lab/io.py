@@ -41,5 +41,15 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, or damaged (truncated, not JSON: a
+    warning names it; a run whose metrics.json is damaged is then resumed, not trusted)."""
+    import logging
+
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        logging.getLogger("escarda_lab").warning("%s is damaged (%s): ignored", path, e)
+        return None

@@ -104,6 +104,7 @@ class EscardaModule(L.LightningModule):
         # Every step's gradient norm (before clipping), kept on the device: spikes are an outcome.
         self.grad_norms = torch.full((cfg.train.max_steps,), float("nan"))
         self._after_step = after_step_hooks(self.model)
+        self.last_val: dict | None = None  # the last periodic validation (for progress lines)
 
     def configure_model(self) -> None:
         """Compiled here, inside fit, so FLOP counting and checkpoint loading see the eager model."""
@@ -203,6 +204,7 @@ class EscardaModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         val = nll_summary(sums.cpu())
+        self.last_val = val
         self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"], "val/acc": val["acc"]}, self.global_step)
 
 
@@ -275,6 +277,52 @@ class StopOnSignal(L.Callback):
         if self.signum is not None:
             self.checkpoint.save(trainer)
             raise Interrupted(trainer.global_step, self.signum)
+
+
+class ProgressLog(L.Callback):
+    """Progress as log lines, for logs that are not a terminal (`| tee`, a grid's log.txt, SLURM):
+    step, train loss, the last val bpb, tokens/s and ETA, every tenth of the run or `seconds`."""
+
+    def __init__(self, seconds: float = 60.0, parts: int = 10, log=None):
+        import logging
+
+        self.seconds, self.parts = seconds, parts
+        self.out = log or logging.getLogger("escarda_lab")
+        self._t0 = self._last = 0.0
+        self._start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = self._last = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        now = time.perf_counter()
+        every = max(1, total // self.parts)
+        if step % every and step != total and now - self._last < self.seconds:
+            return
+        self._last = now
+        done = step - self._start_step
+        rate = done / max(now - self._t0, 1e-9)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        val = getattr(pl_module, "last_val", None)
+        self.out.info(
+            "step %d/%d  loss %.4f%s  %.0f tokens/s  ETA %s",
+            step,
+            total,
+            float(loss),
+            f"  val/bpb {val['bpb']:.4f}" if val else "",
+            rate * pl_module.tokens_per_step,
+            clock((total - step) / rate if rate > 0 else float("nan")),
+        )
+
+
+def clock(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class AtomicCheckpoint(L.Callback):

@@ -78,12 +78,20 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    class QuietTensorBoard(TensorBoardLogger):
+        """No hparams.yaml in the run folder (ours are in config.yaml and TensorBoard's HPARAMS)."""
+
+        def save(self) -> None:
+            if self._experiment is not None:
+                self.experiment.flush()
+
     from escarda_lab import accounting, data
     from escarda_lab.evaluate import score_val_split
     from escarda_lab.module import (
         AtomicCheckpoint,
         EscardaModule,
         Interrupted,
+        ProgressLog,
         StopOnSignal,
         instability,
         resolve_runtime,
@@ -115,9 +123,11 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     start_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if resume else 0
     if resume:
         log.info("%s: resuming from step %d", folder, start_step)
-    logger = TensorBoardLogger(
+    logger = QuietTensorBoard(
         save_dir=str(folder), name="", version="", default_hp_metric=False, purge_step=start_step or None
     )
+    if trainer_rank_zero() and not start_step:
+        logger.experiment.add_custom_scalars(LAYOUT)
     t = cfg.train
     trainer = L.Trainer(
         max_steps=t.max_steps,
@@ -126,7 +136,8 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         enable_checkpointing=False,
-        callbacks=[saver := AtomicCheckpoint(ckpt, t.checkpoint_every), StopOnSignal(saver)],
+        callbacks=[saver := AtomicCheckpoint(ckpt, t.checkpoint_every), StopOnSignal(saver)]
+        + ([] if sys.stderr.isatty() else [ProgressLog()]),
         logger=logger,
         precision=t.precision,
         accelerator=cfg.trainer.accelerator,
@@ -206,6 +217,10 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     return metrics
 
 
+def trainer_rank_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def check_memory(cfg, source: str) -> None:
     """Refuse a step that cannot fit the device, before building anything at that size."""
     from escarda_lab import accounting
@@ -231,23 +246,59 @@ def record(folder: Path, metrics: dict) -> None:
         log.warning("%s: could not record status %s in metrics.json: %s", folder, metrics.get("status"), e)
 
 
+def hparams_of(folder: Path, cfg) -> dict:
+    """What TensorBoard's HPARAMS table shows: in a grid, the variant, the seed and the keys the
+    grid varies (grid_run.json, written by the grid); alone, the name, the seed and the keys that
+    differ from the schema's defaults."""
+    info = read_json(folder / "grid_run.json")
+    if info:
+        hp = {"variant": info["variant"], "seed": info["seed"], **info.get("varied", {})}
+    else:
+        default = config.flatten(config.schema_class()())
+        hp = {"name": cfg.name, "seed": cfg.seed}
+        hp |= {k: v for k, v in config.flatten(cfg).items() if k not in ("name", "seed") and default.get(k) != v}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hp.items()}
+
+
 def write_hparams(folder: Path, cfg, metrics: dict) -> None:
-    """TensorBoard hparams: every flattened config key, with the final val numbers as metrics."""
+    """TensorBoard: the hparams row (`hparams_of`) with the final numbers as its metrics, and the
+    final whole-split numbers as the last point of val/loss, val/bpb and val/acc, so the curves end
+    where metrics.json and the tables do."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.flatten(cfg).items()}
     final = {
         "final/val_bpb": metrics["val_bpb"],
         "final/val_loss": metrics["val_loss"],
         "final/val_acc": metrics["val_acc"],
     }
     writer = SummaryWriter(log_dir=str(folder))
-    for summary in hparams(flat, final):
+    for summary in hparams(hparams_of(folder, cfg), final):
         writer.file_writer.add_summary(summary)
     for k, v in final.items():
         writer.add_scalar(k, v, metrics["step"])
+        writer.add_scalar(k.replace("final/val_", "val/"), v, metrics["step"])
     writer.close()
+
+
+# TensorBoard's CUSTOM SCALARS tab: the charts that compare runs, first. train/loss is the weighted
+# total of every objective (MTP, JEPA, ...); train/cross_entropy compares across variants.
+LAYOUT = {
+    "compare": {
+        "val/bpb (last point: the whole split)": ["Multiline", ["val/bpb"]],
+        "val/loss": ["Multiline", ["val/loss"]],
+        "val/acc": ["Multiline", ["val/acc"]],
+        "train/cross_entropy (the LM term alone)": ["Multiline", ["train/cross_entropy"]],
+        "train/loss (weighted total of every objective)": ["Multiline", ["train/loss"]],
+    },
+    "speed and stability": {
+        "tokens/s": ["Multiline", ["perf/tokens_per_s"]],
+        "MFU": ["Multiline", ["perf/mfu"]],
+        "grad norm": ["Multiline", ["grad_norm"]],
+        "learning rate": ["Multiline", ["lr"]],
+    },
+    "components": {"component stats": ["Multiline", ["components/.*"]]},
+}
 
 
 def run_grid(args) -> int:

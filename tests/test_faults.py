@@ -199,3 +199,13 @@ def test_a_requeued_submitit_job_checkpoints_its_child_and_resubmits_the_same_ca
     assert child.poll() is not None  # the training process was told to stop (it checkpoints on SIGTERM)
     assert isinstance(delayed.function, grid.RequeueableRun)
     assert delayed.args == ("runs/g/full/seed0/config.yaml", 2, [])
+
+
+def test_a_truncated_metrics_json_is_ignored_with_a_warning_and_the_run_resumes(corpus, tmp_path, caplog):
+    over = tiny_overrides(corpus, tmp_path)
+    assert main([VANILLA, *over]) == 0
+    metrics = tmp_path / "vanilla" / "seed0" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:40])
+    caplog.set_level("WARNING")
+    assert main([VANILLA, *over]) == 0  # not trusted as finished: resumed from last.ckpt and scored again
+    assert "is damaged" in caplog.text and json.loads(metrics.read_text())["status"] == "finished"

@@ -218,6 +218,19 @@ def test_grid_trains_every_run_into_its_folder(finished_grid):
         assert r["val_bpb"] > 0
 
 
+def test_grid_runs_show_their_variant_seed_and_the_varied_keys_as_hparams(finished_grid):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, _, grid_dir = finished_grid
+    ea = EventAccumulator(str(grid_dir / "xsa" / "seed1"))
+    ea.Reload()
+    content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert set(hp) == {"variant", "seed", "components.xsa.enabled"}
+    assert hp["variant"].string_value == "xsa" and hp["seed"].number_value == 1
+
+
 def test_rerunning_a_finished_grid_skips_every_run(finished_grid):
     path, over, grid_dir = finished_grid
     before = {p: p.stat().st_mtime_ns for p in grid_dir.rglob("metrics.json")}

@@ -56,18 +56,53 @@ def test_tensorboard_reader_finds_the_fixed_tags(finished):
     for t in TAGS + ["train/z_loss", "train/jepa", "train/mtp"]:
         assert t in tags, t
     assert [s for s, _ in tags["train/loss"]] == list(range(6))  # log_every=1
-    assert [s for s, _ in tags["val/bpb"]] == [3, 6]
+    assert sorted({s for s, _ in tags["val/bpb"]}) == [3, 6]
 
 
-def test_tensorboard_hparams_hold_every_flattened_key(finished):
+def test_the_last_val_point_is_the_final_whole_split_number(finished):
+    m = read_json(finished / "metrics.json")
+    for tag, key in [("val/bpb", "val_bpb"), ("val/loss", "val_loss"), ("val/acc", "val_acc")]:
+        step, value = scalars(finished)[tag][-1]
+        assert step == m["step"] and value == pytest.approx(m[key], rel=1e-6)
+
+
+def test_a_run_shorter_than_val_every_still_has_a_val_curve(corpus, tmp_path):
+    over = tiny_overrides(corpus, tmp_path, **{"train.max_steps": 4, "train.val_every": 100})
+    assert main(["experiments/vanilla.yaml", *over]) == 0
+    folder = tmp_path / "vanilla" / "seed0"
+    assert scalars(folder)["val/bpb"][-1] == (4, pytest.approx(read_json(folder / "metrics.json")["val_bpb"]))
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(corpus, tmp_path, caplog):
+    caplog.set_level("INFO", logger="escarda_lab")
+    over = tiny_overrides(corpus, tmp_path, **{"train.max_steps": 200, "train.val_every": 50, "train.warmup_steps": 5})
+    assert main(["experiments/vanilla.yaml", *over]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) >= 4
+    assert all("tokens/s" in line and "ETA" in line for line in lines)
+    assert "val/bpb" in lines[-1] and lines[-1].startswith("step 200/200")
+
+
+def test_no_stray_hparams_yaml(finished):
+    assert not (finished / "hparams.yaml").exists()
+
+
+def test_tensorboard_hparams_hold_the_keys_that_differ_from_the_defaults(finished):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     ea = EventAccumulator(str(finished))
     ea.Reload()
     content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    assert {"model.d_model", "components.z_loss.enabled", "train.lr", "data.corpus"} <= set(hp)
+    assert {"name", "seed", "model.d_model", "components.z_loss.enabled", "data.corpus"} <= set(hp)
+    assert "train.beta1" not in hp  # at its default: not a column
     assert hp["components.z_loss.enabled"].number_value == 1  # torch writes bools as 0/1
+
+
+def test_tensorboard_has_a_custom_scalars_layout_with_the_comparison_charts_first(finished):
+    ea = EventAccumulator(str(finished))
+    ea.Reload()
+    assert "custom_scalars__config__" in ea.Tags().get("tensors", [])
 
 
 def test_rerunning_a_finished_run_skips_it(finished, corpus):
