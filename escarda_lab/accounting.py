@@ -7,6 +7,10 @@ attention formulas for it (like torch's formulas, they count the full T×T score
 
 from __future__ import annotations
 
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "accounting")
+
 import time
 
 import torch
@@ -139,17 +143,13 @@ def machine_memory_bytes(cfg) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m escarda_lab.accounting EXPERIMENT.yaml [key=value ...]`: parameter breakdown."""
-    import argparse
     import sys
 
-    from escarda_lab import config
+    from escarda_lab import commands, config
     from escarda_lab.cli import user_error
     from escarda_lab.errors import UserError
 
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.accounting", description=main.__doc__)
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = commands.parser("accounting").parse_args(argv)
     try:
         cfg = config.load(args.experiment, args.overrides)
     except UserError as e:

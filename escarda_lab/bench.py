@@ -18,7 +18,11 @@ Precision and compile follow the config ("auto": bf16-mixed + compile on a GPU, 
 
 from __future__ import annotations
 
-import argparse
+from escarda_lab import commands
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "bench")
+
 import contextlib
 import json
 import logging
@@ -336,22 +340,7 @@ def report(res: dict, decode: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.bench", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "args", nargs="+", help="experiment or grid files (the first is the baseline), then key=value overrides"
-    )
-    p.add_argument("--steps", type=int, default=30, help="steps per timed run (default 30)")
-    p.add_argument("--rounds", type=int, default=3, help="A/B rounds (default 3)")
-    p.add_argument("--warmup", type=int, default=5, help="steps not timed at the start of each run")
-    p.add_argument("--decode", action="store_true", help="also time decoding without the KV cache")
-    p.add_argument(
-        "--compile",
-        choices=["auto", "on", "off", "both"],
-        default="auto",
-        help="auto: as configured (on for GPU); both: every variant eager and compiled",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    args = p.parse_args(argv)
+    args = commands.parser("bench").parse_args(argv)
     experiments = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     quiet_libraries()

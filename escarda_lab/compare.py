@@ -22,7 +22,11 @@ The notebook (notebooks/ablation_analysis.ipynb) reads grids through this module
 
 from __future__ import annotations
 
-import argparse
+from escarda_lab import commands
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "compare")
+
 import json
 import math
 import sys
@@ -467,7 +471,7 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
         filter(
             lambda x: x is not None,
             [
-                f"# Grid `{Path(plan.get('source', '')).name}`",
+                plan.get("title") or f"# Grid `{Path(plan.get('source', '')).name}`",
                 "",
                 *([cal, ""] if cal else []),
                 f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}, paired (seed k: same batches, same initial "
@@ -647,6 +651,71 @@ def write(
     return paths
 
 
+def compare_folders(
+    paths: list[str], alpha: float = 0.05, margin: float = 0.01, metric: str | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """Any run folders, outside a grid: `runs/a` (every seed<k>/ in it) or `runs/a/seed0`; the
+    first name is the baseline; runs of two names pair on their common seeds."""
+    rows, names = [], []
+    for raw in paths:
+        path = Path(raw)
+        runs = [path] if (path / "metrics.json").exists() else sorted(path.glob("seed*/"))
+        runs = [r for r in runs if (r / "metrics.json").exists()]
+        if not runs:
+            raise DataError(raw, None, "no finished run here (no metrics.json)", "pass run folders or grid folders")
+        name = path.parent.name if path.name.startswith("seed") else path.name
+        if name not in names:
+            names.append(name)
+        for r in runs:
+            m = read_json(r / "metrics.json") or {}
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": m.get("seed", 0),
+                    "baseline": "",
+                    "change": str(r),
+                    "kind": "changed",
+                    "status": m.get("status", "missing"),
+                    "val_loss": m.get("val_loss", math.nan),
+                    "val_bpb": m.get("val_bpb", math.nan),
+                    "val_acc": m.get("val_acc", math.nan),
+                    "params_total": (m.get("params") or {}).get("total", math.nan),
+                    "params_active": (m.get("params") or {}).get("active", math.nan),
+                    "flops_per_token": m.get("flops_per_token", math.nan),
+                    "tokens_per_s": m.get("tokens_per_s", math.nan),
+                    "mfu": m.get("mfu", math.nan),
+                    "dead": ", ".join(sorted(m.get("dead_components") or {})),
+                    "error": m.get("error", ""),
+                    "grad_spikes": (m.get("instability") or {}).get("grad_spikes", 0),
+                    "tuned": math.nan,
+                }
+            )
+    df = pd.DataFrame(rows)
+    df["baseline"] = names[0]
+    df.loc[df.variant == names[0], "kind"] = "base"
+    if metric is None:
+        metric = "val_acc" if df.val_bpb.isna().all() or _is_probe(paths[0]) else "val_bpb"
+    plan = {
+        "baseline": names[0],
+        "seeds": sorted(df.seed.unique().tolist()),
+        "title": f"# Runs compared: {', '.join(f'`{n}`' for n in names)}",
+    }
+    return summarize(df, alpha, margin, metric), plan
+
+
+def _is_probe(path: str) -> bool:
+    """Whether a run folder (or a folder of seeds) trained on a probe task."""
+    path = Path(path)
+    cfg = (
+        path / "config.yaml"
+        if (path / "config.yaml").exists()
+        else next(iter(sorted(path.glob("seed*/config.yaml"))), None)
+    )
+    import re
+
+    return cfg is not None and re.search(r"corpus:\s*['\"]?probe:", cfg.read_text()) is not None
+
+
 # ------------------------------------------------------------------ grids over settings (probe suites)
 
 
@@ -785,21 +854,14 @@ def plot_settings(df: pd.DataFrame, plan: dict, path: Path, metric: str = "val_a
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.compare", description=__doc__.splitlines()[0])
-    p.add_argument("grid_dir", help="a grid's folder, e.g. runs/leave_one_out")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts (default 0.05)")
-    p.add_argument(
-        "--margin", type=float, default=None, help="equivalence margin in bpb (default: the grid's `margin`, else 0.01)"
-    )
-    p.add_argument(
-        "--metric",
-        choices=sorted(METRICS),
-        default=None,
-        help="what the verdicts test (default: val_acc for probe grids, else val_bpb)",
-    )
-    args = p.parse_args(argv)
+    args = commands.parser("compare").parse_args(argv)
     try:
-        paths = write(args.grid_dir, args.alpha, args.margin, args.metric)
+        if len(args.paths) > 1 or not (Path(args.paths[0]) / "grid.json").exists():
+            margin = 0.01 if args.margin is None else args.margin
+            summary, plan = compare_folders(args.paths, args.alpha, margin, args.metric)
+            print(markdown(summary, plan, args.alpha, margin))
+            return 0
+        paths = write(args.paths[0], args.alpha, args.margin, args.metric)
     except UserError as e:
         print(f"escarda_lab: error in {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""Evaluation: `python -m escarda_lab.evaluate RUN_DIR_OR_CKPT [--split val] [--text FILE]
-[--corpus NAME] [--suite minimal_pairs] [--task FILE.jsonl ...] [--probe TASK] [--out FILE.json]`.
+"""Evaluation: `python -m escarda_lab.evaluate RUN_DIR_OR_CKPT [--no-split] [--text FILE]
+[--corpus NAME] [--suite minimal_pairs] [--task FILE.jsonl] [--probe TASK] [--out FILE.json]`
+(every option: `--help`).
 
 bpb = Σ NLL (nats) over predicted tokens / (ln 2 × Σ UTF-8 bytes of those tokens).
 Special tokens count 0 bytes but their NLL counts, so bpb is tokenizer-independent; byte
@@ -10,7 +11,11 @@ the sequence starts with <bos> (lm-eval's end-of-text prefix for an empty contex
 
 from __future__ import annotations
 
-import argparse
+from escarda_lab import commands
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "evaluate")
+
 import json
 import math
 import sys
@@ -393,17 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
     from escarda_lab.io import write_json
 
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="run folder (runs/<name>/seed<k>) or a .ckpt inside one")
-    p.add_argument("--text", action="append", default=[], help="bits per byte of a UTF-8 text file")
-    p.add_argument("--corpus", action="append", default=[], help="bits per byte of a corpus (name, file or glob)")
-    p.add_argument("--suite", action="append", default=[], help="minimal_pairs")
-    p.add_argument("--task", action="append", default=[], help="multiple-choice JSONL file")
-    p.add_argument("--probe", action="append", default=[], help="probe task: accuracy on its test set (+ KV cache)")
-    p.add_argument("--no-split", action="store_true", help="skip the run's own validation split")
-    p.add_argument("--pairs", type=int, default=200, help="minimal pairs per paradigm (default 200)")
-    p.add_argument("--out", default=None, help="JSON file (default: <run>/eval.json)")
-    args = p.parse_args(argv)
+    args = commands.parser("evaluate").parse_args(argv)
     quiet_libraries()
     prepare_torch()
     try:

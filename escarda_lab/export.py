@@ -12,7 +12,11 @@ work with transformers installed (`pip install escarda_lab[hf]`).
 
 from __future__ import annotations
 
-import argparse
+from escarda_lab import commands
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "export")
+
 import json
 import shutil
 import sys
@@ -125,10 +129,7 @@ def export(run: str | Path, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from escarda_lab.cli import user_error
 
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.export", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="run folder (runs/<name>/seed<k>) or a .ckpt inside one")
-    p.add_argument("out", help="output folder")
-    args = p.parse_args(argv)
+    args = commands.parser("export").parse_args(argv)
     try:
         import safetensors  # noqa: F401
     except ImportError:

@@ -7,7 +7,11 @@ after `<|im_start|>assistant\\n` (the Escarda-86M card's recipe: top-p 0.9, stop
 
 from __future__ import annotations
 
-import argparse
+from escarda_lab import commands
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "generate")
+
 import sys
 
 import torch
@@ -85,17 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
     from escarda_lab.runs import load_run
 
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.generate", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="run folder (runs/<name>/seed<k>) or a .ckpt inside one")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")
-    p.add_argument("--system", default=None, help="ChatML system message (with --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = commands.parser("generate").parse_args(argv)
     quiet_libraries()
     prepare_torch()
     try:

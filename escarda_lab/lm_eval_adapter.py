@@ -11,7 +11,10 @@ files (`dataset_path: json`) give the numbers `escarda_lab.evaluate` gives.
 
 from __future__ import annotations
 
-import argparse
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "lm_eval_adapter")
+
 import json
 import sys
 
@@ -64,23 +67,40 @@ class EscardaEvalLM(LM):
         return out
 
 
+def table(results: dict) -> str:
+    """lm-eval's results as one line per task and metric: value ± stderr."""
+    lines = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if key == "alias" or "stderr" in key or not isinstance(value, (int, float)):
+                continue
+            name, _, filt = key.partition(",")
+            err = metrics.get(f"{name}_stderr,{filt}")
+            spread = f" ± {err:.4f}" if isinstance(err, (int, float)) else ""
+            lines.append(f"{task:<28} {name:<14} {value:.4f}{spread}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.lm_eval_adapter", description=__doc__.splitlines()[0])
-    p.add_argument("run")
-    p.add_argument("--tasks", required=True, help="comma-separated task names")
-    p.add_argument("--include-path", default=None, help="folder of local task YAML files")
-    p.add_argument("--limit", type=int, default=None)
-    args = p.parse_args(argv)
+    from escarda_lab import commands
+    from escarda_lab.io import write_json
+
+    args = commands.parser("lm_eval_adapter").parse_args(argv)
     res = lm_eval.simple_evaluate(
-        model=EscardaEvalLM(args.run),
+        model=EscardaEvalLM(args.run, batch_size=args.batch_size),
         tasks=args.tasks.split(","),
         limit=args.limit,
+        log_samples=args.log_samples,
         task_manager=TaskManager(include_path=args.include_path),
     )
-    print(json.dumps(res["results"], indent=2, default=str))
+    print(json.dumps(res["results"], indent=2, default=str) if args.json else table(res["results"]))
+    if args.output:
+        keep = {k: res[k] for k in ("results", "configs", "versions", "n-shot", "samples") if k in res}
+        write_json(args.output, keep)
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -6,7 +6,11 @@ interrupted one from last.ckpt (model, optimizer, schedule and data position).
 
 from __future__ import annotations
 
-import argparse
+from escarda_lab import commands
+from escarda_lab.commands import help_if_asked
+
+help_if_asked(__name__, "run")
+
 import logging
 import os
 import sys
@@ -315,13 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from escarda_lab.module import Interrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    p = argparse.ArgumentParser(prog="python -m escarda_lab.run", description=__doc__.splitlines()[0])
-    p.add_argument("experiment", help="experiment YAML file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the resolved config (grids: the table of runs) and train nothing"
-    )
-    args = p.parse_args(argv)
+    args = commands.parser("run").parse_args(argv)
     cfg = None
     try:
         if config.read_grid(args.experiment) is not None:

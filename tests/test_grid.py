@@ -231,6 +231,15 @@ def test_grid_runs_show_their_variant_seed_and_the_varied_keys_as_hparams(finish
     assert hp["variant"].string_value == "xsa" and hp["seed"].number_value == 1
 
 
+def test_compare_takes_run_folders_outside_a_grid(finished_grid, capsys):
+    from escarda_lab.compare import main as compare_main
+
+    _, _, grid_dir = finished_grid
+    assert compare_main([str(grid_dir / "full"), str(grid_dir / "xsa")]) == 0
+    out = capsys.readouterr().out
+    assert "Runs compared: `full`, `xsa`" in out and "`xsa`" in out and "2/2" in out and "Δ bpb (paired)" in out
+
+
 def test_rerunning_a_finished_grid_skips_every_run(finished_grid):
     path, over, grid_dir = finished_grid
     before = {p: p.stat().st_mtime_ns for p in grid_dir.rglob("metrics.json")}
