@@ -28,6 +28,14 @@ from escarda_lab.io import atomic_write
 
 GLUE = Path(__file__).parent / "hf" / "modeling_escarda.py"
 
+# ChatML as the model card writes it: <bos>, then `<|im_start|>{role}\n{content}<|im_end|>\n` per
+# turn, generation after `<|im_start|>assistant\n` (the same ids as escarda_lab.generate --chat).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def hf_tokenizer(tok):
     """Our tokenizer as a `tokenizers.Tokenizer` that adds <bos> in front (ids unchanged)."""
@@ -80,6 +88,7 @@ def export(run: str | Path, out: str | Path) -> Path:
     # assigns the same values to the one shared parameter twice.
     state = {f"model.{k}": v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the folder is meant to be shared
     escarda = json.loads(json.dumps(asdict(cfg), default=str))
     hf_config = {
         "architectures": ["EscardaForCausalLM"],
@@ -118,6 +127,7 @@ def export(run: str | Path, out: str | Path) -> Path:
                 "additional_special_tokens": SPECIALS[4:],
                 "model_max_length": cfg.model.max_seq_len,
                 "clean_up_tokenization_spaces": False,
+                "chat_template": CHAT_TEMPLATE,
             },
             indent=2,
         )

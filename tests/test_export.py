@@ -52,6 +52,26 @@ def test_export_folder_holds_what_transformers_needs(exported):
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_escarda.EscardaForCausalLM"
 
 
+def test_exported_files_are_readable_by_everyone(exported):
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in exported.iterdir())
+
+
+def test_the_chat_template_gives_the_chatml_ids_generate_uses(run, exported):
+    from transformers import PreTrainedTokenizerFast
+
+    from escarda_lab.generate import chatml
+    from escarda_lab.runs import load_run
+
+    _, tok, _ = load_run(run)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(exported))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<bos>" + chatml(messages)
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert list(ids) == [tok.bos_id] + tok.encode(chatml(messages))
+
+
 def test_transformers_logits_equal_ours(run, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
