@@ -500,7 +500,7 @@ def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: P
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    plot_curves(curve, ax1, metric.replace("_", "/"))
+    plot_curves(curve, ax1, metric.replace("_", "/"), variant_colours(summary.variant))
     plot_deltas(runs, summary, ax2, metric)
     fig.tight_layout()
     save_figure(fig, path)
@@ -514,12 +514,22 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb") -> None:
+def variant_colours(names) -> dict[str, tuple]:
+    """One colour per variant, fixed by its place in `names` (the plan's order), for every figure."""
+    import matplotlib
+
+    names = list(dict.fromkeys(names))
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+
+def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb", colours: dict | None = None) -> None:
     """Mean over seeds with a ± std band, one line per variant."""
     c = curve[curve.tag == tag]
+    colours = colours or variant_colours(curve.variant)
     for name, g in c.groupby("variant", sort=False):
         stats = g.groupby("step").value.agg(["mean", "std"]).reset_index()
-        (line,) = ax.plot(stats.step, stats["mean"], label=name, lw=1.4)
+        (line,) = ax.plot(stats.step, stats["mean"], label=name, lw=1.4, color=colours.get(name))
         ax.fill_between(
             stats.step,
             stats["mean"] - stats["std"].fillna(0),
@@ -563,13 +573,16 @@ def plot_deltas(runs: pd.DataFrame, summary: pd.DataFrame, ax, metric: str = "va
     ax.grid(alpha=0.3, axis="x")
 
 
-def plot_tune(plan: dict, ax) -> None:
-    """Final val loss of each tuning value, one line per variant (log x): the chosen value is ringed."""
+def plot_tune(plan: dict, ax, colours: dict | None = None) -> None:
+    """Tuning score of each value, one line per variant (log x): the chosen value is ringed."""
+    colours = colours or variant_colours([v["name"] for v in plan["variants"]])
     for name, t in (plan.get("tuned") or {}).items():
         pts = sorted((float(v), x) for v, x in t["scores"].items() if x is not None)
         if not pts:
             continue
-        (line,) = ax.plot([v for v, _ in pts], [x for _, x in pts], "o-", label=name, lw=1.2, ms=4)
+        (line,) = ax.plot(
+            [v for v, _ in pts], [x for _, x in pts], "o-", label=name, lw=1.2, ms=4, color=colours.get(name)
+        )
         if t.get("value") is not None:
             ax.scatter(
                 [float(t["value"])],
@@ -584,14 +597,15 @@ def plot_tune(plan: dict, ax) -> None:
     key = next(iter((plan.get("tuned") or {}).values()), {}).get("key", "value")
     ax.set_xscale("log")
     ax.set_xlabel(f"{key} (x: a tuning run failed or diverged)")
-    ax.set_ylabel("final val loss (tuning seeds)")
+    ax.set_ylabel("final val loss (probe tasks: minus the accuracy)")
     ax.set_title(f"{key} sweep per variant (ringed: chosen)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
 
 
-def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params) -> None:
+def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params, colours: dict | None = None) -> None:
     """Δ bpb (with the seed std as an error bar) against relative speed and against Δ params."""
+    colours = colours or variant_colours(summary.variant)
     s = summary[summary.verdict != "baseline"]
     base_params = {r.variant: r.params_total for r in summary.itertuples()}
     d_params = [r.params_total - base_params.get(r.baseline, math.nan) for r in s.itertuples()]
@@ -599,8 +613,8 @@ def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params) -> None:
         (ax_speed, s.speed_vs_baseline, "tokens/s relative to the baseline"),
         (ax_params, d_params, "Δ params vs the baseline"),
     ]:
-        ax.errorbar(x, s.delta_bpb, yerr=s.val_bpb_std.fillna(0), fmt="o", capsize=3)
-        for xi, yi, name in zip(x, s.delta_bpb, s.variant):
+        for xi, yi, err, name in zip(x, s.delta_bpb, s.val_bpb_std.fillna(0), s.variant):
+            ax.errorbar([xi], [yi], yerr=[err], fmt="o", capsize=3, color=colours.get(name))
             ax.annotate(name, (xi, yi), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel(label)
@@ -611,14 +625,36 @@ def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params) -> None:
     ax_params.set_title("cost vs benefit: parameters")
 
 
-def plot_stat(stats: pd.DataFrame, tag: str, ax) -> None:
+def plot_stat(stats: pd.DataFrame, tag: str, ax, colours: dict | None = None) -> None:
     """One component statistic over training: mean over seeds per variant."""
+    colours = colours or variant_colours(stats.variant)
     c = stats[stats.tag == tag]
     for name, g in c.groupby("variant", sort=False):
         m = g.groupby("step").value.mean()
-        ax.plot(m.index, m.values, label=name, lw=1.2)
+        ax.plot(m.index, m.values, label=name, lw=1.2, color=colours.get(name))
     ax.set_title(tag.removeprefix("components/"), fontsize=9)
     ax.grid(alpha=0.3)
+
+
+def plot_stats(stats: pd.DataFrame, colours: dict | None = None, cols: int = 4):
+    """Every component statistic, one panel each, the same colour per variant in every panel and
+    one legend for the figure (with every variant, whichever panels it appears in)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    tags = sorted(stats.tag.unique())
+    colours = colours or variant_colours(stats.variant)
+    rows = max(1, math.ceil(len(tags) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows + 0.8), squeeze=False)
+    for tag, ax in zip(tags, axes.flat):
+        plot_stat(stats, tag, ax, colours)
+    for ax in list(axes.flat)[len(tags) :]:
+        ax.axis("off")
+    shown = [n for n in colours if n in set(stats.variant)]
+    handles = [Line2D([], [], color=colours[n], lw=2) for n in shown]
+    fig.legend(handles, shown, loc="lower center", ncol=min(6, len(shown)) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.8 / (3 * rows + 0.8), 1, 1))
+    return fig
 
 
 def write(
@@ -645,7 +681,7 @@ def write(
 
         paths["tune"] = grid_dir / "tune.png"
         fig, ax = plt.subplots(figsize=(7, 5))
-        plot_tune(plan, ax)
+        plot_tune(plan, ax, variant_colours(summary.variant))
         fig.tight_layout()
         save_figure(fig, paths["tune"])
     return paths

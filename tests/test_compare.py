@@ -226,3 +226,31 @@ def test_notebook_runs_headless_on_a_real_grid_and_draws_its_figures(corpus, tmp
     ]
     assert len(images) >= 4  # curves, per-seed deltas, cost vs benefit, component stats
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def test_every_figure_gives_a_variant_the_same_colour_and_one_legend_lists_them_all():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("full", 0, "components/a", s, 1.0 + s) for s in range(3)]
+    rows += [("no_x", 0, "components/b", s, 2.0 + s) for s in range(3)]  # no_x lacks stat a
+    rows += [("full", 0, "components/b", s, 3.0 + s) for s in range(3)]
+    rows += [("no_x", 0, f"components/s{i}", s, 1.0) for i in range(30) for s in range(2)]  # > 24 stats
+    import pandas as pd
+
+    stats = pd.DataFrame(rows, columns=["variant", "seed", "tag", "step", "value"])
+    colours = compare.variant_colours(["full", "no_x"])
+    fig = compare.plot_stats(stats, colours)
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert len(panels) == 32  # every statistic, not the first 24
+    seen = {}
+    for ax in panels:
+        for line in ax.lines:
+            seen.setdefault(line.get_label(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert {k: len(v) for k, v in seen.items()} == {"full": 1, "no_x": 1}
+    assert seen["full"] != seen["no_x"]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["full", "no_x"]
+    plt.close(fig)
