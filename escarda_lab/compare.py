@@ -668,7 +668,7 @@ def write(
     summary = summarize(runs, alpha, margin, metric)
     paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
     atomic_write(paths["md"], markdown(summary, plan, alpha, margin))
-    atomic_write(paths["csv"], summary.to_csv(index=False))
+    atomic_write(paths["csv"], csv_text(summary))
     plot(runs, summary, curves(grid_dir, "val/"), paths["png"], metric)
     if plan.get("settings"):
         paths["difficulty"] = grid_dir / "difficulty.png"
@@ -846,6 +846,15 @@ def markdown_settings(pooled: pd.DataFrame, metric: str, alpha: float, margin: f
             "",
         ]
     )
+
+
+def csv_text(summary: pd.DataFrame) -> str:
+    """summary.csv: counts as integers (pandas keeps them as floats next to NaN)."""
+    out = summary.copy()
+    for col in ["params_total", "params_active", "planned", "seeds", "failed", "diverged", "spiky", "n_pairs"]:
+        if col in out:
+            out[col] = out[col].round().astype("Int64")
+    return out.to_csv(index=False)
 
 
 def plot_settings(df: pd.DataFrame, plan: dict, path: Path, metric: str = "val_acc") -> None:

@@ -342,7 +342,19 @@ def prepare(data_cfg, source: str = "data", seed: int = 0):
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f"{folder.name}.lock"):  # parallel runs build each cache once
         if not (folder / "meta.json").exists():
+            import logging
+            import time
+
+            log = logging.getLogger("escarda_lab")
+            log.info(
+                "building the token cache of %s (%s) in %s: once per corpus and tokenizer",
+                data_cfg.corpus,
+                tok_id,
+                folder,
+            )
+            t0 = time.perf_counter()
             _build(files, data_cfg, folder, source)
+            log.info("token cache built in %.0f s", time.perf_counter() - t0)
     meta = json.loads((folder / "meta.json").read_text())
     tok = load_tokenizer(folder, tk.kind)
     dtype = np.dtype(meta["dtype"])

@@ -105,6 +105,10 @@ class Scorer:
         """Log-likelihood of each whole text after <bos>. Windows predict `stride` tokens each
         (default max_seq_len: lm-eval's disjoint rolling windows) with as much context before
         them as fits; a smaller stride is the usual sliding-window evaluation."""
+        import logging
+        import time
+
+        log = logging.getLogger("escarda_lab")
         stride = stride or self.max_len
         out = []
         for text in texts:
@@ -113,7 +117,15 @@ class Scorer:
             for start in range(1, len(ids), stride):
                 end = min(start + stride, len(ids))
                 pieces.append((ids[max(0, end - 1 - self.max_len) : start], ids[start:end]))
-            out.append(sum(lp for lp, _ in self._score(pieces)))
+            chunk, total, t0, last = 64 * self.batch_size, 0.0, time.perf_counter(), time.perf_counter()
+            for i in range(0, len(pieces), chunk):  # in chunks, so that long texts report progress
+                total += sum(lp for lp, _ in self._score(pieces[i : i + chunk]))
+                done, now = min(i + chunk, len(pieces)), time.perf_counter()
+                if len(pieces) > chunk and (now - last > 30 or done == len(pieces)):
+                    last = now
+                    eta = (now - t0) / done * (len(pieces) - done)
+                    log.info("scored %d/%d windows of %d tokens (ETA %.0f s)", done, len(pieces), len(ids), eta)
+            out.append(total)
         return out
 
     def _score(self, encoded: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -347,6 +359,15 @@ def evaluate(
             raise DataError(str(path), None, "text file not found", "pass an existing UTF-8 text file to --text")
         out.setdefault("text", {})[str(path)] = text_bpb(scorer, path.read_text(encoding="utf-8"))
     for name in corpora:
+        if name == cfg.data.corpus or (cfg.data.corpus == "classics" and name in ("shakespeare", "bigtxt")):
+            import logging
+
+            logging.getLogger("escarda_lab").warning(
+                "--corpus %s: the run trained on %s, so this bpb includes documents it trained on; "
+                "the held-out number is the run's own split (evaluate without --no-split)",
+                name,
+                cfg.data.corpus,
+            )
         text = "\n\n".join(body for _, body in data.corpus_files(name, "--corpus"))
         out.setdefault("corpus", {})[name] = text_bpb(scorer, text)
     for suite in suites:
@@ -395,9 +416,12 @@ def report(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
     from escarda_lab.io import write_json
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = commands.parser("evaluate").parse_args(argv)
     quiet_libraries()
     prepare_torch()

@@ -215,3 +215,12 @@ def test_evaluate_reproduces_the_training_loops_val_bpb(corpus, tmp_path, capsys
     assert res["minimal_pairs"]["overall"]["n"] == 3 * 8 and res["tasks"]["task"]["n"] == 1
     assert "minimal pairs" in capsys.readouterr().out
     assert evaluate.main([str(tmp_path / "nope")]) == 2
+
+
+def test_scoring_a_long_text_reports_progress(caplog, byte_model):
+    scorer = evaluate.Scorer(byte_model, ByteTokenizer(), batch_size=2)
+    caplog.set_level("INFO", logger="escarda_lab")
+    (ll,) = scorer.loglikelihood_rolling(["the king speaks. " * 300], stride=16)
+    assert ll < 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scored ")]
+    assert lines and "ETA" in lines[-1] and lines[-1].startswith("scored 319/319 windows")
