@@ -674,7 +674,11 @@ def write(
         paths["difficulty"] = grid_dir / "difficulty.png"
         plot_settings(by_setting(runs, plan), plan, paths["difficulty"], metric)
         pooled = summarize_settings(runs, plan, alpha, margin, metric)
-        atomic_write(grid_dir / "by_component.md", markdown_settings(pooled, metric, alpha, margin))
+        text = markdown_settings(pooled, metric, alpha, margin)
+        if metric == "val_acc":
+            solved = steps_to_solve(curves(grid_dir, "val/acc"), by_setting(runs, plan))
+            text += "\n" + markdown_solve(solved)
+        atomic_write(grid_dir / "by_component.md", text)
         paths["by_component"] = grid_dir / "by_component.md"
     if plan.get("tuned"):
         import matplotlib.pyplot as plt
@@ -855,6 +859,57 @@ def csv_text(summary: pd.DataFrame) -> str:
         if col in out:
             out[col] = out[col].round().astype("Int64")
     return out.to_csv(index=False)
+
+
+SOLVED = 0.9  # a probe counts as solved at this accuracy
+
+
+def steps_to_solve(curve: pd.DataFrame, df: pd.DataFrame, threshold: float = SOLVED) -> pd.DataFrame:
+    """Per run: the first validation step whose accuracy reaches `threshold` (the run's last step
+    when only its final whole-test-set score did; NaN if never), and the final accuracy; with its
+    family and setting."""
+    info = df.set_index(["variant", "seed"])[["family", "setting", "val_acc", "status"]]
+    rows = []
+    for (variant, seed), g in curve[curve.tag == "val/acc"].groupby(["variant", "seed"], sort=False):
+        if (variant, seed) not in info.index:
+            continue
+        g = g.sort_values("step")
+        hit = g[g.value >= threshold]
+        r = info.loc[(variant, seed)]
+        rows.append(
+            {
+                "family": r.family,
+                "setting": r.setting,
+                "seed": seed,
+                "step": float(hit.step.iloc[0])
+                if len(hit)
+                else (float(g.step.max()) if r.val_acc >= threshold else math.nan),
+                "final_acc": r.val_acc,
+            }
+        )
+    return pd.DataFrame(rows, columns=["family", "setting", "seed", "step", "final_acc"])
+
+
+def markdown_solve(solved: pd.DataFrame, threshold: float = SOLVED) -> str:
+    if solved.empty:
+        return ""
+    cell = lambda g: "; ".join(
+        (f"{int(s)}" if not math.isnan(s) else f"— ({a:.2f})") for s, a in zip(g.step, g.final_acc)
+    )
+    wide = solved.groupby(["family", "setting"], sort=False).apply(cell, include_groups=False).unstack("setting")
+    wide = wide.reindex(columns=list(dict.fromkeys(solved.setting))).fillna("")
+    wide.index = [f"`{f}`" for f in wide.index]
+    return "\n".join(
+        [
+            "## Steps to solve",
+            "",
+            f"First validation step at which accuracy reached {threshold} (per seed); — (final accuracy) "
+            "when it never did within the run.",
+            "",
+            wide.reset_index(names="variant").to_markdown(index=False, disable_numparse=True),
+            "",
+        ]
+    )
 
 
 def plot_settings(df: pd.DataFrame, plan: dict, path: Path, metric: str = "val_acc") -> None:
