@@ -82,6 +82,11 @@ class AttentionProbe:
 class LowRank(nn.Sequential):
     """x -> W_b N(W_a x): a rank-r factorisation of a d_in x d_out map (N = RMSNorm or identity)."""
 
+    @classmethod
+    def or_full(cls, d_in: int, rank: int, d_out: int, norm_eps: float | None = None) -> nn.Module:
+        """The factorisation, or (rank 0) the full-rank map, as DeepSeek-V2-Lite's uncompressed queries."""
+        return cls(d_in, rank, d_out, norm_eps) if rank else nn.Linear(d_in, d_out, bias=False)
+
     def __init__(self, d_in: int, rank: int, d_out: int, norm_eps: float | None = None):
         super().__init__(
             nn.Linear(d_in, rank, bias=False),
@@ -126,9 +131,12 @@ class MultiHeadAttention(AttentionProbe, Attention):
 @dataclass
 class MLAConfig(ComponentConfig):
     variant: Literal["escarda", "deepseek"] = "escarda"
-    q_lora_rank: int = bounded(128, min=1)  # query bottleneck (both variants)
+    q_lora_rank: int = bounded(128, min=0)  # query bottleneck (both variants); 0 = full-rank queries
     o_lora_rank: int = bounded(128, min=1)  # output bottleneck (escarda)
     kv_lora_rank: int = bounded(128, min=1)  # shared KV latent (deepseek)
+    # deepseek: width of each head's value (null: model.head_dim, the query/key width
+    # qk_nope_head_dim + qk_rope_head_dim); DeepSeek-V3 uses 128 against 192
+    v_head_dim: int | None = bounded(None, min=1)
 
     def check(self, m) -> list[tuple[str, str, str]]:
         problems = []
@@ -136,6 +144,8 @@ class MLAConfig(ComponentConfig):
             problems.append(
                 ("variant", "deepseek MLA needs a position-free part (rope_dim < head_dim)", "lower model.rope_dim")
             )
+        if self.variant != "deepseek" and self.v_head_dim is not None:
+            problems.append(("v_head_dim", "v_head_dim applies to variant: deepseek only", "remove it"))
         return problems
 
 
@@ -144,7 +154,7 @@ class EscardaMLA(MultiHeadAttention):
     """Low-rank queries and output around the baseline's K/V heads, QK-norm and RoPE."""
 
     def build_queries(self, m, cfg: MLAConfig) -> None:
-        self.wq = LowRank(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
+        self.wq = LowRank.or_full(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
 
     def build_output(self, m, cfg: MLAConfig) -> None:
         self.wo = LowRank(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model)
@@ -159,13 +169,22 @@ class DeepSeekMLA(AttentionProbe, Attention):
         self.layer = layer
         self.H, self.hd, self.r = m.n_heads, m.head_dim, m.rope_dim
         self.nope = m.head_dim - m.rope_dim
+        self.vd = cfg.v_head_dim or m.head_dim
+        if m.qk_norm:
+            import warnings
+
+            warnings.warn(
+                "mla variant deepseek has no per-head QK-norm (DeepSeek normalises the latents instead): "
+                "model.qk_norm: true is not applied; set it to false to say so",
+                stacklevel=2,
+            )
         self.rank = cfg.kv_lora_rank
-        self.wq = LowRank(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
+        self.wq = LowRank.or_full(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
         self.w_dkv = nn.Linear(m.d_model, cfg.kv_lora_rank + m.rope_dim, bias=False)  # [c; k^R]
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, m.norm_eps)
         self.w_uk = nn.Parameter(torch.empty(m.n_heads, self.nope, cfg.kv_lora_rank))
-        self.w_uv = nn.Parameter(torch.empty(m.n_heads, m.head_dim, cfg.kv_lora_rank))
-        self.wo = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=False)
+        self.w_uv = nn.Parameter(torch.empty(m.n_heads, self.vd, cfg.kv_lora_rank))
+        self.wo = nn.Linear(m.n_heads * self.vd, m.d_model, bias=False)
         self.init_std = m.init_std
         self.modifiers = nn.ModuleList(modifiers)
 

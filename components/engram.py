@@ -13,8 +13,11 @@ The key of an n-gram:
               dims, sign-quantised: bucket = Σ_i [p_i > 0] 2^i mod table_size. It can collapse
               (the released model sent every key to bucket 0), which `stats()` exposes.
     ids       multiplicative hash of the token ids: (Σ_j id_{t-j} a_{g,j}) mod P mod table_size
-    deepseek  DeepSeek's Engram (2026): multiplicative-XOR hash, XOR_j (id_{t-j} a_{g,j}) mod p_g,
-              with a distinct prime p_g <= table_size per (n, head)
+    deepseek  DeepSeek's Engram (arXiv 2601.07372; its reference code's NgramHashMapping): for
+              each order n, mix_n = XOR_{k<n} (id_{t-k} · a_k) with odd multipliers a_k shared by
+              every order and head; head j of order n takes mix_n mod p_{n,j}, the p_{n,j}
+              distinct primes <= table_size (DeepSeek sizes each head's table to its prime; here
+              every table has table_size rows and rows >= p_{n,j} stay unused)
 """
 
 from __future__ import annotations
@@ -228,11 +231,18 @@ class DeepSeekEngram(Engram):
     def init_weights(self) -> None:
         nn.init.zeros_(self.conv)
 
+    def init_keys(self, m, cfg: EngramConfig, gen: torch.Generator, used: Tensor) -> None:
+        # One odd multiplier per offset k, shared by every order and head (the heads of an order
+        # differ only in their prime modulus); below 2^31, so id · a fits int64 for any vocabulary.
+        self.register_buffer("xor_mult", torch.randint(0, 2**30, (self.N,), generator=gen) * 2 + 1, persistent=False)
+        self.register_buffer("order_of", torch.arange(2, self.N + 1).repeat_interleave(cfg.heads) - 2, persistent=False)
+
     def keys(self, ctx: Tensor, x: Tensor, state: dict | None) -> Tensor:
-        h = torch.zeros(ctx.shape[:2] + (self.G,), dtype=torch.long, device=ctx.device)
-        for j in range(self.N):  # XOR over the n-gram's tokens (N <= max_ngram, not over positions)
-            h = h ^ (ctx[..., j, None] * self.mult[:, j])
-        return h % self.moduli
+        mix = [ctx[..., 0] * self.xor_mult[0]]  # mix[n - 2] after the loop: the order-n hash
+        for k in range(1, self.N):
+            mix.append(mix[-1] ^ (ctx[..., k] * self.xor_mult[k]))
+        mixes = torch.stack(mix[1:], dim=-1)  # [B, T, N - 1], orders 2..N
+        return mixes[..., self.order_of] % self.moduli
 
     def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
         self._memory = self.lookup(ids, x, cache)

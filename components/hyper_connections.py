@@ -8,13 +8,20 @@ coefficients pre [m], post [m], R [m, m] (per token in the dynamic variants):
     X'_k  = post_k · F(x_in) + Σ_j R_jk X_j
 
 variants
-    static   pre, post, R learned per sublayer (init: pre = e_(site mod m), post = 1, R = I)
-    dynamic  + input-dependent terms: [pre; post; R] += φ · RMSNorm(vec X), φ zero-initialised
-    mhc      dynamic with pre = σ(·), post = 2σ(·), R = Sinkhorn-Knopp(exp(·)) (doubly stochastic;
-             for m = 2 the closed-form limit of the iterations)
-The embedding is copied into every stream (expand); before the head the streams are mixed by a
-learned softmax (collapse), initialised to the mean. Coefficients of all sublayers live in
-stacked tensors, one row per sublayer ("site").
+    static        pre, post, R learned per sublayer (init: pre = e_(site mod m), post = 1, R = I)
+    dynamic       the paper's dynamic HC (Zhu et al. eq. 10-13): each stream's normalised state
+                  H̄_j = LayerNorm(X_j) (a learned gain per sublayer) adds
+                      pre_j  += s_α tanh(H̄_j · w_pre)      R_j,· += s_α tanh(H̄_j W_R)
+                      post_j += s_β tanh(H̄_j · w_post)
+                  w zero-initialised, the scales s_α, s_β learned from 0.01
+    dynamic_flat  the input-dependent form mHC builds on: [pre; post; R] += φ · RMSNorm(vec X)
+                  (all m·D stream values normalised together), φ zero-initialised, no tanh/scale
+    mhc           dynamic_flat with pre = σ(·), post = 2σ(·), R = Sinkhorn-Knopp(exp(·)) (doubly
+                  stochastic; for m = 2 the closed-form limit of the iterations)
+The embedding is copied into every stream (expand); before the head the streams are combined
+(collapse): `softmax`, a learned softmax initialised to the mean (Escarda's choice), or `sum`, as
+the reference implementations do. Coefficients of all sublayers live in stacked tensors, one row
+per sublayer ("site").
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ from escarda_lab.registry import ComponentConfig, Residual, bounded, component
 
 @dataclass
 class HyperConnectionsConfig(ComponentConfig):
-    variant: Literal["static", "dynamic", "mhc"] = "mhc"
+    variant: Literal["static", "dynamic", "dynamic_flat", "mhc"] = "mhc"
     streams: int = bounded(2, min=1)  # m (hc_mult=2 released)
     sinkhorn_iters: int = bounded(20, min=1)
     eps: float = bounded(1.0e-6, min=0)
+    collapse: Literal["softmax", "sum"] = "softmax"  # how the streams become one state before the head
+    dynamic_scale: float = bounded(0.01, min=0)  # dynamic: initial s_α and s_β
 
 
 def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
@@ -77,19 +86,24 @@ def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
 class HyperConnections(Residual):
     """Static: pre, post, R learned per sublayer (init pre = e_(site mod m), post = 1, R = I)."""
 
-    dynamic = False
-
     def __init__(self, m, cfg: HyperConnectionsConfig, n_sites: int):
         super().__init__()
         self.m, self.iters, self.eps = cfg.streams, cfg.sinkhorn_iters, cfg.eps
+        self.collapse_mode = cfg.collapse
         n, S = cfg.streams, n_sites
         self.pre_b = nn.Parameter(torch.zeros(S, n))
         self.post_b = nn.Parameter(torch.zeros(S, n))
         self.res_b = nn.Parameter(torch.zeros(S, n, n))
         self.collapse_w = nn.Parameter(torch.zeros(n))
-        if self.dynamic:
-            self.phi = nn.Parameter(torch.zeros(S, n * m.d_model, 2 * n + n * n))
+        self.build_dynamic(m, cfg, S)
         self._probe: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def build_dynamic(self, m, cfg: HyperConnectionsConfig, n_sites: int) -> None:
+        """Parameters of the input-dependent terms (none for static)."""
+
+    def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Input-dependent additions to (pre, post, R) at this site, or None (static)."""
+        return None
 
     def no_weight_decay(self) -> list[nn.Parameter]:
         return [self.pre_b, self.post_b, self.res_b, self.collapse_w]
@@ -102,17 +116,12 @@ class HyperConnections(Residual):
         self.post_b.fill_(1.0)
         self.res_b.copy_(torch.eye(n).expand_as(self.res_b))
         self.collapse_w.zero_()
-        if self.dynamic:
-            self.phi.zero_()
 
     def coefficients(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
-        n = self.m
         pre, post, R = self.pre_b[site], self.post_b[site], self.res_b[site]
-        if self.dynamic:
-            xn = F.rms_norm(X.flatten(-2), (X.shape[-2] * X.shape[-1],), eps=1e-6)
-            c = xn @ self.phi[site]  # [B, T, 2m + m²]
-            pre, post = pre + c[..., :n], post + c[..., n : 2 * n]
-            R = R + c[..., 2 * n :].unflatten(-1, (n, n))
+        extra = self.dynamic_terms(X, site)
+        if extra is not None:
+            pre, post, R = pre + extra[0], post + extra[1], R + extra[2]
         return self.activate(pre, post, R)
 
     def activate(self, pre: Tensor, post: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,6 +138,8 @@ class HyperConnections(Residual):
         return hc_update(X, fn, pre, post, R)
 
     def collapse(self, X: Tensor) -> Tensor:
+        if self.collapse_mode == "sum":
+            return X.sum(dim=-2)
         return torch.einsum("m,...md->...d", self.collapse_w.softmax(0), X)
 
     def read(self, X: Tensor) -> Tensor:
@@ -156,13 +167,58 @@ class HyperConnections(Residual):
 
 @component("hyper_connections", slot="residual", config=HyperConnectionsConfig, variant="dynamic")
 class DynamicHyperConnections(HyperConnections):
-    """Static + input-dependent terms: [pre; post; R] += φ · RMSNorm(vec X), φ zero-initialised."""
+    """The paper's dynamic HC: per-stream LayerNorm (learned gain), tanh, learned scales s_α, s_β."""
 
-    dynamic = True
+    def build_dynamic(self, m, cfg: HyperConnectionsConfig, n_sites: int) -> None:
+        n, D, S = cfg.streams, m.d_model, n_sites
+        self.scale0 = cfg.dynamic_scale
+        self.norm_w = nn.Parameter(torch.ones(S, D))
+        self.w_alpha = nn.Parameter(torch.zeros(S, D, 1 + n))  # column 0: pre; columns 1..n: R's row
+        self.w_beta = nn.Parameter(torch.zeros(S, D))
+        self.s_alpha = nn.Parameter(torch.full((S,), cfg.dynamic_scale))
+        self.s_beta = nn.Parameter(torch.full((S,), cfg.dynamic_scale))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.norm_w.fill_(1.0)
+        self.w_alpha.zero_()
+        self.w_beta.zero_()
+        self.s_alpha.fill_(self.scale0)
+        self.s_beta.fill_(self.scale0)
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return super().no_weight_decay() + [self.norm_w, self.s_alpha, self.s_beta]
+
+    def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
+        H = F.layer_norm(X, X.shape[-1:], weight=self.norm_w[site])  # [B, T, m, D], per stream
+        a = self.s_alpha[site] * torch.tanh(H @ self.w_alpha[site])  # [B, T, m, 1 + m]
+        b = self.s_beta[site] * torch.tanh(H @ self.w_beta[site])  # [B, T, m]
+        return a[..., 0], b, a[..., 1:]  # pre_j, post_j, R_j,k: row j from stream j
+
+
+@component("hyper_connections", slot="residual", config=HyperConnectionsConfig, variant="dynamic_flat")
+class FlatDynamicHyperConnections(HyperConnections):
+    """Static + [pre; post; R] += φ · RMSNorm(vec X): all streams normalised together, φ zero-init."""
+
+    def build_dynamic(self, m, cfg: HyperConnectionsConfig, n_sites: int) -> None:
+        n = cfg.streams
+        self.phi = nn.Parameter(torch.zeros(n_sites, n * m.d_model, 2 * n + n * n))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.phi.zero_()
+
+    def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
+        n = self.m
+        xn = F.rms_norm(X.flatten(-2), (X.shape[-2] * X.shape[-1],), eps=1e-6)
+        c = xn @ self.phi[site]  # [B, T, 2m + m²]
+        return c[..., :n], c[..., n : 2 * n], c[..., 2 * n :].unflatten(-1, (n, n))
 
 
 @component("hyper_connections", slot="residual", config=HyperConnectionsConfig, variant="mhc")
-class ManifoldHyperConnections(DynamicHyperConnections):
+class ManifoldHyperConnections(FlatDynamicHyperConnections):
     """mHC: dynamic, with pre = σ(·), post = 2σ(·), R = Sinkhorn-Knopp(exp(·)) doubly stochastic."""
 
     @torch.no_grad()

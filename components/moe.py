@@ -2,6 +2,9 @@
 
     s_i  = score(x · e_i)                 score ∈ {softmax, sigmoid, sqrtsoftplus = √softplus}
     S    = top-k of (s_i + b_i)           the bias b only selects (aux-loss-free balancing)
+           with n_group > 1 (DeepSeek-V3's node-limited routing): the experts form n_group equal
+           groups, each scored by the sum of its two highest (s_i + b_i); top-k is taken only
+           inside the topk_group best groups
     g_i  = s_i / Σ_{j∈S} s_j (norm_topk) · routed_scaling            for i ∈ S
     y    = Σ_shared FFN_s(x) + Σ_{i∈S} g_i FFN_i(x)                   (SwiGLU experts)
 
@@ -47,9 +50,26 @@ class MoEConfig(ComponentConfig):
     layers: Any = "all"  # "all" or a list of block indices; the other blocks keep the dense FFN
     routing: Literal["learned", "hash"] = "learned"
     hash_layers: int = 1  # with routing: hash, the first hash_layers MoE layers route by token id
+    n_group: int = bounded(1, min=1)  # expert groups (DeepSeek-V3: 8); 1 = flat top-k
+    topk_group: int = bounded(1, min=1)  # groups a token may use (DeepSeek-V3: 4)
 
     def check(self, m) -> list[tuple[str, str, str]]:
         out = []
+        if self.n_routed % self.n_group:
+            out.append(
+                ("n_group", f"n_group={self.n_group} does not divide n_routed={self.n_routed}", "pick a divisor")
+            )
+        elif self.n_group > 1 and not (
+            1 <= self.topk_group <= self.n_group and self.top_k <= self.topk_group * self.n_routed // self.n_group
+        ):
+            out.append(
+                (
+                    "topk_group",
+                    f"topk_group={self.topk_group} must lie in [1, n_group={self.n_group}] and hold top_k={self.top_k} "
+                    f"experts ({self.n_routed // self.n_group} per group)",
+                    "raise topk_group or lower top_k",
+                )
+            )
         if not 1 <= self.top_k <= self.n_routed:
             out.append(
                 (
@@ -110,16 +130,29 @@ class MoE(FFN):
 
     def route(self, x: Tensor, ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> scores s [N, E], selected experts [N, k], weights [N, k]."""
-        s = self.score(self.router(x).float())
+        z = self.router(x)
+        s = self.score(z.to(torch.promote_types(z.dtype, torch.float32)))  # at least float32
         if self.hash_routed:
             first = token_hash(ids.reshape(-1), 0, self.E)
             sel = (first[:, None] + torch.arange(self.k, device=x.device)) % self.E  # k distinct experts
         else:
-            sel = (s + self.bias).topk(self.k, dim=-1).indices
+            sel = self.select(s + self.bias)
         w = s.gather(1, sel)
         if self.cfg.norm_topk:
             w = w / w.sum(-1, keepdim=True).clamp_min(1e-9)
         return s, sel, w * self.cfg.routed_scaling
+
+    def select(self, biased: Tensor) -> Tensor:
+        """Top-k experts of biased scores [N, E]; with groups, only inside the topk_group groups
+        whose two best experts score highest (DeepSeek-V3's node-limited routing)."""
+        G = self.cfg.n_group
+        if G > 1:
+            grouped = biased.view(-1, G, self.E // G)
+            group_score = grouped.topk(min(2, self.E // G), dim=-1).values.sum(-1)  # [N, G]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.cfg.topk_group, dim=-1).indices, True)
+            biased = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.E)
+        return biased.topk(self.k, dim=-1).indices
 
     def experts(self, x: Tensor, sel: Tensor, w: Tensor) -> Tensor:
         """Dropless dispatch: sort (token, expert) pairs by expert, pad to [E, C, D], one bmm.

@@ -1,10 +1,12 @@
 """`xsa`: Exclusive Self Attention -- remove from each head's output its own value direction.
 
-    z_i = y_i - (y_i · v_i) v_i / (‖v_i‖² + eps)
+    z_i = y_i - (y_i · v_i) v_i / max(‖v_i‖², eps)
 
 y_i is head i's attention output at a position and v_i that head's value vector at the same
 position (with grouped K/V, the value of the head's group). No parameters; z_i ⟂ v_i, so a head
-cannot simply copy its own token forward. Works with any attention plugin that passes its values.
+cannot simply copy its own token forward. eps only floors a vanishing ‖v‖²: where y_i = v_i (the
+first position attends only to itself) z_i is exactly 0. Works with any attention plugin that
+passes its values.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class ExclusiveSelfAttention(AttentionModifier):
         B, H, T, d = y.shape
         yg = y.view(B, v.shape[1], H // v.shape[1], T, d)  # heads grouped by their shared value
         vg = v.unsqueeze(2)
-        coef = (yg * vg).sum(-1, keepdim=True) / (vg.square().sum(-1, keepdim=True) + self.eps)
+        coef = (yg * vg).sum(-1, keepdim=True) / vg.square().sum(-1, keepdim=True).clamp_min(self.eps)
         z = (yg - coef * vg).view(B, H, T, d)
         if probing(self):
             self._probe = (y[:1].detach(), z[:1].detach())

@@ -50,8 +50,10 @@ class Rope(nn.Module):
         self.rope_dim, self.style = rope_dim, style
         inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / max(rope_dim, 1))
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [L, r/2]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        # float64 tables, cast at use to the activations' dtype (at least float32): a float64 model
+        # rotates with float64 angles, a float32 or bf16 one exactly as before.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
 
     def at(self, start: int, length: int) -> "Rotary":
         """The rotation for positions start .. start+length-1."""
@@ -70,7 +72,8 @@ class Rotary(NamedTuple):
         r = 2 * self.cos.shape[-1]
         if r == 0:
             return x
-        cos, sin = self.cos, self.sin
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.cos.to(dtype), self.sin.to(dtype)
         hd = x.shape[-1]
         nope, rot = x[..., : hd - r], x[..., hd - r :]
         if self.style == "half":

@@ -83,3 +83,23 @@ def test_fused_nll_and_logsumexp_match_autograd_reference(N, V, seed):
     assert torch.allclose(nll.double(), ref_nll.double(), atol=1e-5)
     assert torch.allclose(lse.double(), ref_lse.double(), atol=1e-5)
     assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+
+
+def test_rope_tables_follow_a_float64_model():
+    """The rotation of a float64 input uses float64 angles (not float32 tables cast up); float32
+    and bf16 inputs rotate in float32 as before."""
+    import math
+
+    from escarda_lab.layers import Rope
+
+    rope = Rope(8, 64, 10000.0, "interleaved")
+    x = torch.randn(1, 1, 64, 8, dtype=torch.float64)
+    y = rope.at(0, 64)(x)
+    pos = torch.arange(64, dtype=torch.float64)[:, None]
+    ang = pos * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    a, b = x[..., 0::2], x[..., 1::2]
+    ref = torch.stack([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1).flatten(-2)
+    assert y.dtype == torch.float64 and torch.allclose(y, ref, atol=1e-12, rtol=0)
+    assert rope.at(0, 4)(torch.randn(1, 1, 4, 8)).dtype == torch.float32
+    assert rope.at(0, 4)(torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)).dtype == torch.float32
+    assert not math.isclose(float(rope.cos.float().double()[63, 1]), float(rope.cos[63, 1]), rel_tol=0, abs_tol=1e-12)

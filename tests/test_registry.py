@@ -98,7 +98,7 @@ def test_variants_register_side_by_side():
     registry.discover()
     assert set(registry.get("mla").variants) == {"escarda", "deepseek"}
     assert set(registry.get("engram").variants) == {"escarda", "ids", "deepseek"}
-    assert set(registry.get("hyper_connections").variants) == {"static", "dynamic", "mhc"}
+    assert set(registry.get("hyper_connections").variants) == {"static", "dynamic", "dynamic_flat", "mhc"}
     assert set(registry.get("mtp").variants) == {"escarda", "deepseek"}
 
 

@@ -98,3 +98,29 @@ def test_gate_starts_mostly_off(tiny_model_cfg):
     model = engram_model(tiny_model_cfg, "ids").train()
     model(torch.randint(0, 97, (2, 8)))
     assert model.stats()["engram/gate_mean"] == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item(), abs=1e-6)
+
+
+def test_deepseek_hash_is_the_published_multiplicative_xor_written_from_the_formula(tiny_model_cfg):
+    """DeepSeek Engram's NgramHashMapping: mix_n = XOR_{k<n} (id_{t-k} · a_k) (ids before the
+    start are <pad>), head j of order n -> mix_n mod p_{n,j}; odd a_k shared by every order and
+    head; the p_{n,j} distinct primes <= table_size."""
+    import numpy as np
+
+    comps = {"engram": {"enabled": True, "variant": "deepseek", "max_ngram": 4, "heads": 3, "table_size": 509}}
+    eng = EscardaLM(tiny_model_cfg(components=comps)).embedders["engram"]
+    a = eng.xor_mult.numpy()
+    primes = eng.moduli.tolist()
+    assert (a % 2 == 1).all() and len(set(primes)) == len(primes) == 3 * 3
+    assert all(p <= 509 and all(p % d for d in range(2, int(p**0.5) + 1)) for p in primes)
+    ids = torch.randint(1, 97, (2, 12))
+    got = eng.buckets(ids, torch.zeros(2, 12, 32), None).numpy()
+    x = ids.numpy().astype(np.int64)
+    padded = np.concatenate([np.zeros((2, 3), np.int64), x], axis=1)  # <pad> = 0 before the start
+    expected = []
+    for n in range(2, 5):
+        mix = np.zeros((2, 12), np.int64)
+        for k in range(n):
+            mix ^= padded[:, 3 - k : 3 - k + 12] * a[k]
+        for j in range(3):
+            expected.append(mix % primes[(n - 2) * 3 + j])
+    assert np.array_equal(got, np.stack(expected, axis=-1))

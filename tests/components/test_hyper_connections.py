@@ -58,15 +58,16 @@ def model_cfg(tiny_model_cfg, variant):
     return tiny_model_cfg(components={"hyper_connections": {"enabled": True, "variant": variant, "streams": 3}})
 
 
-@pytest.mark.parametrize("variant", ["static", "dynamic", "mhc"])
+@pytest.mark.parametrize("variant", ["static", "dynamic", "dynamic_flat", "mhc"])
 def test_collapse_is_the_stream_mean_at_init(tiny_model_cfg, variant):
     hc = EscardaLM(model_cfg(tiny_model_cfg, variant)).residual
     X = torch.randn(2, 4, 3, 32)
     assert torch.allclose(hc.collapse(X), X.mean(-2), atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["static", "dynamic", "mhc"])
+@pytest.mark.parametrize("variant", ["static", "dynamic", "dynamic_flat", "mhc"])
 def test_every_variant_decodes_like_the_full_forward(tiny_model_cfg, variant):
+    torch.manual_seed(0)
     model = EscardaLM(model_cfg(tiny_model_cfg, variant)).eval()
     with torch.no_grad():  # make the dynamic terms matter
         for p in model.residual.parameters():
@@ -120,3 +121,51 @@ def test_two_stream_update_equals_the_general_formula(per_token):
     x_in = (pre.unsqueeze(-1) * X).sum(-2)
     expected = torch.einsum("...jk,...jd->...kd", R, X) + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
     assert torch.allclose(hc_update(X, fn, pre, post, R), expected, atol=1e-6)
+
+
+def test_dynamic_is_the_papers_form_written_from_its_formulas(tiny_model_cfg):
+    """Zhu et al. 2024 eq. 10-13, per stream j: H̄_j = LayerNorm(X_j) (gain g);
+    pre_j = A_m[j] + s_α tanh(H̄_j w_m), R[j, :] = A_r[j, :] + s_α tanh(H̄_j W_r),
+    post_j = B[j] + s_β tanh(H̄_j w_β); X'_k = Σ_j R[j, k] X_j + post_k F(Σ_j pre_j X_j)."""
+    hc = EscardaLM(model_cfg(tiny_model_cfg, "dynamic")).residual.double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    X = torch.randn(2, 5, 3, 32, generator=gen, dtype=torch.float64)
+    W = torch.randn(32, 32, generator=gen, dtype=torch.float64)
+    fn = lambda x: torch.tanh(x @ W)
+    site = 2
+    out = hc.sublayer(X, fn, site)
+
+    ref = torch.empty_like(X)
+    g, wa, wb = hc.norm_w[site], hc.w_alpha[site], hc.w_beta[site]
+    sa, sb = hc.s_alpha[site], hc.s_beta[site]
+    for b in range(2):
+        for t in range(5):
+            H = X[b, t]  # [m, D]
+            mu, var = H.mean(-1, keepdim=True), H.var(-1, unbiased=False, keepdim=True)
+            Hn = (H - mu) / torch.sqrt(var + 1e-5) * g
+            pre = hc.pre_b[site] + sa * torch.tanh(Hn @ wa[:, 0])
+            R = hc.res_b[site] + sa * torch.tanh(Hn @ wa[:, 1:])
+            post = hc.post_b[site] + sb * torch.tanh(Hn @ wb)
+            y = fn(pre @ H)
+            ref[b, t] = R.T @ H + post[:, None] * y[None, :]
+    assert torch.allclose(out, ref, atol=1e-10, rtol=0)
+
+
+def test_dynamic_starts_as_static_with_small_learnable_scales(tiny_model_cfg):
+    hc = EscardaLM(model_cfg(tiny_model_cfg, "dynamic")).residual
+    assert torch.equal(hc.w_alpha, torch.zeros_like(hc.w_alpha)) and torch.equal(hc.w_beta, torch.zeros_like(hc.w_beta))
+    assert torch.allclose(hc.s_alpha, torch.full_like(hc.s_alpha, 0.01)) and hc.s_alpha.requires_grad
+    X = torch.randn(2, 4, 3, 32)
+    static = EscardaLM(model_cfg(tiny_model_cfg, "static")).residual
+    for a, b in zip(hc.coefficients(X, 1), static.coefficients(X, 1)):
+        assert torch.allclose(a, b.expand_as(a))
+
+
+def test_collapse_sum_adds_the_streams(tiny_model_cfg):
+    cfg = tiny_model_cfg(components={"hyper_connections": {"enabled": True, "streams": 3, "collapse": "sum"}})
+    hc = EscardaLM(cfg).residual
+    X = torch.randn(2, 4, 3, 32)
+    assert torch.allclose(hc.collapse(X), X.sum(-2))

@@ -111,3 +111,40 @@ def test_moe_model_trains_and_reports_balance_term(tiny_model_cfg):
     assert "moe" in terms and torch.allclose(total, terms["cross_entropy"] + 0.01 * terms["moe"])
     total.backward()
     assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 0
+
+
+def grouped_reference(biased: torch.Tensor, n_group: int, topk_group: int, k: int) -> list[set[int]]:
+    """DeepSeek-V3's node-limited routing, written per token: score each group by the sum of its
+    two highest biased scores, keep the topk_group best groups, take the top-k experts inside."""
+    E = biased.shape[1]
+    per = E // n_group
+    out = []
+    for row in biased.tolist():
+        groups = [sorted(row[g * per : (g + 1) * per], reverse=True) for g in range(n_group)]
+        score = [sum(g[:2]) for g in groups]
+        kept = sorted(range(n_group), key=lambda g: -score[g])[:topk_group]
+        allowed = [e for e in range(E) if e // per in kept]
+        out.append(set(sorted(allowed, key=lambda e: -row[e])[:k]))
+    return out
+
+
+def test_grouped_routing_picks_the_experts_the_formula_picks():
+    layer = moe(n_routed=8, top_k=2, n_group=4, topk_group=2, scoring="sigmoid").double()
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(8, dtype=torch.float64) * 0.1)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    s, sel, _ = layer.route(x, None)
+    assert s.dtype == torch.float64  # the router follows a float64 model
+    expected = grouped_reference(s + layer.bias, 4, 2, 2)
+    assert [set(r) for r in sel.tolist()] == expected
+    flat = moe(n_routed=8, top_k=2, scoring="sigmoid").double()
+    flat.load_state_dict(layer.state_dict())
+    _, sel_flat, _ = flat.route(x, None)
+    assert sum(set(a) != set(b) for a, b in zip(sel.tolist(), sel_flat.tolist())) > 0  # groups change choices
+
+
+def test_grouped_routing_settings_are_checked():
+    problems = MoEConfig(enabled=True, n_routed=6, n_group=4).check(M)
+    assert problems and problems[0][0] == "n_group"
+    problems = MoEConfig(enabled=True, n_routed=8, top_k=4, n_group=4, topk_group=1).check(M)
+    assert problems and problems[0][0] == "topk_group"

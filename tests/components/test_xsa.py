@@ -36,3 +36,36 @@ def test_removed_fraction_stat(tiny_model_cfg):
     model = EscardaLM(tiny_model_cfg(components={"xsa": {"enabled": True}}, n_kv_heads=4)).train()
     model(torch.randint(0, 97, (2, 8)))
     assert 0 < model.stats()["xsa/removed_fraction"] < 1
+
+
+def test_the_first_position_is_removed_exactly_with_eps():
+    """At position 0 a head attends only to itself, so y = v and z must be exactly 0 (eps only
+    floors a vanishing ‖v‖²)."""
+    xsa = ExclusiveSelfAttention(None, XSAConfig(enabled=True))  # default eps 1e-6
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        v = torch.randn(2, 2, 5, 8, generator=g, dtype=dtype)
+        y = torch.randn(2, 4, 5, 8, generator=g, dtype=dtype)
+        y[:, :, 0] = v.repeat_interleave(2, dim=1)[:, :, 0]
+        z = xsa(y, v)
+        assert torch.equal(z[:, :, 0], torch.zeros_like(z[:, :, 0]))
+
+
+def test_the_first_position_through_attention_is_exactly_zero(tiny_model_cfg):
+    """Through causal attention (MHA and DeepSeek MLA) the first position's XSA output is 0."""
+    from escarda_lab.model import EscardaLM
+
+    for comps, model in [
+        ({"xsa": {"enabled": True}}, {}),
+        (
+            {"xsa": {"enabled": True}, "mla": {"enabled": True, "variant": "deepseek", "kv_lora_rank": 8}},
+            {"qk_norm": False},
+        ),
+    ]:
+        lm = EscardaLM(tiny_model_cfg(components=comps, **model)).double().eval()
+        attn = lm.blocks[0].attn
+        seen = {}
+        xsa_mod = attn.modifiers[0]
+        xsa_mod.register_forward_hook(lambda m, args, out: seen.setdefault("z", out))
+        lm(torch.randint(0, 97, (2, 6)))
+        assert torch.equal(seen["z"][:, :, 0], torch.zeros_like(seen["z"][:, :, 0]))
