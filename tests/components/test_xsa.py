@@ -66,6 +66,6 @@ def test_the_first_position_through_attention_is_exactly_zero(tiny_model_cfg):
         attn = lm.blocks[0].attn
         seen = {}
         xsa_mod = attn.modifiers[0]
-        xsa_mod.register_forward_hook(lambda m, args, out: seen.setdefault("z", out))
+        xsa_mod.register_forward_hook(lambda m, args, out, seen=seen: seen.setdefault("z", out))
         lm(torch.randint(0, 97, (2, 6)))
         assert torch.equal(seen["z"][:, :, 0], torch.zeros_like(seen["z"][:, :, 0]))
