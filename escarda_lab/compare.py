@@ -86,6 +86,7 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
                     "val_loss": rec.get("val_loss", math.nan),
                     "val_bpb": rec.get("val_bpb", math.nan),
                     "val_acc": rec.get("val_acc", math.nan),
+                    "train_tokens": rec.get("train_tokens", math.nan),
                     "params_total": params.get("total", math.nan),
                     "params_active": params.get("active", math.nan),
                     "flops_per_token": rec.get("flops_per_token", math.nan),
@@ -680,6 +681,15 @@ def write(
             text += "\n" + markdown_solve(solved)
         atomic_write(grid_dir / "by_component.md", text)
         paths["by_component"] = grid_dir / "by_component.md"
+    if any(v.get("rung_of") for v in plan["variants"]):
+        from escarda_lab import ladder
+
+        mult, f, points = ladder.table(runs, plan, metric if not METRICS[metric][1] else "val_bpb")
+        text = ladder.markdown(mult, f, metric if not METRICS[metric][1] else "val_bpb")
+        atomic_write(paths["md"], paths["md"].read_text(encoding="utf-8") + "\n" + text)
+        paths["ladder"] = grid_dir / "ladder.png"
+        ladder.plot(mult, f, points, paths["ladder"], metric if not METRICS[metric][1] else "val_bpb")
+        atomic_write(grid_dir / "multipliers.csv", mult.to_csv(index=False))
     if plan.get("tuned"):
         import matplotlib.pyplot as plt
 

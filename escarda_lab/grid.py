@@ -66,6 +66,17 @@ class TuneConfig:
     at: str | None = None  # with grid.settings: tune at this setting only; every setting uses its value
 
 
+@dataclass
+class LadderConfig:
+    """The baseline (and with `variants: true` every variant) again at other budgets ("rungs"):
+    token multiples of the file's steps (the schedule stretched with them) and/or named model sizes.
+    compare fits the baseline's loss against training FLOPs and reports compute multipliers."""
+
+    tokens: list[float] = field(default_factory=list)  # e.g. [0.5, 2]: x the file's max_steps (1 is the file)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {d192: {model.d_model: 192}}
+    variants: bool = False  # ladder every variant, not only the baseline
+
+
 TUNE_SEED = 1000
 NULL_SEED_OFFSET = 10000
 
@@ -89,6 +100,7 @@ class GridConfig:
     controls: bool = False  # add control_null and control_half_budget (see `controls`)
     margin: float = bounded(0.01, above=0)  # bpb: differences within ±margin count as equivalent (TOST)
     tune: TuneConfig | None = None
+    ladder: LadderConfig | None = None
     submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
 
@@ -104,6 +116,7 @@ class Variant:
     tune_as: str = ""  # the variant whose tuned value this one uses ("" = itself; controls: the baseline)
     forced: dict = field(default_factory=dict)  # dotted key -> value that wins over the command line
     setting: str = ""  # the grid.settings entry this variant runs at ("" = none)
+    rung_of: str = ""  # a ladder rung: the variant it is a budget of
     family: str = ""  # the variant's name before axes and settings tags
 
 
@@ -135,6 +148,8 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, 
     node = OmegaConf.create({"grid": OmegaConf.structured(GridConfig)})
     if isinstance(raw.get("tune"), dict):  # typed (and its keys checked) like every other block
         node.grid.tune = OmegaConf.structured(TuneConfig)
+    if isinstance(raw.get("ladder"), dict):
+        node.grid.ladder = OmegaConf.structured(LadderConfig)
     spec = OmegaConf.to_object(config.merge_into(node, {"grid": raw}, src))["grid"]
     config.check_bounds(spec, lambda key: src, "grid.")
     check_spec(spec, src)
@@ -262,6 +277,43 @@ def controls(g: GridConfig, base_train) -> list[Variant]:
     ]
 
 
+def rungs(g: GridConfig, plain: list[Variant], base_train, src: str) -> list[Variant]:
+    """Ladder rungs: the baseline (or every variant) at each model size x token multiple."""
+    lad = g.ladder
+    if any(t <= 0 for t in lad.tokens):
+        raise ConfigError(
+            src, "grid.ladder.tokens", f"token multiples must be > 0, got {lad.tokens}", "write e.g. [0.5, 2]"
+        )
+    sizes = [("", {})] + [(str(k), config.flatten(v)) for k, v in lad.models.items()]
+    mults = [1.0] + [float(t) for t in lad.tokens if float(t) != 1.0]
+    out = []
+    for v in plain:
+        if v.kind in ("control", "rung") or (not lad.variants and v.name != g.baseline):
+            continue
+        for size, over in sizes:
+            for t in mults:
+                if not size and t == 1.0:
+                    continue  # the variant itself
+                steps = max(1, round(base_train.max_steps * t))
+                tag = "-".join(x for x in (size, f"x{t:g}" if t != 1.0 else "") if x)
+                change = ", ".join(x for x in (size and f"size {size}", t != 1.0 and f"{t:g}x tokens") if x)
+                out.append(
+                    Variant(
+                        f"{v.name}-{tag}",
+                        f"{v.name} at {change}",
+                        "rung",
+                        {**v.overrides, **over},
+                        tune_as=v.tune_as or v.name,
+                        forced={
+                            "train.max_steps": steps,
+                            "train.warmup_steps": min(steps, max(0, round(base_train.warmup_steps * t))),
+                        },
+                        rung_of=v.name,
+                    )
+                )
+    return out
+
+
 def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
     """Every variant at every combination of the axes, then at every setting: `<name>-<tag>`,
     compared with the baseline at the same tag."""
@@ -314,6 +366,8 @@ def expand(
     plain = variants(g)
     if g.controls:
         plain += controls(g, base.train)
+    if g.ladder is not None:
+        plain += rungs(g, plain, base.train, src)
     vs = with_axes(plain, g)
     names = [v.name for v in vs]
     if g.baseline not in [v.name for v in plain]:
@@ -451,6 +505,9 @@ def match_params(runs: list[Run], g: GridConfig, src: str, tol: float = 0.01) ->
     cache: dict[str, tuple[Any, dict]] = {}
     out = []
     for r in runs:
+        if r.variant.kind in ("rung", "control"):  # budgets and controls keep their own shape
+            out.append(r)
+            continue
         goal = target[r.variant.baseline]
         if r.variant.name not in cache:
             cache[r.variant.name] = resize(r.cfg, goal, tol, src, r.variant.name, g.match)
@@ -514,6 +571,9 @@ def match_flops(runs: list[Run], src: str, tol: float = 0.02) -> list[Run]:
     }
     out = []
     for r in runs:
+        if r.variant.kind in ("rung", "control"):  # their budgets are the point
+            out.append(r)
+            continue
         steps = max(1, round(budget[r.variant.baseline] / train_flops(r.cfg, fpt[r.variant.name], steps=1)))
         old = r.cfg.train.max_steps
         if steps < r.cfg.train.warmup_steps:
@@ -733,6 +793,7 @@ def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str, tune
                 "tune_as": v.tune_as or v.name,
                 "family": v.family or v.name,
                 "setting": v.setting,
+                "rung_of": v.rung_of,
                 "max_steps": r.cfg.train.max_steps,
             },
         )
