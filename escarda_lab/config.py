@@ -53,13 +53,16 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "classics"  # shakespeare | bigtxt | classics | a file, folder or glob | hf:<name> | probe:<task>
+    # shakespeare | bigtxt | classics | text or JSONL/Parquet files (a file, folder or glob) |
+    # a datasets.save_to_disk folder | hf:<name>[:<config>] | probe:<task>
+    corpus: str = "classics"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seq_len: int = bounded(128, min=1)
     batch_size: int = bounded(32, min=1)  # global batch (split across devices)
     val_fraction: float = bounded(0.05, above=0, below=1)  # of documents, chosen by content hash
     cache_dir: str = ""  # tokenizers and token memmaps; "" = $ESCARDA_CACHE or ~/.cache/escarda_lab
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # corpus probe:<task> (escarda_lab.probes)
+    text_field: str = "text"  # the text column of JSONL / Parquet / datasets corpora
 
 
 @dataclass

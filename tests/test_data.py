@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from escarda_lab import data
 from escarda_lab.config import DataConfig, TokenizerConfig
 from escarda_lab.errors import DataError
+from tests.conftest import ROOT
 
 
 def data_cfg(corpus, kind="byte", vocab=600, **kw) -> DataConfig:
@@ -131,3 +132,77 @@ def test_val_windows_predict_every_token_but_the_first_once(n, T):
     labels = np.concatenate([np.arange(s + 1, s + T + 1) for s in starts])
     assert len(set(labels)) == len(labels) and labels.max() < n
     assert n - 1 - labels.max() < T  # only a tail shorter than one window is left out
+
+
+# ------------------------------------------------------------------------- record corpora
+
+
+def _texts(n: int = 6) -> list[str]:
+    from tests.conftest import make_text
+
+    return [make_text(60, seed=i) for i in range(n)]
+
+
+def _stream(spec: str, tmp_path, **extra):
+    from escarda_lab import config, data
+
+    over = [f"data.corpus={spec}", "data.tokenizer.kind=byte", f"data.cache_dir={tmp_path / 'cache'}"]
+    over += [f"{k}={v}" for k, v in extra.items()]
+    cfg = config.load(ROOT / "experiments/vanilla.yaml", over)
+    tokens = data.prepare(cfg.data, "t")
+    return list(tokens.train), list(tokens.val)
+
+
+@pytest.fixture
+def as_text_files(tmp_path):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i, t in enumerate(_texts()):
+        (folder / f"doc{i}.txt").write_text(t)
+    return folder
+
+
+def test_jsonl_parquet_and_save_to_disk_give_the_text_files_token_stream(tmp_path, as_text_files):
+    datasets = pytest.importorskip("datasets")
+    import gzip
+    import json
+
+    texts = _texts()
+    want = _stream(str(as_text_files), tmp_path / "a")
+    jsonl = tmp_path / "c.jsonl.gz"
+    with gzip.open(jsonl, "wt") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "id": 1}) + "\n")
+    assert _stream(str(jsonl), tmp_path / "b") == want
+    parquet = tmp_path / "c.parquet"
+    datasets.Dataset.from_dict({"body": texts}).to_parquet(str(parquet))
+    assert _stream(str(parquet), tmp_path / "c", **{"data.text_field": "body"}) == want
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(saved))
+    assert _stream(str(saved), tmp_path / "d") == want
+
+
+def test_a_missing_text_column_names_the_key_and_the_columns(tmp_path):
+    pytest.importorskip("datasets")
+    import json
+
+    from escarda_lab import data
+    from escarda_lab.errors import DataError
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(DataError) as e:
+        data.corpus_files(str(path), "x.yaml")
+    assert e.value.key == "data.text_field" and "content" in e.value.problem
+
+
+def test_hf_without_a_network_is_one_paragraph_naming_local_alternatives(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from escarda_lab import data
+    from escarda_lab.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        data.corpus_files("hf:someone/a-dataset-that-is-not-here:en", "x.yaml")
+    assert e.value.key == "data.corpus" and "save_to_disk" in e.value.fix and "JSONL" in e.value.fix
