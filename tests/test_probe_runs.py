@@ -167,7 +167,23 @@ def test_a_probe_suite_trains_and_compare_tests_accuracy(corpus, tmp_path):
     md = paths["md"].read_text()
     assert "val acc" in md and "Δ acc (paired)" in md
     assert paths["difficulty"].stat().st_size > 5_000
-    assert "no_engram" in paths["by_component"].read_text()
+    assert "no_engram" in paths["by_component"].read_text() and "Steps to solve" in paths["by_component"].read_text()
+
+    import nbformat
+    import papermill
+
+    out = tmp_path / "probes.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks/probe_analysis.ipynb"),
+        str(out),
+        parameters={"suite_dir": str(grid_dir)},
+        cwd=str(ROOT),
+        progress_bar=False,
+        kernel_name="python3",
+    )
+    nb = nbformat.read(out, as_version=4)
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 2
 
 
 # ------------------------------------------------------------------------------ statistics
