@@ -89,6 +89,7 @@ class HyperConnections(Residual):
     def __init__(self, m, cfg: HyperConnectionsConfig, n_sites: int):
         super().__init__()
         self.m, self.iters, self.eps = cfg.streams, cfg.sinkhorn_iters, cfg.eps
+        self.streams = cfg.streams
         self.collapse_mode = cfg.collapse
         n, S = cfg.streams, n_sites
         self.pre_b = nn.Parameter(torch.zeros(S, n))

@@ -121,12 +121,11 @@ def step_memory_bytes(cfg) -> float:
     residual widened by hyper-connection streams), and the logits with their gradient. Real use is
     higher (workspace, allocator slack), so only steps that cannot fit are refused."""
     m, d = cfg.model, cfg.data
-    params = sum(p.numel() for p in build_on_meta(cfg).parameters())
+    model = build_on_meta(cfg)
+    params = sum(p.numel() for p in model.parameters())
     world = max(1, cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
     tokens = max(1, d.batch_size // world) * d.seq_len
-    hc = getattr(cfg.components, "hyper_connections", None)
-    streams = hc.streams if hc is not None and hc.enabled else 1
-    per_layer = 34 * m.d_model * streams
+    per_layer = 34 * m.d_model * getattr(model.residual, "streams", 1)
     activations = tokens * m.n_layers * per_layer * 4
     logits = 2 * tokens * (m.vocab_size or d.tokenizer.vocab_size) * 4
     return 16.0 * params + activations + logits

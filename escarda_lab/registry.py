@@ -143,6 +143,8 @@ class Residual(Plugin):
     one of n_sites sites; `collapse(S) -> h [B,T,D]`; `read(S) -> h` is the state a block sees;
     `add(S, delta [B,T,D]) -> S` adds a feature to every stream."""
 
+    streams = 1  # how many D-wide copies of the state S holds (memory estimates)
+
 
 class Embedding(Plugin):
     """`__init__(model_cfg, cfg)`; `forward(ids [B,T], x [B,T,D], cache) -> x`: edits the token
