@@ -13,9 +13,10 @@ gives both the same batches and the same initial value for every weight they sha
 - runs that diverged or had gradient-norm spikes (> 5x the post-warm-up median), never dropped.
 
 Verdicts follow the change the variant makes: **helps** / **hurts** when the Holm p < alpha and the
-interval excludes 0 (a `no_X` variant significantly worse than the baseline means X helps);
-**equivalent (±margin)** when TOST says so; else **inconclusive** with the seeds that would be
-needed; **no test** with fewer than two finished pairs.
+interval excludes 0 (a `no_X` variant significantly worse than the baseline means X helps),
+unless TOST also bounds it within ±margin; **equivalent (±margin)** when TOST says so (a
+difference that is real but smaller than the margin reads equivalent); else **inconclusive**
+with the seeds that would be needed; **no test** with fewer than two finished pairs.
 
 The notebook (notebooks/ablation_analysis.ipynb) reads grids through this module only.
 """
@@ -235,6 +236,8 @@ def verdict(kind: str, st: dict, alpha: float, margin: float, higher_is_better: 
     if n < 2:
         return f"no test ({n} finished pair{'s' if n != 1 else ''})"
     significant = st["p_holm"] < alpha and (st["ci_low"] > 0 or st["ci_high"] < 0)
+    if significant and st["p_tost"] < alpha:  # a real but smaller-than-margin difference
+        return f"equivalent (±{margin:g})"
     if significant:
         worse = st["delta"] < 0 if higher_is_better else st["delta"] > 0  # e.g. higher bpb than the baseline
         if kind == "removed":  # removing something made it worse: that something helps

@@ -254,3 +254,18 @@ def test_every_figure_gives_a_variant_the_same_colour_and_one_legend_lists_them_
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["full", "no_x"]
     plt.close(fig)
+
+
+def test_a_significant_difference_inside_the_margin_reads_equivalent():
+    st = {
+        "n_pairs": 8,
+        "p_holm": 1e-6,
+        "ci_low": -0.003,
+        "ci_high": -0.001,
+        "delta": -0.002,
+        "p_tost": 1e-5,
+        "sd_diff": 0.001,
+    }
+    assert compare.verdict("removed", st, 0.05, 0.02) == "equivalent (±0.02)"
+    st.update(ci_low=-0.05, ci_high=-0.03, delta=-0.04, p_tost=0.9)
+    assert compare.verdict("removed", st, 0.05, 0.02, higher_is_better=True) == "helps"
