@@ -75,33 +75,41 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
             m = read_json(grid_dir / v["name"] / f"seed{seed}" / "metrics.json") or {}
             rec.update({k: m[k] for k in m if k not in ("stats",)})
             rec.update(eval_columns(read_json(grid_dir / v["name"] / f"seed{seed}" / "eval.json") or {}))
-            params = rec.pop("params", {}) or {}
             rows.append(
                 {
-                    "variant": v["name"],
-                    "seed": seed,
-                    "baseline": v["baseline"],
-                    "change": v["change"],
-                    "kind": v["kind"],
-                    "status": rec.get("status", "missing"),
-                    "val_loss": rec.get("val_loss", math.nan),
-                    "val_bpb": rec.get("val_bpb", math.nan),
-                    "val_acc": rec.get("val_acc", math.nan),
-                    "train_tokens": rec.get("train_tokens", math.nan),
-                    "params_total": params.get("total", math.nan),
-                    "params_active": params.get("active", math.nan),
-                    "flops_per_token": rec.get("flops_per_token", math.nan),
-                    "tokens_per_s": rec.get("tokens_per_s", math.nan),
-                    "mfu": rec.get("mfu", math.nan),
-                    "dead": ", ".join(sorted(rec.get("dead_components") or {})),
-                    "error": rec.get("error", ""),
-                    "grad_spikes": (rec.get("instability") or {}).get("grad_spikes", 0),
+                    **run_row(rec, v["name"], seed, v["baseline"], v["change"], v["kind"]),
                     "tuned": math.nan if choice is None else choice,
                     "adjust": json.dumps(v.get("adjust") or {}) if v.get("adjust") else "",
                     **{k: x for k, x in rec.items() if k.startswith("eval/")},
                 }
             )
     return pd.DataFrame(rows)
+
+
+def run_row(m: dict, variant: str, seed: int, baseline: str, change: str, kind: str) -> dict:
+    """The table row of one run from its metrics.json (or results.jsonl) record."""
+    params = m.get("params") or {}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "baseline": baseline,
+        "change": change,
+        "kind": kind,
+        "status": m.get("status", "missing"),
+        "val_loss": m.get("val_loss", math.nan),
+        "val_bpb": m.get("val_bpb", math.nan),
+        "val_acc": m.get("val_acc", math.nan),
+        "train_tokens": m.get("train_tokens", math.nan),
+        "params_total": params.get("total", math.nan),
+        "params_active": params.get("active", math.nan),
+        "flops_per_token": m.get("flops_per_token", math.nan),
+        "tokens_per_s": m.get("tokens_per_s", math.nan),
+        "mfu": m.get("mfu", math.nan),
+        "dead": ", ".join(sorted(m.get("dead_components") or {})),
+        "error": m.get("error", ""),
+        "grad_spikes": (m.get("instability") or {}).get("grad_spikes", 0),
+        "tuned": math.nan,
+    }
 
 
 def curves(grid_dir: str | Path, prefix: str = "val/bpb") -> pd.DataFrame:
@@ -721,28 +729,7 @@ def compare_folders(
             names.append(name)
         for r in runs:
             m = read_json(r / "metrics.json") or {}
-            rows.append(
-                {
-                    "variant": name,
-                    "seed": m.get("seed", 0),
-                    "baseline": "",
-                    "change": str(r),
-                    "kind": "changed",
-                    "status": m.get("status", "missing"),
-                    "val_loss": m.get("val_loss", math.nan),
-                    "val_bpb": m.get("val_bpb", math.nan),
-                    "val_acc": m.get("val_acc", math.nan),
-                    "params_total": (m.get("params") or {}).get("total", math.nan),
-                    "params_active": (m.get("params") or {}).get("active", math.nan),
-                    "flops_per_token": m.get("flops_per_token", math.nan),
-                    "tokens_per_s": m.get("tokens_per_s", math.nan),
-                    "mfu": m.get("mfu", math.nan),
-                    "dead": ", ".join(sorted(m.get("dead_components") or {})),
-                    "error": m.get("error", ""),
-                    "grad_spikes": (m.get("instability") or {}).get("grad_spikes", 0),
-                    "tuned": math.nan,
-                }
-            )
+            rows.append(run_row(m, name, m.get("seed", 0), "", str(r), "changed"))
     df = pd.DataFrame(rows)
     df["baseline"] = names[0]
     df.loc[df.variant == names[0], "kind"] = "base"
