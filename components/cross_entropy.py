@@ -9,6 +9,8 @@ from escarda_lab.registry import Objective, component
 
 @component("cross_entropy", slot="objective", baseline=True)
 class CrossEntropy(Objective):
+    head_terms = {"nll": 1.0}
+
     def __init__(self, m, cfg=None, lm=None):
         super().__init__()
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from escarda_lab.layers import RMSNorm, nll_and_logsumexp
+from escarda_lab.layers import RMSNorm
 from escarda_lab.registry import ComponentConfig, Objective, bounded, component
 
 
@@ -31,8 +31,9 @@ class MTPConfig(ComponentConfig):
 
 
 class MultiTokenPrediction(Objective):
-    """Shared by both variants: the loss is the mean CE of the heads' logits, which each variant
-    gives by `head_logits(batch, out)`: head k = 1..depth at positions 0 .. T-1-k ([B, T-k, V])."""
+    """Shared by both variants: the loss is the mean CE of the heads, whose hidden states each
+    variant gives by `head_hidden(batch, out)`: head k = 1..depth at positions 0 .. T-1-k
+    ([B, T-k, D]); the shared head scores them fused (no [B, T-k, V] logits)."""
 
     def __init__(self, m, cfg: MTPConfig):
         super().__init__()
@@ -41,11 +42,15 @@ class MultiTokenPrediction(Objective):
     def forward(self, batch: dict, out) -> Tensor:
         labels = batch["labels"]
         losses = []
-        for k, lg in enumerate(self.head_logits(batch, out), start=1):
+        for k, h in enumerate(self.head_hidden(batch, out), start=1):
             target = labels[:, k:]
-            nll, _ = nll_and_logsumexp(lg, target)
+            nll, _ = out.lm.nll_lse(h, target)
             losses.append(nll.sum() / (target != -100).sum().clamp(min=1))
         return torch.stack(losses).mean()
+
+    def head_logits(self, batch: dict, out) -> list[Tensor]:
+        """Head k's logits [B, T-k, V] (tests and analysis; the loss never builds them)."""
+        return [out.lm.logits(h) for h in self.head_hidden(batch, out)]
 
 
 @component("mtp", slot="objective", config=MTPConfig, variant="escarda")
@@ -60,9 +65,9 @@ class EscardaMTP(MultiTokenPrediction):
         for w in self.maps:
             nn.init.zeros_(w)
 
-    def head_logits(self, batch: dict, out) -> list[Tensor]:
+    def head_hidden(self, batch: dict, out) -> list[Tensor]:
         h, T = out.hidden, out.hidden.shape[1]
-        return [out.lm.logits(h[:, : T - k] + h[:, : T - k] @ W.T) for k, W in enumerate(self.maps, start=1)]
+        return [h[:, : T - k] + h[:, : T - k] @ W.T for k, W in enumerate(self.maps, start=1)]
 
 
 @component("mtp", slot="objective", config=MTPConfig, variant="deepseek")
@@ -79,15 +84,15 @@ class DeepSeekMTP(MultiTokenPrediction):
         self.blocks = nn.ModuleList(lm.baseline_block(layer=0) for _ in range(cfg.depth))
         self.residual = lm.plain_residual()
 
-    def head_logits(self, batch: dict, out) -> list[Tensor]:
+    def head_hidden(self, batch: dict, out) -> list[Tensor]:
         lm, h, labels = out.lm, out.hidden, batch["labels"]
         T = h.shape[1]
-        logits, prev = [], h
+        hidden, prev = [], h
         for k in range(1, self.depth + 1):
             nxt = labels[:, k - 1 : T - 1].clamp(min=0)  # token x_{t+k} is the label of position t+k-1
             x = self.merge[k - 1](
                 torch.cat([self.h_norm[k - 1](prev[:, : T - k]), self.e_norm[k - 1](lm.embed(nxt))], dim=-1)
             )
             prev = self.blocks[k - 1](x, self.residual, lm.rotary(0, T - k), None)
-            logits.append(lm.logits(prev))
-        return logits
+            hidden.append(prev)
+        return hidden

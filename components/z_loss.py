@@ -19,6 +19,8 @@ class ZLossConfig(ComponentConfig):
 
 @component("z_loss", slot="objective", config=ZLossConfig)
 class ZLoss(Objective):
+    head_terms = {"lse_sq": 1.0}
+
     def __init__(self, m, cfg: ZLossConfig, lm=None):
         super().__init__()
         self.weight = cfg.weight

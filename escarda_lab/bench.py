@@ -1,9 +1,9 @@
 """Benchmark: `python -m escarda_lab.bench EXP_OR_GRID.yaml [EXP2.yaml ...] [key=value ...] [--json]`.
 
-Variants: one experiment is benchmarked against the same shape with every plugin off (vanilla);
-several experiments against the first; a grid file's variants (first seed) against the grid's
-baseline. Everything is measured in one process, interleaved (A B C, then C B A, ...) to cancel
-drift:
+Variants: one experiment is benchmarked against the same shape with every plugin off (vanilla),
+and each of its plugins alone (`vanilla+X`: its cost, printed as ratios to vanilla); several
+experiments against the first; a grid file's variants (first seed) against the grid's baseline.
+Everything is measured in one process, interleaved (A B C, then C B A, ...) to cancel drift:
   * loop overhead: the baseline trained by our LightningModule under lightning.Trainer (what
     `escarda_lab.run` does) vs a hand-written PyTorch loop over the identical model and batches;
   * per variant: train step time of the plain loop, tokens/s, FLOPs/token (FlopCounterMode; per
@@ -176,10 +176,20 @@ def plugin_flops(cfg, total: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------------- variants
 
 
-def vanilla_of(cfg):
-    """The same shape, data and training with every plugin off."""
-    comps = {n: replace(getattr(cfg.components, n), enabled=False) for n in registry.toggleable()}
-    return replace(cfg, name="vanilla", components=replace(cfg.components, **comps))
+def vanilla_of(cfg, keep: str | None = None):
+    """The same shape, data and training with every plugin off (but `keep`, as cfg has it)."""
+    comps = {n: replace(getattr(cfg.components, n), enabled=False) for n in registry.toggleable() if n != keep}
+    return replace(cfg, name=f"vanilla+{keep}" if keep else "vanilla", components=replace(cfg.components, **comps))
+
+
+def alone_ratios(res: dict) -> dict[str, float]:
+    """{plugin: step time of vanilla with only that plugin on / vanilla's}, and "all" for the
+    experiment itself, when the variants are an experiment's vanilla, itself and its `vanilla+X`."""
+    vs = res["variants"]
+    if len(vs) < 2 or vs[0]["name"] != "vanilla":
+        return {}
+    out = {v["name"].split("+", 1)[1]: v["ratio_to_baseline"] for v in vs if v["name"].startswith("vanilla+")}
+    return {**out, "all": vs[1]["ratio_to_baseline"]} if out else {}
 
 
 def load_variants(experiments: list[str], overrides: list[str]) -> list:
@@ -196,6 +206,8 @@ def load_variants(experiments: list[str], overrides: list[str]) -> list:
         on = [n for n in registry.toggleable() if getattr(cfgs[0].components, n).enabled]
         if on:
             cfgs.insert(0, vanilla_of(cfgs[0]))
+        if len(on) > 1:  # each plugin's cost alone
+            cfgs += [vanilla_of(cfgs[1], keep=n) for n in on]
     return cfgs
 
 
@@ -275,7 +287,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             "name": cfg.name,
             "params": accounting.param_counts(EscardaLM(cfg))["total"],
             "flops_per_token": flops,
-            "flops_per_token_by_plugin": plugin_flops(cfg, flops),
+            "flops_per_token_by_plugin": plugin_flops(cfg, flops) if "+" not in cfg.name else {},
             "ms_per_step": 1e3 * s,
             "tokens_per_s": tokens_per_step / s,
             "mfu": tokens_per_step / s * flops / peak,
@@ -296,6 +308,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             v["cache_speedup"] = v["decode_tokens_per_s"] / v["decode_uncached_tokens_per_s"]
             v["cache_numbers_per_token"] = cache_numbers_per_token(model)
         out["variants"].append(v)
+    out["plugin_ratios"] = alone_ratios(out)
     return out
 
 
@@ -330,6 +343,10 @@ def report(res: dict, decode: bool) -> str:
             )
         line += f"  {v['compile_s']:9.1f}" if "compile_s" in v else ""
         lines.append(line)
+    alone = alone_ratios(res)
+    if alone:
+        lines.append("\nstep time over vanilla's, each plugin alone (vanilla+X) and all of them:")
+        lines.append("  " + ", ".join(f"{k} {r:.2f}x" for k, r in alone.items()))
     lines.append("\nMFLOP/token added by each plugin (variant minus the variant without it):")
     for v in res["variants"]:
         if v["flops_per_token_by_plugin"]:

@@ -41,9 +41,9 @@ def window_nll(model, batch: dict, token_bytes: Tensor) -> Tensor:
     labels = batch["labels"]
     valid = labels != -100
     out = model(batch["ids"])
+    correct = ((out.logits.argmax(-1) == labels) & valid).sum()  # logits first: NLL reuses them
     nll = out.nll_lse(labels)[0].sum()
     n_bytes = token_bytes.to(labels.device)[labels.clamp(min=0)][valid].sum()
-    correct = ((out.logits.argmax(-1) == labels) & valid).sum()
     return torch.stack([nll.double(), valid.sum().double(), n_bytes.double(), correct.double()])
 
 

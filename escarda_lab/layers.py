@@ -149,3 +149,106 @@ def nll_and_logsumexp(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     shape = labels.shape
     nll, lse = _NllLogSumExp.apply(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
     return nll.view(shape), lse.view(shape)
+
+
+CHUNK_BYTES = 32 * 2**20  # fp32 logits of one chunk of rows in the fused head
+
+
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a matmul of x and weight runs in here: autocast's, else their promotion."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+class _LinearNllLogSumExp(torch.autograd.Function):
+    """(nll, lse) per row of the logits x Wᵀ, chunk by chunk: no [N, V] tensor outlives a chunk.
+
+    With p = softmax(x Wᵀ), y one-hot, the logits' gradient is (g_nll + g_lse) p - g_nll y. The
+    loss this model trains on is c (Σ nll + ζ Σ lse²) over the valid rows (cross-entropy plus z-loss,
+    both means over the valid rows), whose logits' gradient, per unit c, is known in forward:
+    (1 + 2ζ lse) p - y on valid rows. So the forward pass computes it chunk by chunk while the
+    logits are in hand, and backward, seeing g_nll = c·valid and g_lse = 2ζc·lse·valid, scales it by
+    c: the head costs the unfused three matmuls and no recompute. Any other upstream gradient
+    (another use of nll or lse) is answered exactly by recomputing the chunks in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, y: Tensor, zeta: float, rows: int):
+        dtype = compute_dtype(x, weight)
+        want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)
+            valid = y != -100
+            yc = y.clamp(min=0)
+            nll = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+            lse = torch.empty_like(nll)
+            gx = torch.empty_like(x) if want_grad else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad else None
+            for s in range(0, x.shape[0], rows):
+                e = min(s + rows, x.shape[0])
+                xc = x[s:e].to(dtype)
+                logits = (xc @ w.T).float()
+                lse[s:e] = torch.logsumexp(logits, dim=-1)
+                nll[s:e] = (lse[s:e] - logits.gather(1, yc[s:e, None]).squeeze(1)) * valid[s:e]
+                if want_grad:
+                    g = logits.sub_(lse[s:e, None]).exp_()  # p, in place of the logits
+                    g.mul_((valid[s:e] * (1 + 2 * zeta * lse[s:e]))[:, None])
+                    g.scatter_add_(1, yc[s:e, None], -valid[s:e, None].float())
+                    g = g.to(dtype)
+                    gx[s:e] = (g @ w).to(x.dtype)
+                    accumulate(gw, g, xc)
+        ctx.zeta, ctx.rows, ctx.dtype = zeta, rows, dtype
+        ctx.save_for_backward(x, weight, y, lse, gx, gw)
+        return nll, lse
+
+    @staticmethod
+    def backward(ctx, g_nll: Tensor, g_lse: Tensor):
+        x, weight, y, lse, gx, gw = ctx.saved_tensors
+        valid = y != -100
+        g_nll = g_nll * valid  # nll is 0 on ignored rows; lse is not
+        if gx is not None and valid.any():
+            c = g_nll[valid][0]
+            expected_lse = (2 * ctx.zeta) * c * lse * valid
+            if torch.equal(g_nll, c * valid.float()) and torch.allclose(g_lse, expected_lse, rtol=1e-5, atol=1e-30):
+                return (gx * c).to(x.dtype), (gw * c).to(weight.dtype), None, None, None
+        return _recompute_grads(x, weight, y, g_nll, g_lse, ctx.dtype, ctx.rows) + (None, None, None)
+
+
+def _recompute_grads(x, weight, y, g_nll, g_lse, dtype, rows) -> tuple[Tensor, Tensor]:
+    """The exact gradients for any (g_nll, g_lse), recomputing the logits chunk by chunk."""
+    yc = y.clamp(min=0)
+    w = weight.to(dtype)
+    gx = torch.empty_like(x)
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    for s in range(0, x.shape[0], rows):
+        e = min(s + rows, x.shape[0])
+        xc = x[s:e].to(dtype)
+        g = torch.softmax((xc @ w.T).float(), dim=-1).mul_((g_nll[s:e] + g_lse[s:e])[:, None])
+        g.scatter_add_(1, yc[s:e, None], -g_nll[s:e, None].float())
+        g = g.to(dtype)
+        gx[s:e] = (g @ w).to(x.dtype)
+        accumulate(gw, g, xc)
+    return gx, gw.to(weight.dtype)
+
+
+def accumulate(gw: Tensor, g: Tensor, xc: Tensor) -> None:
+    """gw (fp32) += gᵀ xc, the matmul in g's dtype (bf16 under autocast, as unfused)."""
+    if g.dtype == torch.float32:
+        gw.addmm_(g.T, xc)
+    else:
+        gw += (g.T @ xc).float()
+
+
+def linear_nll_and_logsumexp(
+    x: Tensor, weight: Tensor, labels: Tensor, zeta: float = 0.0, rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(nll, logsumexp) of the logits x Wᵀ without materialising them: x [..., D] (the final
+    norm's output), weight [V, D], labels [...] (-100 = ignore) -> two [...] fp32 tensors, equal to
+    `nll_and_logsumexp(x @ weight.T, labels)`. ζ: the z-loss weight over the cross-entropy weight
+    the gradient is prepared for (any other use stays exact, at the cost of a recompute). rows:
+    per chunk (default: CHUNK_BYTES of fp32 logits)."""
+    shape = labels.shape
+    rows = rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    nll, lse = _LinearNllLogSumExp.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), zeta, rows)
+    return nll.view(shape), lse.view(shape)

@@ -3,7 +3,8 @@
     x = embed(ids) (+ embedding plugins)
     S = residual.expand(x)
     per block:  S = residual.sublayer(S, attn∘norm)   S = residual.sublayer(S, ffn∘norm)
-    h = refine(residual.collapse(S));  logits = head(norm(h))
+    h = refine(residual.collapse(S));  logits = head(norm(h)), computed only when asked for:
+    losses go through the fused head (chunked linear + cross-entropy, never the [B, T, V] logits)
 
 Branching lives here (which plugin fills which slot); the math lives in the plugins.
 """
@@ -19,25 +20,37 @@ import torch
 from torch import Tensor, nn
 
 from escarda_lab import config, registry
-from escarda_lab.layers import RMSNorm, Rope, nll_and_logsumexp
+from escarda_lab.layers import RMSNorm, Rope, linear_nll_and_logsumexp, nll_and_logsumexp
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, T, V]
+    _logits: Tensor | None  # [B, T, V], or None: computed on first use of `.logits`
     hidden: Tensor  # [B, T, D] final hidden state, before the final norm
     aux_losses: dict[str, tuple[Tensor, float]] = field(default_factory=dict)  # name -> (term, weight)
     cache: "Cache | None" = None
     lm: "LMHandle | None" = field(default=None, repr=False)  # what objectives may use of the model
     _nll_lse: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
+    @property
+    def logits(self) -> Tensor:
+        """[B, T, V]. Training never asks for them: its losses go through `nll_lse`."""
+        if self._logits is None:
+            self._logits = self.lm.logits(self.hidden)
+        return self._logits
+
     def nll_lse(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position NLL and logsumexp of the logits ([B, T] each; NLL is 0 where label = -100).
 
-        Computed once per output and shared by every objective that needs them (CE, z-loss).
+        Computed once per output and shared by every objective that needs them (CE, z-loss); by
+        the fused head (no [B, T, V] logits) unless the logits were already asked for.
         """
         if self._nll_lse is None or self._nll_lse[0] is not labels:
-            self._nll_lse = (labels, *nll_and_logsumexp(self.logits, labels))
+            if self._logits is not None or self.lm is None:
+                sums = nll_and_logsumexp(self.logits, labels)
+            else:
+                sums = self.lm.head_nll_lse(self.hidden, labels)
+            self._nll_lse = (labels, *sums)
         return self._nll_lse[1], self._nll_lse[2]
 
 
@@ -132,6 +145,15 @@ class LMHandle:
         """The output head on hidden states h [.., D]: final norm, then the (tied) projection."""
         return self._model.logits(h)
 
+    def nll_lse(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-position (NLL, logsumexp) of `logits(h)` against labels, through the fused head:
+        the [.., V] logits are never materialised (an auxiliary head trained by its NLL alone)."""
+        return self._model.head_nll_lse(h, labels, zeta=0.0)
+
+    def head_nll_lse(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The same for the main head, its gradient prepared for cross-entropy and z-loss."""
+        return self._model.head_nll_lse(h, labels)
+
     def rotary(self, pos: int, T: int):
         return self._model.rope.at(pos, T)
 
@@ -170,6 +192,9 @@ class EscardaLM(nn.Module):
         self.objectives = nn.ModuleDict(
             {e.name: e.build(m, c, lm=LMHandle(self)) for e, c in registry.enabled("objective", comps)}
         )
+        terms = [(o.weight * c, k) for o in self.objectives.values() for k, c in o.head_terms.items()]
+        nll = sum(c for c, k in terms if k == "nll")
+        self.zeta = sum(c for c, k in terms if k == "lse_sq") / nll if nll else 0.0
         self.init_seed = config.seeds(cfg)[0]
         self.reset_parameters()
         self._plugins = tuple(self.plugin_modules())
@@ -198,6 +223,13 @@ class EscardaLM(nn.Module):
         """The output head on hidden states h [.., D] (final norm, then the tied projection)."""
         return self.head(self.norm(h))
 
+    def head_nll_lse(self, h: Tensor, labels: Tensor, zeta: float | None = None) -> tuple[Tensor, Tensor]:
+        """(NLL, logsumexp) of `logits(h)` per position, by the chunked fused head. ζ: the ratio
+        of the objectives' weights on Σ lse² and Σ NLL the gradient is prepared for (default:
+        this model's, from its objectives' `head_terms`)."""
+        zeta = self.zeta if zeta is None else zeta
+        return linear_nll_and_logsumexp(self.norm(h), self.head.weight, labels, zeta)
+
     def new_cache(self) -> Cache:
         return Cache(self.cfg.max_seq_len)
 
@@ -219,10 +251,9 @@ class EscardaLM(nn.Module):
         h = self.residual.collapse(S)
         if self.refine is not None:
             h = self.refine(h)
-        logits = self.logits(h)
         if cache is not None:
             cache.pos += T
-        return ModelOutput(logits, h, self.aux_losses(), cache=cache, lm=LMHandle(self))
+        return ModelOutput(None, h, self.aux_losses(), cache=cache, lm=LMHandle(self))
 
     def plugin_modules(self) -> list[tuple[str, registry.Plugin]]:
         """(component name, module) for every plugin instance in the model."""

@@ -163,10 +163,14 @@ class Objective(Plugin):
     """`__init__(model_cfg, cfg, lm)`; `forward(batch, out: ModelOutput) -> scalar term`.
 
     The loss adds `weight * term`. `lm` (and `out.lm`) is the model's narrow handle for objectives:
-    `embed(ids)`, `logits(h)` (final norm and output head), `rotary(pos, T)` and
+    `embed(ids)`, `logits(h)` (final norm and output head), `nll_lse(h, labels)` (the same head
+    fused with the cross-entropy: no logits materialised), `rotary(pos, T)` and
     `baseline_block(layer)` (a new block of the slot baselines)."""
 
     weight: float = 1.0
+    # What the term is, per unit, of the main head's per-position sums ("nll", "lse_sq"), each a
+    # mean over the valid positions: the fused head prepares its gradient for that mix.
+    head_terms: dict[str, float] = {}
 
 
 SLOT_BASES: dict[str, type[Plugin]] = {

@@ -68,14 +68,20 @@ def test_single_experiment_is_compared_with_its_vanilla_shape(corpus, tmp_path, 
     assert code == 0
     out = capsys.readouterr().out
     res = json.loads(out.strip().splitlines()[-1])
-    assert [v["name"] for v in res["variants"]] == ["vanilla", "no_engram"]
+    names = [v["name"] for v in res["variants"]]
+    assert names[:2] == ["vanilla", "no_engram"] and "vanilla+engram" not in names
+    assert {"vanilla+mtp", "vanilla+hyper_connections", "vanilla+jepa"} <= set(names)
     for v in res["variants"]:
         assert FIELDS <= v.keys() and v["peak_mem_bytes"] > 0
-    base, var = res["variants"]
+    base, var = res["variants"][:2]
     assert base["flops_per_token_by_plugin"] == {}
     assert {"mla", "hyper_connections", "mtp"} <= var["flops_per_token_by_plugin"].keys()
     assert var["flops_per_token_by_plugin"]["mtp"] > 0  # a second head costs FLOPs
     assert "MFLOP/token added by each plugin" in out
+    ratios = res["plugin_ratios"]
+    assert {"mtp", "hyper_connections", "jepa", "all"} <= ratios.keys() and "engram" not in ratios
+    assert ratios["all"] == var["ratio_to_baseline"] and all(r > 0 for r in ratios.values())
+    assert "each plugin alone (vanilla+X)" in out
 
 
 def test_grid_file_benchmarks_its_variants_against_its_baseline(corpus, tmp_path, capsys):
