@@ -12,7 +12,8 @@ Everything is measured in one process, interleaved (A B C, then C B A, ...) to c
     the process while the variant trains), cached decoding tokens/s, and the step-time ratio to
     the baseline;
   * --decode: decoding also without the KV cache (full recompute per token) and the speed-up;
-  * --compile both: every variant eager and compiled (compile time = first step minus a steady step).
+  * --compile both: every variant eager and compiled (compile time = first step minus a steady step);
+  * --head both: every variant with the fused output head and with the logits materialised.
 Precision and compile follow the config ("auto": bf16-mixed + compile on a GPU, fp32 eager on CPU).
 """
 
@@ -185,14 +186,19 @@ def vanilla_of(cfg, keep: str | None = None):
 def alone_ratios(res: dict) -> dict[str, float]:
     """{plugin: step time of vanilla with only that plugin on / vanilla's}, and "all" for the
     experiment itself, when the variants are an experiment's vanilla, itself and its `vanilla+X`."""
-    vs = res["variants"]
-    if len(vs) < 2 or vs[0]["name"] != "vanilla":
+    vs, plugins = res["variants"], registry.toggleable()
+    if not vs or vs[0]["name"] != "vanilla":
         return {}
-    out = {v["name"].split("+", 1)[1]: v["ratio_to_baseline"] for v in vs if v["name"].startswith("vanilla+")}
-    return {**out, "all": vs[1]["ratio_to_baseline"]} if out else {}
+    out = {}
+    for v in vs:
+        prefix, _, plugin = v["name"].partition("+")
+        if prefix == "vanilla" and plugin in plugins:
+            out[plugin] = v["ratio_to_baseline"]
+    full = next((v for v in vs if not v["name"].startswith("vanilla")), None)
+    return {**out, "all": full["ratio_to_baseline"]} if out and full else {}
 
 
-def load_variants(experiments: list[str], overrides: list[str]) -> list:
+def load_variants(experiments: list[str], overrides: list[str], alone: bool = True) -> list:
     """The configs to compare, baseline first (see the module docstring)."""
     from escarda_lab import grid
 
@@ -206,7 +212,7 @@ def load_variants(experiments: list[str], overrides: list[str]) -> list:
         on = [n for n in registry.toggleable() if getattr(cfgs[0].components, n).enabled]
         if on:
             cfgs.insert(0, vanilla_of(cfgs[0]))
-        if len(on) > 1:  # each plugin's cost alone
+        if alone and len(on) > 1:  # each plugin's cost alone
             cfgs += [vanilla_of(cfgs[1], keep=n) for n in on]
     return cfgs
 
@@ -233,6 +239,19 @@ def with_compile(cfgs: list, mode: str) -> list:
     for c in cfgs:
         out.append(replace(c, train=replace(c.train, compile=False)))
         out.append(replace(c, name=f"{c.name}+compile", train=replace(c.train, compile=True)))
+    return out
+
+
+def with_head(cfgs: list, mode: str) -> list:
+    """mode: auto (as configured), fused, unfused, or both (every variant also `+unfused_head`)."""
+    if mode == "auto":
+        return cfgs
+    if mode in ("fused", "unfused"):
+        return [replace(c, train=replace(c.train, fused_head=mode == "fused")) for c in cfgs]
+    out = []
+    for c in cfgs:
+        out.append(replace(c, train=replace(c.train, fused_head=True)))
+        out.append(replace(c, name=f"{c.name}+unfused_head", train=replace(c.train, fused_head=False)))
     return out
 
 
@@ -287,7 +306,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             "name": cfg.name,
             "params": accounting.param_counts(EscardaLM(cfg))["total"],
             "flops_per_token": flops,
-            "flops_per_token_by_plugin": plugin_flops(cfg, flops) if "+" not in cfg.name else {},
+            "flops_per_token_by_plugin": {} if "+" in cfg.name else plugin_flops(cfg, flops),
             "ms_per_step": 1e3 * s,
             "tokens_per_s": tokens_per_step / s,
             "mfu": tokens_per_step / s * flops / peak,
@@ -372,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--steps {args.steps} leaves nothing to time after --warmup {args.warmup}",
                 "use more steps than warmup + 1",
             )
-        cfgs, tokens = with_tokens(load_variants(experiments, overrides))
-        res = bench(with_compile(cfgs, args.compile), tokens, args.steps, args.rounds, args.warmup, args.decode)
+        cfgs, tokens = with_tokens(load_variants(experiments, overrides, alone=not args.no_alone))
+        cfgs = with_head(with_compile(cfgs, args.compile), args.head)
+        res = bench(cfgs, tokens, args.steps, args.rounds, args.warmup, args.decode)
     except UserError as e:
         print(user_error(e), file=sys.stderr)
         return 2

@@ -124,6 +124,13 @@ def _bench(p):
         default="auto",
         help="auto: as configured (on for GPU); both: every variant eager and compiled",
     )
+    p.add_argument(
+        "--head",
+        choices=["auto", "fused", "unfused", "both"],
+        default="auto",
+        help="output head: as configured (train.fused_head), fused, unfused (logits materialised) or both",
+    )
+    p.add_argument("--no-alone", action="store_true", help="one experiment: skip its plugins' vanilla+X runs")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 

@@ -83,6 +83,9 @@ class TrainConfig:
     log_every: int = bounded(10, min=1)
     checkpoint_every: int = bounded(100, min=1)
     compile: Any = "auto"  # auto: on for a GPU, off on CPU; or true / false
+    # Losses through the chunked linear + cross-entropy head (no [tokens, vocab] logits); false
+    # materialises the logits (the same numbers, more memory: for comparison).
+    fused_head: bool = True
 
 
 @dataclass

@@ -195,6 +195,7 @@ class EscardaLM(nn.Module):
         terms = [(o.weight * c, k) for o in self.objectives.values() for k, c in o.head_terms.items()]
         nll = sum(c for c, k in terms if k == "nll")
         self.zeta = sum(c for c, k in terms if k == "lse_sq") / nll if nll else 0.0
+        self.fused_head = cfg.train.fused_head
         self.init_seed = config.seeds(cfg)[0]
         self.reset_parameters()
         self._plugins = tuple(self.plugin_modules())
@@ -227,6 +228,8 @@ class EscardaLM(nn.Module):
         """(NLL, logsumexp) of `logits(h)` per position, by the chunked fused head. ζ: the ratio
         of the objectives' weights on Σ lse² and Σ NLL the gradient is prepared for (default:
         this model's, from its objectives' `head_terms`)."""
+        if not self.fused_head:
+            return nll_and_logsumexp(self.logits(h), labels)
         zeta = self.zeta if zeta is None else zeta
         return linear_nll_and_logsumexp(self.norm(h), self.head.weight, labels, zeta)
 

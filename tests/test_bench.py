@@ -102,3 +102,11 @@ def test_grid_file_benchmarks_its_variants_against_its_baseline(corpus, tmp_path
 def test_bench_refuses_too_few_steps(capsys):
     assert main([str(ROOT / "experiments/vanilla.yaml"), "--steps", "3", "--warmup", "5"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_head_both_measures_each_variant_fused_and_unfused(corpus, tmp_path, capsys):
+    args = ["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path), "--head", "both"]
+    assert main([*args, "--steps", "3", "--rounds", "1", "--warmup", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [v["name"] for v in res["variants"]] == ["vanilla", "vanilla+unfused_head"]
+    assert all(v["peak_mem_bytes"] > 0 for v in res["variants"]) and res["plugin_ratios"] == {}

@@ -145,3 +145,16 @@ def test_no_logits_sized_tensor_is_kept_for_backward(tiny_model_cfg):
         loss, _ = total_loss(model, {"ids": ids, "labels": ids}, model(ids))
     assert max(largest) < ids.numel() * 4099 / 2  # the [V, D] weight (and its gradient) is the largest
     loss.backward()
+
+
+def test_train_fused_head_false_gives_the_same_loss(tiny_model_cfg):
+    ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for fused_head in (True, False):
+        cfg = tiny_model_cfg(ESCARDA)
+        cfg.train.fused_head = fused_head
+        model = EscardaLM(cfg)
+        out = model(ids)
+        losses.append(total_loss(model, {"ids": ids, "labels": ids}, out)[0])
+        assert out._logits is None  # the losses never ask for the output's logits
+    assert torch.allclose(*losses, atol=1e-6)
