@@ -174,9 +174,8 @@ class _LinearNllLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, y: Tensor, zeta: float, rows: int):
+    def forward(ctx, x: Tensor, weight: Tensor, y: Tensor, zeta: float, rows: int, want_grad: bool):
         dtype = compute_dtype(x, weight)
-        want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)
             valid = y != -100
@@ -211,8 +210,8 @@ class _LinearNllLogSumExp(torch.autograd.Function):
             c = g_nll[valid][0]
             expected_lse = (2 * ctx.zeta) * c * lse * valid
             if torch.equal(g_nll, c * valid.float()) and torch.allclose(g_lse, expected_lse, rtol=1e-5, atol=1e-30):
-                return (gx * c).to(x.dtype), (gw * c).to(weight.dtype), None, None, None
-        return _recompute_grads(x, weight, y, g_nll, g_lse, ctx.dtype, ctx.rows) + (None, None, None)
+                return (gx * c).to(x.dtype), (gw * c).to(weight.dtype), None, None, None, None
+        return _recompute_grads(x, weight, y, g_nll, g_lse, ctx.dtype, ctx.rows) + (None, None, None, None)
 
 
 def _recompute_grads(x, weight, y, g_nll, g_lse, dtype, rows) -> tuple[Tensor, Tensor]:
@@ -250,5 +249,7 @@ def linear_nll_and_logsumexp(
     per chunk (default: CHUNK_BYTES of fp32 logits)."""
     shape = labels.shape
     rows = rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    nll, lse = _LinearNllLogSumExp.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), zeta, rows)
+    want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # (forward runs without)
+    x = x.reshape(-1, x.shape[-1])
+    nll, lse = _LinearNllLogSumExp.apply(x, weight, labels.reshape(-1), zeta, rows, want_grad)
     return nll.view(shape), lse.view(shape)

@@ -158,3 +158,24 @@ def test_train_fused_head_false_gives_the_same_loss(tiny_model_cfg):
         losses.append(total_loss(model, {"ids": ids, "labels": ids}, out)[0])
         assert out._logits is None  # the losses never ask for the output's logits
     assert torch.allclose(*losses, atol=1e-6)
+
+
+@pytest.mark.parametrize("components", [{}, ESCARDA], ids=["vanilla", "escarda"])
+def test_the_training_loss_takes_the_gradient_prepared_in_forward(tiny_model_cfg, monkeypatch, components):
+    """CE + z-loss on the main head and NLL on the MTP heads: backward never recomputes the logits."""
+    monkeypatch.setattr("escarda_lab.layers._recompute_grads", lambda *a: pytest.fail("recomputed the head"))
+    model = EscardaLM(tiny_model_cfg(components))
+    ids = torch.randint(1, 97, (2, 16))
+    total_loss(model, {"ids": ids, "labels": ids}, model(ids))[0].backward()
+
+
+def test_no_gradient_is_prepared_without_grad(monkeypatch):
+    x, w, y = head_inputs(10, 8, 12, 3)
+    x.requires_grad_()
+    seen = []
+    monkeypatch.setattr("escarda_lab.layers.accumulate", lambda *a: seen.append(1))
+    with torch.no_grad():
+        linear_nll_and_logsumexp(x, w, y)
+    assert not seen
+    linear_nll_and_logsumexp(x, w, y)
+    assert seen
