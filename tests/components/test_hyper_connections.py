@@ -169,3 +169,34 @@ def test_collapse_sum_adds_the_streams(tiny_model_cfg):
     hc = EscardaLM(cfg).residual
     X = torch.randn(2, 4, 3, 32)
     assert torch.allclose(hc.collapse(X), X.sum(-2))
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_two_stream_update_gradients_pass_gradcheck(per_token, expanded):
+    """The hand-written backward of the m = 2 update (coefficients per token or per sublayer; the
+    streams a broadcast view, as after expand, or not)."""
+    from components.hyper_connections import ReadTwoStreams, WriteTwoStreams
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 1 if expanded else 2, 5, generator=g, dtype=torch.float64)
+    lead = (2, 3) if per_token else ()
+    coef = [torch.rand(*lead, *s, generator=g, dtype=torch.float64, requires_grad=True) for s in [(2,), (2,), (2, 2)]]
+    W = torch.randn(5, 5, generator=g, dtype=torch.float64)
+
+    def update(x, pre, post, R):
+        X = x.expand(2, 3, 2, 5)
+        return WriteTwoStreams.apply(X, torch.tanh(ReadTwoStreams.apply(X, pre) @ W), post, R)
+
+    assert torch.autograd.gradcheck(update, (x.requires_grad_(), *coef))
+
+
+def test_normed_projection_is_rmsnorm_then_matmul_with_its_gradients():
+    from components.hyper_connections import NormedProjection
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    phi = torch.randn(12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.rms_norm(x, (12,), eps=1e-6) @ phi
+    assert torch.allclose(NormedProjection.apply(x, phi, 1e-6), ref, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, phi: NormedProjection.apply(x, phi, 1e-6), (x, phi))
