@@ -81,8 +81,8 @@ def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
 # For m = 2 autograd's version of the update makes ~40 passes over [B, T, D] tensors per sublayer
 # (a temporary per product, a reduction per broadcast coefficient, a stack). These two functions
 # write each output once: the forward pass with addcmul into preallocated streams, the backward
-# pass with one small batched matmul per coefficient (per-token dot products). Coefficients are per token ([B, T, ...]) or per
-# sublayer (no leading dims); their gradients are summed back to that shape.
+# pass with one small batched matmul per coefficient (per-token dot products). Coefficients are
+# per token ([B, T, ...]) or per sublayer (no leading dims); their gradients are summed back.
 
 
 def pair_dots(a: Tensor, b: Tensor) -> Tensor:

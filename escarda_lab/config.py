@@ -48,7 +48,9 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     kind: Literal["bpe", "byte"] = "bpe"
-    vocab_size: int = 4096  # bpe only; byte is always 256 + specials
+    vocab_size: int = 4096  # bpe only; byte is always 256 + specials (16512: the release's size)
+    # bpe only: trained on the first this-many bytes of the train documents, not a whole big corpus
+    sample_bytes: int = bounded(200_000_000, min=1)
 
 
 @dataclass

