@@ -5,7 +5,8 @@ sizes). The baseline's loss is fitted against training FLOPs C (summed over the 
 FLOPs/token × tokens):
 
     2-3 rungs   L(C) = a − b · log C                 (log-linear)
-    ≥ 4 rungs   L(C) = E + A · C^(−α)                (saturating power law, Kaplan/Hoffmann form)
+    ≥ 4 rungs   L(C) = E + A · C^(−α)                (saturating power law, Kaplan/Hoffmann form;
+                                                      E ≥ 0, and the line when α collapses < 0.01)
 
 A variant that reaches loss L_v with C_v FLOPs has compute multiplier  m = C*(L_v) / C_v, where
 C* = L⁻¹ is the baseline compute needed for that loss (m > 1: the change is worth more compute
@@ -70,11 +71,13 @@ def fit(compute, loss) -> Fit:
             f,
             c,
             y,
-            p0=(float(y.min()) - 0.1, 0.2, 0.3),
-            bounds=([-np.inf, 0, 1e-4], [float(y.min()), np.inf, 5]),
+            p0=(max(float(y.min()) - 0.1, 0.0), 0.2, 0.3),
+            bounds=([0.0, 0, 1e-4], [float(y.min()), np.inf, 5]),  # a loss is never below 0
             maxfev=20000,
         )
     except (RuntimeError, ValueError):
+        return line
+    if alpha < 0.01:  # the power law degenerates into the log-linear limit: say so, use the line
         return line
     return Fit("power", (float(E), float(A) * c0 ** float(alpha), float(alpha)), float(c.min()), float(c.max()))
 

@@ -188,11 +188,14 @@ class _LinearNllLogSumExp(torch.autograd.Function):
                 e = min(s + rows, x.shape[0])
                 xc = x[s:e].to(dtype)
                 logits = (xc @ w.T).float()
-                lse[s:e] = torch.logsumexp(logits, dim=-1)
-                nll[s:e] = (lse[s:e] - logits.gather(1, yc[s:e, None]).squeeze(1)) * valid[s:e]
-                if want_grad:
-                    g = logits.sub_(lse[s:e, None]).exp_()  # p, in place of the logits
-                    g.mul_((valid[s:e] * (1 + 2 * zeta * lse[s:e]))[:, None])
+                picked = logits.gather(1, yc[s:e, None]).squeeze(1)
+                top = logits.amax(dim=-1, keepdim=True)
+                g = logits.sub_(top).exp_()  # exp(logits - max), in place: one pass for lse and p
+                total = g.sum(dim=-1)
+                lse[s:e] = top.squeeze(1) + total.log()
+                nll[s:e] = (lse[s:e] - picked) * valid[s:e]
+                if want_grad:  # p = g / total, scaled by the prepared coefficient in one pass
+                    g.mul_((valid[s:e] * (1 + 2 * zeta * lse[s:e]) / total)[:, None])
                     g.scatter_add_(1, yc[s:e, None], -valid[s:e, None].float())
                     g = g.to(dtype)
                     gx[s:e] = (g @ w).to(x.dtype)
