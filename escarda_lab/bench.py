@@ -5,7 +5,8 @@ and each of its plugins alone (`vanilla+X`: its cost, printed as ratios to vanil
 experiments against the first; a grid file's variants (first seed) against the grid's baseline.
 Everything is measured in one process, interleaved (A B C, then C B A, ...) to cancel drift:
   * loop overhead: the baseline trained by our LightningModule under lightning.Trainer (what
-    `escarda_lab.run` does) vs a hand-written PyTorch loop over the identical model and batches;
+    `escarda_lab.run` does) vs a hand-written PyTorch loop over the identical model and batches,
+    and the share of the Lightning loop's time spent waiting for the next batch (data loading);
   * per variant: train step time of the plain loop, tokens/s, FLOPs/token (FlopCounterMode; per
     plugin as the FLOPs the plugin adds over the variant without it), MFU against a matmul peak
     probed before and after (mean of the two), peak memory (CUDA: max allocated; CPU: peak RSS of
@@ -84,17 +85,22 @@ def plain_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
     return stamps
 
 
-def lightning_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
-    """Timestamps of `lightning.Trainer` fitting our module (no logging/val/ckpt)."""
+def lightning_loop(cfg, tokens: data.TokenData, steps: int) -> tuple[list[float], list[float]]:
+    """Timestamps of `lightning.Trainer` fitting our module (no logging/val/ckpt), and the time
+    before each step spent between steps (waiting for the batch)."""
     import lightning as L
 
     from escarda_lab.module import EscardaModule
 
     stamps: list[float] = []
+    waits: list[float] = []
 
     class Stamp(L.Callback):
         def on_train_start(self, *args):
             stamps.append(time.perf_counter())
+
+        def on_train_batch_start(self, *args):
+            waits.append(time.perf_counter() - stamps[-1])  # the loader's fetch (and hooks) since the last step
 
         def on_train_batch_end(self, *args):
             stamps.append(time.perf_counter())
@@ -116,7 +122,7 @@ def lightning_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
         use_distributed_sampler=False,
     )
     trainer.fit(module, data.EscardaData(cfg, tokens))
-    return stamps
+    return stamps, waits
 
 
 def steady_seconds_per_step(stamps: list[float], warmup: int) -> float:
@@ -270,8 +276,11 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     train: list[list[float]] = [[] for _ in cfgs]
     first_step: list[list[float]] = [[] for _ in cfgs]
     memory = [0] * len(cfgs)
+    data_wait: list[float] = []
     for r in range(rounds):
-        loop["lightning"].append(steady_seconds_per_step(lightning_loop(base, tokens, steps), warmup))
+        stamps, waits = lightning_loop(base, tokens, steps)
+        loop["lightning"].append(steady_seconds_per_step(stamps, warmup))
+        data_wait.append(sum(waits[warmup:]) / (stamps[-1] - stamps[warmup]))
         order = list(enumerate(cfgs))
         for i, cfg in order if r % 2 == 0 else order[::-1]:  # alternate the order: no position bias
             torch._dynamo.reset()  # every compiled run pays (and reports) its own compile
@@ -292,6 +301,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
         "precision": base.train.precision,
         "loop_overhead": [],
         "variants": [],
+        "data_wait_fraction": statistics.median(data_wait),  # of the Lightning loop's step time
     }
     for name, secs in loop.items():
         s = statistics.median(secs)
@@ -342,6 +352,7 @@ def report(res: dict, decode: bool) -> str:
             f"  {v['name']:<10} {v['ms_per_step']:8.1f} ms/step {v['tokens_per_s']:9.0f} tokens/s "
             f"{v['ratio_to_plain']:7.3f}x of plain"
         )
+    lines.append(f"  waiting for a batch: {100 * res['data_wait_fraction']:.2f}% of the Lightning loop's step time")
     w = max(16, *(len(v["name"]) for v in res["variants"]))
     lines.append(
         f"\n{'variant':<{w}} {'params':>10} {'MFLOP/tok':>10} {'ms/step':>8} {'tokens/s':>9} {'MFU':>6} "

@@ -31,6 +31,7 @@ def test_bench_prints_loops_variants_and_decode(corpus, tmp_path, capsys):
     assert code == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [v["name"] for v in res["loop_overhead"]] == ["pytorch", "lightning"] and res["peak_flops"] > 1e9
+    assert 0 <= res["data_wait_fraction"] < 1
     assert [v["name"] for v in res["variants"]] == ["vanilla", "escarda"]
     base, esc = res["variants"]
     assert base["ratio_to_baseline"] == 1.0 and esc["ratio_to_baseline"] > 0
