@@ -71,14 +71,14 @@ def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
     Broadcast-and-sum rather than einsum: with per-token coefficients einsum becomes a batched
     matmul of B·T tiny (m × m)(m × D) products, 10x slower on CPU than these elementwise passes.
     """
-    if X.shape[-2] == 2:  # the released m: hand-written forward and backward passes
+    if X.shape[-2] == 2 and not torch.compiler.is_compiling():  # eager, the released m: by hand
         return WriteTwoStreams.apply(X, fn(ReadTwoStreams.apply(X, pre)), post, R)
     x_in = (pre.unsqueeze(-1) * X).sum(-2)
     mixed = (R.unsqueeze(-1) * X.unsqueeze(-2)).sum(-3)  # Σ_j R_jk X_j
     return mixed + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
 
 
-# For m = 2 autograd's version of the update makes ~40 passes over [B, T, D] tensors per sublayer
+# For m = 2 eager autograd's version of the update makes ~40 passes over [B, T, D] tensors per sublayer
 # (a temporary per product, a reduction per broadcast coefficient, a stack). These two functions
 # write each output once: the forward pass with addcmul into preallocated streams, the backward
 # pass with one small batched matmul per coefficient (per-token dot products). Coefficients are
@@ -108,7 +108,12 @@ class ReadTwoStreams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         X, pre = ctx.saved_tensors
-        gX = pre.unsqueeze(-1) * g.unsqueeze(-2) if ctx.needs_input_grad[0] else None
+        gX = None
+        if ctx.needs_input_grad[0]:  # one pass per stream: the broadcast product is ~2x slower
+            gX = torch.empty(*g.shape[:-1], 2, g.shape[-1], dtype=g.dtype, device=g.device)
+            p = pre.unsqueeze(-1)
+            for j in (0, 1):
+                torch.mul(g, p[..., j, :], out=gX[..., j, :])
         gpre = pair_dots(g.unsqueeze(-2), X).squeeze(-2).sum_to_size(pre.shape) if ctx.needs_input_grad[1] else None
         return gX, gpre
 
@@ -167,11 +172,12 @@ class NormedProjection(torch.autograd.Function):
         x2, phi, r, c = ctx.saved_tensors
         g2 = g.reshape(-1, phi.shape[-1])
         gx = gphi = None
+        gr = g2 * r[:, None]  # [N, M]: r folded in before the matmuls, not after
         if ctx.needs_input_grad[0]:
-            s = torch.linalg.vecdot(g2, c) * r.square() / x2.shape[-1]
-            gx = (g2 @ phi.T).mul_(r[:, None]).addcmul_(x2, s[:, None], value=-1).reshape(ctx.shape)
+            s = torch.linalg.vecdot(gr, c) * r / x2.shape[-1]
+            gx = (gr @ phi.T).addcmul_(x2, s[:, None], value=-1).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
-            gphi = ((g2 * r[:, None]).T @ x2).T
+            gphi = (gr.T @ x2).T
         return gx, gphi, None
 
 
@@ -305,8 +311,11 @@ class FlatDynamicHyperConnections(HyperConnections):
         self.phi.zero_()
 
     def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
-        n = self.m
-        c = NormedProjection.apply(X.flatten(-2), self.phi[site], 1e-6)  # [B, T, 2m + m²]
+        n, x = self.m, X.flatten(-2)
+        if torch.compiler.is_compiling():  # the compiler fuses the plain form itself
+            c = F.rms_norm(x, (x.shape[-1],), eps=1e-6) @ self.phi[site]
+        else:
+            c = NormedProjection.apply(x, self.phi[site], 1e-6)  # [B, T, 2m + m²]
         return c[..., :n], c[..., n : 2 * n], c[..., 2 * n :].unflatten(-1, (n, n))
 
 

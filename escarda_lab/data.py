@@ -529,7 +529,7 @@ def _build(data_cfg, folder: Path, source: str, total_bytes: int | None) -> None
         tok = BPETokenizer.train(tokenizer_sample(data_cfg, source), data_cfg.tokenizer.vocab_size)
         tok.save(folder)
     docs = corpus_documents(data_cfg, source)
-    shards.build(docs, tok, folder, data_cfg.val_fraction, source, total_bytes, {"corpus": data_cfg.corpus})
+    shards.build(docs, tok, BOS, folder, data_cfg.val_fraction, source, total_bytes, {"corpus": data_cfg.corpus})
 
 
 # ------------------------------------------------------------------------------------ probe tasks

@@ -162,12 +162,18 @@ class ShardWriter:
 
 
 def build(
-    docs: Iterable[str], tok, folder: Path, val_fraction: float, source: str, total_bytes: int | None, extra: dict
+    docs: Iterable[str],
+    tok,
+    bos: int,
+    folder: Path,
+    val_fraction: float,
+    source: str,
+    total_bytes: int | None,
+    extra: dict,
 ) -> dict:
-    """Tokenize the document stream into shards in `folder` (resuming a build that stopped);
-    returns meta (written last, as meta.json: the cache is complete when it exists)."""
-    from escarda_lab.data import BOS
-
+    """Tokenize the document stream into shards in `folder`, each document after a `bos` token
+    (resuming a build that stopped); returns meta (written last, as meta.json: the cache is
+    complete when it exists)."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     blank = {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}
     state = read_json(folder / "progress.json") or {"docs_done": 0, "shards": 0, **{s: dict(blank) for s in SPLITS}}
@@ -176,7 +182,7 @@ def build(
     skip = state["docs_done"]
     if skip:
         log.info("resuming the token cache build after %d finished shard(s) (%d documents)", state["shards"], skip)
-    writer = ShardWriter(folder, dtype, BOS, state)
+    writer = ShardWriter(folder, dtype, bos, state)
     progress = Progress(total_bytes)
     done = 0
     for batch in batches(docs, ENCODE_BYTES):
