@@ -81,6 +81,15 @@ def child(mode: str, corpus: Path, cache: Path, *extra: str) -> dict:
     return json.loads(line[7:])
 
 
+def peak_rss(pid: int) -> int:
+    """A live process's peak RSS in bytes (VmHWM), 0 once it is gone."""
+    try:
+        line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=1.0)
@@ -100,15 +109,19 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    t_start, shards_done = time.perf_counter(), 0
+    t_start, shards_done, hwm = time.perf_counter(), 0, 0
     while proc.poll() is None:
+        hwm = max(hwm, peak_rss(proc.pid))
         found = list(cache.glob("*/progress.json"))
         if found and (shards_done := json.loads(found[0].read_text()).get("shards", 0)) >= 2:
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.2)
     proc.wait()
-    print(f"killed the first build after {time.perf_counter() - t_start:.0f} s, {shards_done} finished shard(s)")
+    print(
+        f"killed the first build after {time.perf_counter() - t_start:.0f} s, {shards_done} finished shard(s); "
+        f"its peak RSS (tokenizer training included) {hwm / 1e9:.2f} GB"
+    )
     folder = next(p for p in cache.iterdir() if p.is_dir() and p.name != "fingerprints")
     kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("train-*.bin")}
     resumed = child("build", corpus, cache)
