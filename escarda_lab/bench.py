@@ -236,29 +236,28 @@ def with_tokens(cfgs: list) -> tuple[list, data.TokenData]:
     return [config.with_vocab(resolve_runtime(c), tokens.tokenizer.vocab_size, "bench") for c in cfgs], tokens
 
 
-def with_compile(cfgs: list, mode: str) -> list:
+def with_train_switch(cfgs: list, mode: str, field: str, on: str, off: str, suffix: str, plain: bool) -> list:
+    """`train.<field>` set on every variant: mode "auto" as configured, `on` / `off` for all, or
+    "both": every variant with the `plain` value, then with the other (named `<name>+<suffix>`)."""
     if mode == "auto":
         return cfgs
-    if mode in ("on", "off"):
-        return [replace(c, train=replace(c.train, compile=mode == "on")) for c in cfgs]
+    if mode in (on, off):
+        return [replace(c, train=replace(c.train, **{field: mode == on})) for c in cfgs]
     out = []
     for c in cfgs:
-        out.append(replace(c, train=replace(c.train, compile=False)))
-        out.append(replace(c, name=f"{c.name}+compile", train=replace(c.train, compile=True)))
+        out.append(replace(c, train=replace(c.train, **{field: plain})))
+        out.append(replace(c, name=f"{c.name}+{suffix}", train=replace(c.train, **{field: not plain})))
     return out
+
+
+def with_compile(cfgs: list, mode: str) -> list:
+    """auto, on, off, or both (every variant eager and `+compile`)."""
+    return with_train_switch(cfgs, mode, "compile", "on", "off", "compile", plain=False)
 
 
 def with_head(cfgs: list, mode: str) -> list:
-    """mode: auto (as configured), fused, unfused, or both (every variant also `+unfused_head`)."""
-    if mode == "auto":
-        return cfgs
-    if mode in ("fused", "unfused"):
-        return [replace(c, train=replace(c.train, fused_head=mode == "fused")) for c in cfgs]
-    out = []
-    for c in cfgs:
-        out.append(replace(c, train=replace(c.train, fused_head=True)))
-        out.append(replace(c, name=f"{c.name}+unfused_head", train=replace(c.train, fused_head=False)))
-    return out
+    """auto (as configured), fused, unfused, or both (every variant also `+unfused_head`)."""
+    return with_train_switch(cfgs, mode, "fused_head", "fused", "unfused", "unfused_head", plain=True)
 
 
 # ------------------------------------------------------------------------------------ benchmark
