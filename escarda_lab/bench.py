@@ -57,13 +57,12 @@ def autocast(cfg, device: torch.device):
 def plain_loop(cfg, tokens: data.TokenData, steps: int) -> list[float]:
     """Timestamps (start, then after each step) of a plain PyTorch training loop."""
     from escarda_lab.model import EscardaLM
-    from escarda_lab.module import after_step_hooks, optimizer
+    from escarda_lab.module import after_step_hooks, compile_model, optimizer
 
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     model = EscardaLM(cfg).to(device)
-    if cfg.train.compile:
-        model.compile()
+    compile_model(model, cfg.train.compile)
     opt, sched = optimizer(model, cfg.train, device)
     windows = data.TrainWindows(tokens.train, cfg.data.seq_len, cfg.data.batch_size, config.seeds(cfg)[1], 0, 1)
     after = after_step_hooks(model)

@@ -84,10 +84,15 @@ class TrainConfig:
     val_batches: int = bounded(20, min=1)
     log_every: int = bounded(10, min=1)
     checkpoint_every: int = bounded(100, min=1)
-    compile: Any = "auto"  # auto: on for a GPU, off on CPU; or true / false
+    # auto: on for a GPU, off on CPU; true / false; or a torch.compile mode (reduce-overhead: CUDA
+    # graphs, which tiny launch-bound models need on a GPU)
+    compile: Any = "auto"
     # Losses through the chunked linear + cross-entropy head (no [tokens, vocab] logits); false
     # materialises the logits (the same numbers, more memory: for comparison).
     fused_head: bool = True
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -505,10 +510,10 @@ def validate(cfg: Any, where) -> None:
         "shorten the warmup or train longer",
     )
     need(
-        t.compile in ("auto", True, False),
+        t.compile in ("auto", True, False, *COMPILE_MODES),
         "train.compile",
-        f"compile must be auto, true or false, got {t.compile!r}",
-        "use auto (compiled on a GPU, eager on CPU), true or false",
+        f"compile must be auto, true, false or a torch.compile mode, got {t.compile!r}",
+        "use auto (compiled on a GPU, eager on CPU), true, false, or one of " + ", ".join(COMPILE_MODES),
     )
     for slot, spec in registry.SLOTS.items():
         on = [n for n, e in registry.toggleable().items() if e.slot == slot and getattr(cfg.components, n).enabled]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -94,6 +95,9 @@ class GridConfig:
     # params: non-embedding active parameters
     match: Literal["none", "params", "params_total", "params_active", "flops"] = "none"
     parallel: int = bounded(1, min=1)
+    # > 0: runs share the visible GPUs this many to a GPU, each pinned by CUDA_VISIBLE_DEVICES
+    # (parallel becomes GPUs × per_gpu); small models leave most of one GPU idle
+    per_gpu: int = bounded(0, min=0)
     launcher: Literal["local", "submitit"] = "local"
     evaluate: list[str] = field(default_factory=list)  # minimal_pairs, task .jsonl files, text:FILE, corpus:NAME
     vanilla: bool = False  # add the every-plugin-off variant (add_one_in adds it too)
@@ -628,12 +632,36 @@ def plan_table(runs: list[Run], grid_dir: Path, title: str = "") -> str:
     return f"grid {grid_dir}: {len(runs)} runs{': ' + title if title else ''}\n" + "\n".join(lines)
 
 
-def child_env(parallel: int) -> dict:
-    """Each run gets its share of the cores (two tiny runs on two cores beat one run on both)."""
+def child_env(parallel: int, gpu: str | None = None) -> dict:
+    """Each run gets its share of the cores (two tiny runs on two cores beat one run on both),
+    and its GPU when runs are pinned."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a run could be pinned to (ids as CUDA_VISIBLE_DEVICES names them)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [x for x in listed.split(",") if x.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def worker_slots(g: GridConfig, echo=print) -> list[str | None]:
+    """One entry per concurrent run: the GPU it is pinned to, or None (not pinned)."""
+    if g.per_gpu == 0:
+        return [None] * g.parallel
+    gpus = visible_gpus()
+    if not gpus:
+        echo(f"grid.per_gpu: {g.per_gpu} but no GPU is visible: {g.parallel} run(s) at a time, unpinned")
+        return [None] * g.parallel
+    return [gpu for gpu in gpus for _ in range(g.per_gpu)]
 
 
 def die_with_parent() -> None:
@@ -649,7 +677,7 @@ def die_with_parent() -> None:
         pass
 
 
-def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = ()) -> dict:
+def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = (), gpu: str | None = None) -> dict:
     """Train one run in its own process (a finished run is skipped by the run itself), then
     evaluate it if asked; all output is appended to log.txt in the run folder."""
     folder = Path(config_path).parent
@@ -667,7 +695,7 @@ def run_one(config_path: str, parallel: int = 1, evaluate: list[str] = ()) -> di
                 [sys.executable, "-m", *cmd],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=child_env(parallel),
+                env=child_env(parallel, gpu),
                 preexec_fn=die_with_parent,
             )
             rc = _child.wait()
@@ -926,10 +954,26 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
     if g.launcher == "submitit":
         launch_submitit(g, todo, grid_dir, save)
     else:
-        with ThreadPoolExecutor(max_workers=g.parallel) as pool:
-            jobs = pool.map(lambda r: run_one(str(r.folder / "config.yaml"), g.parallel, eval_args(g)), todo)
-            for r, outcome in zip(todo, jobs):
+        slots = worker_slots(g, echo)
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for slot in slots:
+            free.put(slot)
+
+        def job(r: Run) -> dict:
+            gpu = free.get()  # a worker holds one slot (GPU share) for the run's whole life
+            try:
+                return run_one(str(r.folder / "config.yaml"), len(slots), eval_args(g), gpu)
+            finally:
+                free.put(gpu)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            for r, outcome in zip(todo, pool.map(job, todo)):
                 save(r, record(r, grid_dir, outcome))
+        if todo:
+            hours = (time.perf_counter() - t0) / 3600
+            rate = len(todo) / hours
+            echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time: {rate:.1f} runs/hour")
     return [results[(r.cfg.name, r.seed)] for r in runs]
 
 

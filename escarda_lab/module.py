@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from escarda_lab import config
 from escarda_lab.device import on_gpu, sync
 from escarda_lab.errors import Diverged
 from escarda_lab.evaluate import SUMS, nll_summary, window_nll
@@ -85,7 +86,14 @@ def resolve_runtime(cfg):
         precision = "32-true"
     if compile_ == "auto":
         compile_ = gpu
-    return replace(cfg, train=replace(cfg.train, precision=precision, compile=bool(compile_)))
+    compile_ = compile_ if compile_ in config.COMPILE_MODES else bool(compile_)
+    return replace(cfg, train=replace(cfg.train, precision=precision, compile=compile_))
+
+
+def compile_model(model, setting) -> None:
+    """`train.compile` true (torch.compile's default mode) or a mode name; false: nothing."""
+    if setting:
+        model.compile(mode=None if setting is True else setting)
 
 
 class EscardaModule(L.LightningModule):
@@ -108,8 +116,8 @@ class EscardaModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Compiled here, inside fit, so FLOP counting and checkpoint loading see the eager model."""
-        if self.cfg.train.compile is True and not getattr(self, "_compiled", False):
-            self.model.compile()
+        if self.cfg.train.compile and not getattr(self, "_compiled", False):
+            compile_model(self.model, self.cfg.train.compile)
             self._compiled = True
 
     # --------------------------------------------------------------------------- optimisation

@@ -114,3 +114,13 @@ def test_extends_cycle_is_reported(tmp_path):
     write(tmp_path, "b.yaml", "extends: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         config.load(tmp_path / "a.yaml")
+
+
+def test_train_compile_takes_a_torch_compile_mode():
+    from escarda_lab.module import resolve_runtime
+
+    cfg = config.load(ROOT / "experiments/vanilla.yaml", ["train.compile=reduce-overhead"])
+    assert resolve_runtime(cfg).train.compile == "reduce-overhead"
+    with pytest.raises(ConfigError) as e:
+        config.load(ROOT / "experiments/vanilla.yaml", ["train.compile=fast"])
+    assert e.value.key == "train.compile" and "max-autotune-no-cudagraphs" in e.value.fix

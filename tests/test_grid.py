@@ -335,3 +335,21 @@ def test_a_tiny_grid_with_controls_is_calibrated(corpus, tmp_path):
     assert s.loc["control_half_budget", "verdict"] == "hurts"
     assert not s.loc["control_null", "verdict"].startswith(("helps", "hurts"))
     assert compare.calibration(s.reset_index()).startswith("**Calibrated.**")
+
+
+def test_per_gpu_pins_that_many_runs_to_each_visible_gpu(monkeypatch):
+    from escarda_lab.grid import GridConfig, child_env, worker_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert worker_slots(GridConfig(per_gpu=2)) == ["3", "3", "5", "5"]
+    assert worker_slots(GridConfig(parallel=3)) == [None, None, None]
+    assert child_env(4, "5")["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+def test_per_gpu_without_a_gpu_runs_unpinned_and_says_so(monkeypatch):
+    from escarda_lab.grid import GridConfig, worker_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    said = []
+    assert worker_slots(GridConfig(per_gpu=4, parallel=2), said.append) == [None, None]
+    assert "no GPU is visible" in said[0]
