@@ -240,7 +240,9 @@ class HyperConnections(Residual):
     def collapse(self, X: Tensor) -> Tensor:
         if self.collapse_mode == "sum":
             return X.sum(dim=-2)
-        return torch.einsum("m,...md->...d", self.collapse_w.softmax(0), X)
+        # Σ_i w_i X_i as a broadcast product: einsum would permute X (a copy), and hand backward
+        # a stream-major gradient that the next dots must copy again.
+        return (self.collapse_w.softmax(0).unsqueeze(-1) * X).sum(-2)
 
     def read(self, X: Tensor) -> Tensor:
         return X.mean(dim=-2)
