@@ -598,27 +598,48 @@ class Examples(Dataset):
         return {"ids": torch.from_numpy(self.inputs[i : i + 1]), "labels": torch.from_numpy(self.labels[i : i + 1])}
 
 
-class ProbeData(L.LightningDataModule):
-    """A probe task: training batches from its train set (or stream), validation on its test set
-    (the first val_batches x batch_size examples periodically, all of them at the end)."""
+class StepData(L.LightningDataModule):
+    """What the text and probe data modules share: the rank's place, and training batch k served
+    at step k from `train_batches(rank, world)` (a dataset indexed by step), starting at the step
+    a resumed run restored; validation from `loader(items, shard)`."""
 
-    def __init__(self, cfg, tokens: ProbeTokens):
+    def __init__(self, cfg, tokens):
         super().__init__()
         self.cfg, self.tokens = cfg, tokens
-        p = tokens.probe
-        n = min(len(p.test_inputs), cfg.train.val_batches * cfg.data.batch_size)
-        self.val_rows = np.arange(n)
-        self.all_rows = np.arange(len(p.test_inputs))
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
+    def train_batches(self, rank: int, world: int) -> Dataset:
+        raise NotImplementedError
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        ds = ProbeBatches(self.tokens.probe, self.cfg.data.batch_size, config.seeds(self.cfg)[1], rank, world)
+        if self.cfg.data.batch_size % world:
+            raise DataError(
+                "data",
+                "data.batch_size",
+                f"batch_size={self.cfg.data.batch_size} does not split over {world} processes",
+                "use a multiple of the number of processes",
+            )
         start = self.trainer.global_step if self.trainer is not None else 0
-        return DataLoader(ds, batch_size=None, sampler=FromStep(start))
+        return DataLoader(self.train_batches(rank, world), batch_size=None, sampler=FromStep(start))
+
+
+class ProbeData(StepData):
+    """A probe task: training batches from its train set (or stream), validation on its test set
+    (the first val_batches x batch_size examples periodically, all of them at the end)."""
+
+    def __init__(self, cfg, tokens: ProbeTokens):
+        super().__init__(cfg, tokens)
+        p = tokens.probe
+        n = min(len(p.test_inputs), cfg.train.val_batches * cfg.data.batch_size)
+        self.val_rows = np.arange(n)
+        self.all_rows = np.arange(len(p.test_inputs))
+
+    def train_batches(self, rank: int, world: int) -> Dataset:
+        return ProbeBatches(self.tokens.probe, self.cfg.data.batch_size, config.seeds(self.cfg)[1], rank, world)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_rows)
@@ -711,10 +732,9 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([it[k] for it in items]) for k in items[0]}
 
 
-class EscardaData(L.LightningDataModule):
+class EscardaData(StepData):
     def __init__(self, cfg, tokens: TokenData):
-        super().__init__()
-        self.cfg, self.tokens = cfg, tokens
+        super().__init__(cfg, tokens)
         d = cfg.data
         starts = val_starts(len(tokens.val), d.seq_len)
         if len(starts) == 0:
@@ -729,23 +749,9 @@ class EscardaData(L.LightningDataModule):
         # Periodic validation: the same evenly spread windows every time, so curves compare.
         self.val_starts = starts[np.linspace(0, len(starts) - 1, n).round().astype(int)]
 
-    def _rank_world(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
+    def train_batches(self, rank: int, world: int) -> Dataset:
         d = self.cfg.data
-        if d.batch_size % world:
-            raise DataError(
-                "data",
-                "data.batch_size",
-                f"batch_size={d.batch_size} does not split over {world} processes",
-                "use a multiple of the number of processes",
-            )
-        ds = TrainWindows(self.tokens.train, d.seq_len, d.batch_size, config.seeds(self.cfg)[1], rank, world)
-        start = self.trainer.global_step if self.trainer is not None else 0
-        return DataLoader(ds, batch_size=None, sampler=FromStep(start))
+        return TrainWindows(self.tokens.train, d.seq_len, d.batch_size, config.seeds(self.cfg)[1], rank, world)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_starts)
