@@ -11,7 +11,7 @@ Everything is measured in one process, interleaved (A B C, then C B A, ...) to c
     plugin as the FLOPs the plugin adds over the variant without it), MFU against a matmul peak
     probed before and after (mean of the two), peak memory (CUDA: max allocated; CPU: peak RSS of
     the process while the variant trains), cached decoding tokens/s, and the step-time ratio to
-    the baseline;
+    the baseline (the median over rounds of the ratio within each round);
   * --decode: decoding also without the KV cache (full recompute per token) and the speed-up;
   * --compile both: every variant eager and compiled (compile time = first step minus a steady step);
   * --head both: every variant with the fused output head and with the logits materialised.
@@ -318,7 +318,9 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             "ms_per_step": 1e3 * s,
             "tokens_per_s": tokens_per_step / s,
             "mfu": tokens_per_step / s * flops / peak,
-            "ratio_to_baseline": s / statistics.median(train[0]),
+            # paired by round (the baseline trained in the same round, next to it): drift and other
+            # processes move both, so the per-round ratio is steadier than a ratio of medians
+            "ratio_to_baseline": statistics.median(a / b for a, b in zip(train[i], train[0])),
             "peak_mem_bytes": memory[i],
             "compiled": bool(cfg.train.compile),
             "precision": cfg.train.precision,
