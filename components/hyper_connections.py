@@ -188,7 +188,6 @@ class HyperConnections(Residual):
     def __init__(self, m, cfg: HyperConnectionsConfig, n_sites: int):
         super().__init__()
         self.m, self.iters, self.eps = cfg.streams, cfg.sinkhorn_iters, cfg.eps
-        self.streams = cfg.streams
         self.collapse_mode = cfg.collapse
         n, S = cfg.streams, n_sites
         self.pre_b = nn.Parameter(torch.zeros(S, n))
@@ -204,6 +203,10 @@ class HyperConnections(Residual):
     def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """Input-dependent additions to (pre, post, R) at this site, or None (static)."""
         return None
+
+    @property
+    def streams(self) -> int:
+        return self.m
 
     def no_weight_decay(self) -> list[nn.Parameter]:
         return [self.pre_b, self.post_b, self.res_b, self.collapse_w]

@@ -17,6 +17,7 @@ import torch
 import torch.utils.flop_counter as fc
 from torch import nn
 
+from escarda_lab import layers
 from escarda_lab.device import on_gpu, sync
 
 _aten = torch.ops.aten
@@ -127,7 +128,9 @@ def step_memory_bytes(cfg) -> float:
     tokens = max(1, d.batch_size // world) * d.seq_len
     per_layer = 34 * m.d_model * getattr(model.residual, "streams", 1)
     activations = tokens * m.n_layers * per_layer * 4
-    logits = 2 * tokens * (m.vocab_size or d.tokenizer.vocab_size) * 4
+    vocab = m.vocab_size or d.tokenizer.vocab_size
+    # the fused head holds one chunk of fp32 logits; the unfused one all of them and their gradient
+    logits = 2 * layers.CHUNK_BYTES if cfg.train.fused_head else 2 * tokens * vocab * 4
     return 16.0 * params + activations + logits
 
 

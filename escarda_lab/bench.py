@@ -373,7 +373,7 @@ def report(res: dict, decode: bool) -> str:
             )
         line += f"  {v['compile_s']:9.1f}" if "compile_s" in v else ""
         lines.append(line)
-    alone = alone_ratios(res)
+    alone = res["plugin_ratios"]
     if alone:
         lines.append("\nstep time over vanilla's, each plugin alone (vanilla+X) and all of them:")
         lines.append("  " + ", ".join(f"{k} {r:.2f}x" for k, r in alone.items()))

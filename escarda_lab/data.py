@@ -306,24 +306,6 @@ def iter_documents(files: Iterable[tuple[str, str]]) -> Iterator[str]:
             yield "\n\n".join(buf)
 
 
-def split(docs: list[str], val_fraction: float, source: str) -> tuple[list[str], list[str]]:
-    """Deterministic document-level split by content hash; at least one document on each side."""
-    if len(docs) < 2:
-        raise DataError(
-            source,
-            "data.corpus",
-            f"the corpus has {len(docs)} document(s), too few to split",
-            f"use more text (documents are cut every ~{DOC_CHARS} characters)",
-        )
-    keys = [shards.doc_key(d) for d in docs]
-    is_val = [k < val_fraction for k in keys]
-    if not any(is_val):
-        is_val[int(np.argmin(keys))] = True
-    if all(is_val):
-        is_val[int(np.argmax(keys))] = False
-    return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
-
-
 # -------------------------------------------------------------------------------------- tokenizers
 
 
@@ -600,8 +582,8 @@ class Examples(Dataset):
 
 class StepData(L.LightningDataModule):
     """What the text and probe data modules share: the rank's place, and training batch k served
-    at step k from `train_batches(rank, world)` (a dataset indexed by step), starting at the step
-    a resumed run restored; validation from `loader(items, shard)`."""
+    at step k, starting at the step a resumed run restored. A subclass gives the batches as
+    `train_batches(rank, world) -> Dataset` (indexed by step) and validation by `loader`."""
 
     def __init__(self, cfg, tokens):
         super().__init__()
@@ -610,9 +592,6 @@ class StepData(L.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
-    def train_batches(self, rank: int, world: int) -> Dataset:
-        raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -194,12 +194,9 @@ class _LinearNllLogSumExp(torch.autograd.Function):
                 total = g.sum(dim=-1)
                 lse[s:e] = top.squeeze(1) + total.log()
                 nll[s:e] = (lse[s:e] - picked) * valid[s:e]
-                if want_grad:  # p = g / total, scaled by the prepared coefficient in one pass
-                    g.mul_((valid[s:e] * (1 + 2 * zeta * lse[s:e]) / total)[:, None])
-                    g.scatter_add_(1, yc[s:e, None], -valid[s:e, None].float())
-                    g = g.to(dtype)
-                    gx[s:e] = (g @ w).to(x.dtype)
-                    accumulate(gw, g, xc)
+                if want_grad:  # p = g / total: the 1 / total folds into the prepared coefficient
+                    scale = valid[s:e] * (1 + 2 * zeta * lse[s:e]) / total
+                    chunk_grads(g, scale, valid[s:e].float(), yc[s:e], w, xc, gx[s:e], gw)
         ctx.zeta, ctx.rows, ctx.dtype = zeta, rows, dtype
         ctx.save_for_backward(x, weight, y, lse, gx, gw)
         return nll, lse
@@ -226,16 +223,23 @@ def _recompute_grads(x, weight, y, g_nll, g_lse, dtype, rows) -> tuple[Tensor, T
     for s in range(0, x.shape[0], rows):
         e = min(s + rows, x.shape[0])
         xc = x[s:e].to(dtype)
-        g = torch.softmax((xc @ w.T).float(), dim=-1).mul_((g_nll[s:e] + g_lse[s:e])[:, None])
-        g.scatter_add_(1, yc[s:e, None], -g_nll[s:e, None].float())
-        g = g.to(dtype)
-        gx[s:e] = (g @ w).to(x.dtype)
-        accumulate(gw, g, xc)
+        p = torch.softmax((xc @ w.T).float(), dim=-1)
+        chunk_grads(p, g_nll[s:e] + g_lse[s:e], g_nll[s:e].float(), yc[s:e], w, xc, gx[s:e], gw)
     return gx, gw.to(weight.dtype)
 
 
+def chunk_grads(p: Tensor, scale: Tensor, minus: Tensor, y: Tensor, w: Tensor, xc: Tensor, gx: Tensor, gw: Tensor):
+    """One chunk's logits gradient G = scale·p − minus·onehot(y) (p [n, V] fp32, overwritten) through
+    the head: gx ← G w (written into the chunk's rows), gw (fp32) += Gᵀ xc. The matmuls run in
+    w's dtype (bf16 under autocast, as the unfused head's would)."""
+    p.mul_(scale[:, None]).scatter_add_(1, y[:, None], -minus[:, None])
+    g = p.to(w.dtype)
+    gx.copy_(g @ w)
+    accumulate(gw, g, xc)
+
+
 def accumulate(gw: Tensor, g: Tensor, xc: Tensor) -> None:
-    """gw (fp32) += gᵀ xc, the matmul in g's dtype (bf16 under autocast, as unfused)."""
+    """gw (fp32) += gᵀ xc, the matmul in g's dtype."""
     if g.dtype == torch.float32:
         gw.addmm_(g.T, xc)
     else:

@@ -91,8 +91,9 @@ def resolve_runtime(cfg):
 
 
 def compile_model(model, setting) -> None:
-    """`train.compile` true (torch.compile's default mode) or a mode name; false: nothing."""
-    if setting:
+    """`train.compile` as resolved: true (torch.compile's default mode) or a mode name compile;
+    anything else (false) leaves the model eager."""
+    if setting is True or setting in config.COMPILE_MODES:
         model.compile(mode=None if setting is True else setting)
 
 
@@ -116,7 +117,7 @@ class EscardaModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Compiled here, inside fit, so FLOP counting and checkpoint loading see the eager model."""
-        if self.cfg.train.compile and not getattr(self, "_compiled", False):
+        if not getattr(self, "_compiled", False):
             compile_model(self.model, self.cfg.train.compile)
             self._compiled = True
 

@@ -186,9 +186,9 @@ def build(
     progress = Progress(total_bytes)
     done = 0
     for batch in batches(docs, ENCODE_BYTES):
-        if done + len(batch) <= skip:
+        if done + len(batch) <= skip:  # in finished shards: read past, not encoded
             done += len(batch)
-            progress.update(sum(len(d) for d in batch), 0)
+            progress.update(sum(len(d.encode("utf-8")) for d in batch), 0)
             continue
         batch = batch[max(skip - done, 0) :]
         n_tokens = 0

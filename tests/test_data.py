@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from escarda_lab import data
+from escarda_lab import data, shards
 from escarda_lab.config import DataConfig, TokenizerConfig
 from escarda_lab.errors import DataError
 from tests.conftest import ROOT
@@ -75,17 +75,23 @@ def test_bpe_round_trips_and_token_bytes_sum_to_utf8_length(bpe):
     assert bpe.token_bytes()[ids].sum() == len(text.encode("utf-8"))
 
 
-def test_split_is_deterministic_disjoint_and_nonempty():
-    docs = [f"document number {i}" for i in range(200)]
-    a, b = data.split(docs, 0.1, "x"), data.split(list(docs), 0.1, "x")
-    assert a == b
-    train, val = a
-    assert set(train).isdisjoint(val) and len(train) + len(val) == 200 and 5 < len(val) < 40
+def test_documents_go_to_val_by_content_hash_and_nowhere_else(corpus, tmp_path):
+    cfg = data_cfg(corpus, cache_dir=str(tmp_path), val_fraction=0.3)
+    td = data.prepare(cfg)
+    folder = next(p for p in tmp_path.glob("*-byte") if p.is_dir())
+    docs = data.documents(data.corpus_files(str(corpus)))
+    for split_name, stream in (("train", td.train), ("val", td.val)):
+        starts = list(shards.documents_index(folder, td.meta, split_name)) + [len(stream)]
+        got = [td.tokenizer.decode(stream[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
+        expected = [d for d in docs if (shards.doc_key(d) < cfg.val_fraction) == (split_name == "val")]
+        assert got == expected and got  # every document once, in order, on its side
 
 
-def test_split_of_a_single_document_is_refused():
-    with pytest.raises(DataError, match="too few"):
-        data.split(["only one"], 0.1, "x")
+def test_a_single_document_is_refused(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("only one short document")
+    with pytest.raises(DataError, match="document"):
+        data.prepare(data_cfg(one, cache_dir=str(tmp_path / "cache")))
 
 
 def test_token_cache_is_built_once_and_reused(corpus, tmp_path):
@@ -186,7 +192,7 @@ def test_a_missing_text_column_names_the_key_and_the_columns(tmp_path):
     pytest.importorskip("datasets")
     import json
 
-    from escarda_lab import data
+    from escarda_lab import data, shards
     from escarda_lab.errors import DataError
 
     path = tmp_path / "c.jsonl"
@@ -200,7 +206,7 @@ def test_hf_without_a_network_is_one_paragraph_naming_local_alternatives(monkeyp
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from escarda_lab import data
+    from escarda_lab import data, shards
     from escarda_lab.errors import DataError
 
     with pytest.raises(DataError) as e:
