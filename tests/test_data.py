@@ -192,7 +192,7 @@ def test_a_missing_text_column_names_the_key_and_the_columns(tmp_path):
     pytest.importorskip("datasets")
     import json
 
-    from escarda_lab import data, shards
+    from escarda_lab import data
     from escarda_lab.errors import DataError
 
     path = tmp_path / "c.jsonl"
@@ -206,7 +206,7 @@ def test_hf_without_a_network_is_one_paragraph_naming_local_alternatives(monkeyp
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from escarda_lab import data, shards
+    from escarda_lab import data
     from escarda_lab.errors import DataError
 
     with pytest.raises(DataError) as e:
