@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from escarda_lab import accounting, config, data, registry
-from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
+from escarda_lab.cli import prepare_torch, quiet_libraries, release_free_memory, user_error
 from escarda_lab.device import on_gpu, sync
 from escarda_lab.errors import UserError
 from escarda_lab.module import resolve_runtime
@@ -139,6 +139,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:
+            release_free_memory()  # the previous variant's freed heap pages would count as this one's
             with contextlib.suppress(OSError):
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
         return self

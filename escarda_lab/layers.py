@@ -35,7 +35,40 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The weight in x's dtype: under bf16 autocast a float32 weight blocks the fused kernel.
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        w = self.weight.to(x.dtype)
+        if lean_autograd(x):
+            return _RMSNorm.apply(x, w, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+
+
+def lean_autograd(x: Tensor) -> bool:
+    """Whether to use the hand-written backwards that keep fewer activations: eager CPU training.
+    (torch.compile's partitioner already recomputes cheap elementwise ops; CUDA's fused rms_norm
+    keeps only x and 1/rms.)"""
+    return x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+class _RMSNorm(torch.autograd.Function):
+    """F.rms_norm keeping x and r = (mean(x²) + eps)^-½ for backward (the composite CPU form also
+    keeps x·r, one more activation-sized tensor). With x̂ = x r, y = x̂ g:
+    dg = Σ dy x̂,  dx = r (dy g − x̂ mean(dy g x̂))."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 is normalised in fp32
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return (xf * r).mul_(weight.to(xf.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, r = ctx.saved_tensors
+        xhat = x.to(r.dtype) * r
+        dy = dy.to(r.dtype)
+        dg = (dy * xhat).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        dyg = dy * weight.to(r.dtype)
+        dx = (dyg - xhat * (dyg * xhat).mean(-1, keepdim=True)).mul_(r)
+        return dx.to(x.dtype), None if dg is None else dg.to(weight.dtype), None
 
 
 class Rope(nn.Module):
@@ -95,8 +128,48 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w13(x).chunk(2, dim=-1)
+        h = self.w13(x)
+        if lean_autograd(h):
+            return _SwiGLUDown.apply(h, self.w2.weight)
+        a, b = h.chunk(2, dim=-1)
         return self.w2(F.silu(a) * b)
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """y = (silu(a) ⊙ b) W₂ᵀ from h = [a, b], keeping only h and W₂ for backward: silu(a) and the
+    product p (two [.., hidden] tensors autograd would keep) are recomputed there, elementwise.
+    With s = σ(a): dp = dy W₂, dW₂ = dyᵀ p, db = dp silu(a), da = dp b (s + silu(a)(1 − s))."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w2: Tensor):
+        dtype = compute_dtype(h, w2)
+        with torch.autocast(h.device.type, enabled=False):
+            a, b = h.to(dtype).chunk(2, dim=-1)
+            y = (F.silu(a) * b) @ w2.to(dtype).T
+        ctx.dtype = dtype
+        ctx.save_for_backward(h, w2)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        h, w2 = ctx.saved_tensors
+        dtype = ctx.dtype  # the matmuls' dtype; the elementwise math runs in at least fp32
+        a, b = h.to(torch.promote_types(dtype, torch.float32)).chunk(2, dim=-1)
+        dy = dy.to(dtype)
+        s = torch.sigmoid(a)
+        silu = a * s
+        dw2 = None
+        if ctx.needs_input_grad[1]:
+            p = (silu * b).to(dtype)
+            dw2 = (dy.reshape(-1, dy.shape[-1]).T @ p.reshape(-1, p.shape[-1])).to(w2.dtype)
+            del p
+        dp = (dy @ w2.to(dtype)).to(a.dtype)
+        dh = torch.empty(h.shape, dtype=a.dtype, device=h.device)
+        da, db = dh.chunk(2, dim=-1)
+        torch.mul(dp, silu, out=db)
+        dsilu = (1 - s).mul_(silu).add_(s)
+        torch.mul(dp, b, out=da).mul_(dsilu)
+        return dh.to(h.dtype), dw2
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int, scale: float | None = None) -> Tensor:
