@@ -68,27 +68,36 @@ def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
 def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
     """X [B, T, m, D]; pre, post [..., m]; R [..., m, m] -> X' [B, T, m, D].
 
-    Broadcast-and-sum rather than einsum: with per-token coefficients einsum becomes a batched
-    matmul of B·T tiny (m × m)(m × D) products, 10x slower on CPU than these elementwise passes.
+    Eager: the read and the write as batched per-token products with hand-written backwards.
+    Compiled: the plain broadcast-and-sum form, which the compiler fuses.
     """
-    if X.shape[-2] == 2 and not torch.compiler.is_compiling():  # eager, the released m: by hand
-        return WriteTwoStreams.apply(X, fn(ReadTwoStreams.apply(X, pre)), post, R)
+    if not torch.compiler.is_compiling():
+        return WriteStreams.apply(X, fn(ReadStreams.apply(X, pre)), post, R)
     x_in = (pre.unsqueeze(-1) * X).sum(-2)
     mixed = (R.unsqueeze(-1) * X.unsqueeze(-2)).sum(-3)  # Σ_j R_jk X_j
     return mixed + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
 
 
-# For m = 2 eager autograd's version of the update makes ~40 passes over [B, T, D] tensors per sublayer
-# (a temporary per product, a reduction per broadcast coefficient, a stack). These two functions
-# write each output once: the forward pass with addcmul into preallocated streams, the backward
-# pass with one small batched matmul per coefficient (per-token dot products). Coefficients are
-# per token ([B, T, ...]) or per sublayer (no leading dims); their gradients are summed back.
+# Autograd's version of the update makes ~40 passes over [B, T, D] tensors per sublayer for m = 2 (a
+# temporary per product, a reduction per broadcast coefficient). These two functions write each
+# output once: a sum of m scaled streams to read, a batched (m × m)(m × D) product per token to
+# mix (the read is written out elementwise: CPU bmm loops over tokens for a 1-row left factor);
+# their backwards are batched matmuls too (a (m+1) × m one gives dX and dy together; the
+# coefficients' gradients are per-token dot products). Coefficients are per token ([B, T, ...]) or
+# per sublayer (no leading dims); their gradients are summed back. Autocast is off inside: the
+# streams are the residual, and stay in their own precision.
+
+
+def per_token(c: Tensor, lead: torch.Size, tail: int) -> Tensor:
+    """A coefficient per sublayer ([*tail]) or per token ([*lead, *tail]) as [N, *tail]."""
+    shape = c.shape[c.dim() - tail :]
+    return c.expand(*lead, *shape).reshape(-1, *shape)
 
 
 def pair_dots(a: Tensor, b: Tensor) -> Tensor:
     """a [..., i, D], b [..., k, D] -> [..., i, k], the dot products <a_i, b_k>, as one batched
-    matmul of row vectors (i, k ≤ 2): the layout CPU bmm runs fast. A stream dim that is a
-    broadcast view (the expanded embedding) is reduced once, not copied."""
+    matmul of row vectors: the layout CPU bmm runs fast. A stream dim that is a broadcast view
+    (the expanded embedding) is reduced once, not copied."""
     if a.shape[-2] > 1 and a.stride(-2) == 0:
         return pair_dots(a[..., :1, :], b).expand(*a.shape[:-1], b.shape[-2])
     if b.shape[-2] > 1 and b.stride(-2) == 0:
@@ -96,59 +105,73 @@ def pair_dots(a: Tensor, b: Tensor) -> Tensor:
     return a.contiguous() @ b.contiguous().transpose(-1, -2)
 
 
-class ReadTwoStreams(torch.autograd.Function):
-    """x_in = pre_0 X_0 + pre_1 X_1."""
+def broadcast_streams(X: Tensor) -> bool:
+    """Whether every stream is the same tensor (the expanded embedding, before the first sublayer)."""
+    return X.shape[-2] > 1 and X.stride(-2) == 0
+
+
+class ReadStreams(torch.autograd.Function):
+    """x_in = Σ_j pre_j X_j."""
 
     @staticmethod
     def forward(ctx, X: Tensor, pre: Tensor) -> Tensor:
         ctx.save_for_backward(X, pre)
-        p = pre.unsqueeze(-1)
-        return torch.addcmul(X[..., 0, :] * p[..., 0, :], X[..., 1, :], p[..., 1, :])
+        m = X.shape[-2]
+        with torch.autocast(X.device.type, enabled=False):
+            p = pre.unsqueeze(-1).to(X.dtype)
+            if broadcast_streams(X):
+                return X[..., 0, :] * p.sum(-2)
+            # Elementwise: as a bmm, (1 × m)(m × D) per token falls into a loop over tokens.
+            x = X[..., 0, :] * p[..., 0, :]
+            for j in range(1, m):
+                x.addcmul_(X[..., j, :], p[..., j, :])
+            return x
 
     @staticmethod
     def backward(ctx, g: Tensor):
         X, pre = ctx.saved_tensors
-        gX = None
-        if ctx.needs_input_grad[0]:  # one pass per stream: the broadcast product is ~2x slower
-            gX = torch.empty(*g.shape[:-1], 2, g.shape[-1], dtype=g.dtype, device=g.device)
-            p = pre.unsqueeze(-1)
-            for j in (0, 1):
-                torch.mul(g, p[..., j, :], out=gX[..., j, :])
-        gpre = pair_dots(g.unsqueeze(-2), X).squeeze(-2).sum_to_size(pre.shape) if ctx.needs_input_grad[1] else None
+        lead, (m, D) = X.shape[:-2], X.shape[-2:]
+        gX = gpre = None
+        if ctx.needs_input_grad[0]:  # dX_j = pre_j g: an outer product per token
+            P = per_token(pre, lead, 1).to(g.dtype).unsqueeze(-1)  # [N, m, 1]
+            gX = torch.bmm(P, g.reshape(-1, 1, D)).view(*lead, m, D)
+        if ctx.needs_input_grad[1]:  # dpre_j = <g, X_j>
+            gpre = pair_dots(g.unsqueeze(-2), X).squeeze(-2).sum_to_size(pre.shape).to(pre.dtype)
         return gX, gpre
 
 
-class WriteTwoStreams(torch.autograd.Function):
-    """X'_k = R_0k X_0 + R_1k X_1 + post_k y, for k = 0, 1."""
+class WriteStreams(torch.autograd.Function):
+    """X'_k = Σ_j R_jk X_j + post_k y."""
 
     @staticmethod
     def forward(ctx, X: Tensor, y: Tensor, post: Tensor, R: Tensor) -> Tensor:
         ctx.save_for_backward(X, y, post, R)
-        out = torch.empty(torch.broadcast_shapes(X.shape, y.unsqueeze(-2).shape), dtype=y.dtype, device=y.device)
-        r, q = R.unsqueeze(-1), post.unsqueeze(-1)
-        for k in (0, 1):
-            o = out[..., k, :]
-            torch.mul(X[..., 0, :], r[..., 0, k, :], out=o)
-            o.addcmul_(X[..., 1, :], r[..., 1, k, :]).addcmul_(y, q[..., k, :])
-        return out
+        lead, (m, D) = y.shape[:-1], X.shape[-2:]
+        dtype = torch.promote_types(X.dtype, y.dtype)
+        with torch.autocast(y.device.type, enabled=False):
+            if broadcast_streams(X):  # Σ_j R_jk X_0 = (Σ_j R_jk) X_0
+                out = X[..., :1, :].to(dtype) * R.sum(-2).unsqueeze(-1).to(dtype)
+                out = out.expand(*lead, m, D).contiguous()
+            else:
+                Rt = per_token(R, lead, 2).to(dtype).transpose(1, 2)  # [N, k, j]
+                out = torch.bmm(Rt, X.reshape(-1, m, D).to(dtype)).view(*lead, m, D)
+            return out.addcmul_(y.unsqueeze(-2).to(dtype), post.unsqueeze(-1).to(dtype))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         X, y, post, R = ctx.saved_tensors
         need = ctx.needs_input_grad
-        r, q = R.unsqueeze(-1), post.unsqueeze(-1)
+        lead, (m, D) = y.shape[:-1], X.shape[-2:]
         gX = gy = gpost = gR = None
-        if need[0]:  # dX_j = Σ_k R_jk dX'_k
-            gX = torch.empty_like(X)
-            for j in (0, 1):
-                torch.mul(g[..., 0, :], r[..., j, 0, :], out=gX[..., j, :])
-                gX[..., j, :].addcmul_(g[..., 1, :], r[..., j, 1, :])
-        if need[1]:
-            gy = torch.addcmul(g[..., 0, :] * q[..., 0, :], g[..., 1, :], q[..., 1, :])
-        if need[2]:  # dpost_k = <y, dX'_k>
-            gpost = pair_dots(y.unsqueeze(-2), g).squeeze(-2).sum_to_size(post.shape)
-        if need[3]:  # dR_jk = <X_j, dX'_k>
-            gR = pair_dots(X, g).sum_to_size(R.shape)
+        if need[0] or need[1]:  # dX_j = Σ_k R_jk g_k (rows 0..m-1), dy = Σ_k post_k g_k (row m)
+            A = torch.cat([per_token(R, lead, 2), per_token(post, lead, 1).unsqueeze(1)], 1).to(g.dtype)
+            H = torch.bmm(A, g.reshape(-1, m, D))  # [N, m + 1, D]
+            gX = H[:, :m].unflatten(0, lead).to(X.dtype)
+            gy = H[:, m].unflatten(0, lead).to(y.dtype)
+        if need[2]:  # dpost_k = <y, g_k>
+            gpost = pair_dots(y.unsqueeze(-2), g).squeeze(-2).sum_to_size(post.shape).to(post.dtype)
+        if need[3]:  # dR_jk = <X_j, g_k>
+            gR = pair_dots(X, g).sum_to_size(R.shape).to(R.dtype)
         return gX, gy, gpost, gR
 
 

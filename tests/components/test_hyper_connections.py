@@ -176,7 +176,7 @@ def test_collapse_sum_adds_the_streams(tiny_model_cfg):
 def test_two_stream_update_gradients_pass_gradcheck(per_token, expanded):
     """The hand-written backward of the m = 2 update (coefficients per token or per sublayer; the
     streams a broadcast view, as after expand, or not)."""
-    from components.hyper_connections import ReadTwoStreams, WriteTwoStreams
+    from components.hyper_connections import ReadStreams, WriteStreams
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 1 if expanded else 2, 5, generator=g, dtype=torch.float64)
@@ -186,7 +186,7 @@ def test_two_stream_update_gradients_pass_gradcheck(per_token, expanded):
 
     def update(x, pre, post, R):
         X = x.expand(2, 3, 2, 5)
-        return WriteTwoStreams.apply(X, torch.tanh(ReadTwoStreams.apply(X, pre) @ W), post, R)
+        return WriteStreams.apply(X, torch.tanh(ReadStreams.apply(X, pre) @ W), post, R)
 
     assert torch.autograd.gradcheck(update, (x.requires_grad_(), *coef))
 
