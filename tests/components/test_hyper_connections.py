@@ -105,22 +105,36 @@ def test_static_init_reads_one_stream_per_sublayer():
 
 
 @pytest.mark.parametrize("per_token", [False, True])
-def test_two_stream_update_equals_the_general_formula(per_token):
+@pytest.mark.parametrize("m", [2, 3])
+def test_stream_update_equals_the_general_formula(per_token, m):
     from components.hyper_connections import hc_update
 
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(2, 5, 2, 8, generator=g)
+    X = torch.randn(2, 5, m, 8, generator=g)
     lead = (2, 5) if per_token else ()
     pre, post, R = (
-        torch.rand(*lead, 2, generator=g),
-        torch.rand(*lead, 2, generator=g),
-        torch.rand(*lead, 2, 2, generator=g),
+        torch.rand(*lead, m, generator=g),
+        torch.rand(*lead, m, generator=g),
+        torch.rand(*lead, m, m, generator=g),
     )
     W = torch.randn(8, 8, generator=g)
     fn = lambda x: torch.tanh(x @ W)  # noqa: E731
     x_in = (pre.unsqueeze(-1) * X).sum(-2)
     expected = torch.einsum("...jk,...jd->...kd", R, X) + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
     assert torch.allclose(hc_update(X, fn, pre, post, R), expected, atol=1e-6)
+
+
+def test_stream_update_keeps_the_streams_precision_under_autocast():
+    """The streams are the residual: bf16 autocast must not round the mixing."""
+    from components.hyper_connections import hc_update
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 5, 2, 8, generator=g) * 100 + 1
+    pre, post, R = torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, 2, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hc_update(X, lambda x: torch.zeros_like(x), pre, post, R)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.einsum("...jk,...jd->...kd", R, X), rtol=1e-6, atol=1e-4)
 
 
 def test_dynamic_is_the_papers_form_written_from_its_formulas(tiny_model_cfg):
@@ -173,19 +187,20 @@ def test_collapse_sum_adds_the_streams(tiny_model_cfg):
 
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("expanded", [False, True])
-def test_two_stream_update_gradients_pass_gradcheck(per_token, expanded):
-    """The hand-written backward of the m = 2 update (coefficients per token or per sublayer; the
-    streams a broadcast view, as after expand, or not)."""
+@pytest.mark.parametrize("m", [2, 3])
+def test_stream_update_gradients_pass_gradcheck(per_token, expanded, m):
+    """The hand-written backward of the update (coefficients per token or per sublayer; the streams a
+    broadcast view, as after expand, or not)."""
     from components.hyper_connections import ReadStreams, WriteStreams
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 1 if expanded else 2, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, 1 if expanded else m, 5, generator=g, dtype=torch.float64)
     lead = (2, 3) if per_token else ()
-    coef = [torch.rand(*lead, *s, generator=g, dtype=torch.float64, requires_grad=True) for s in [(2,), (2,), (2, 2)]]
+    coef = [torch.rand(*lead, *s, generator=g, dtype=torch.float64, requires_grad=True) for s in [(m,), (m,), (m, m)]]
     W = torch.randn(5, 5, generator=g, dtype=torch.float64)
 
     def update(x, pre, post, R):
-        X = x.expand(2, 3, 2, 5)
+        X = x.expand(2, 3, m, 5)
         return WriteStreams.apply(X, torch.tanh(ReadStreams.apply(X, pre) @ W), post, R)
 
     assert torch.autograd.gradcheck(update, (x.requires_grad_(), *coef))
