@@ -69,3 +69,26 @@ def test_the_first_position_through_attention_is_exactly_zero(tiny_model_cfg):
         xsa_mod.register_forward_hook(lambda m, args, out, seen=seen: seen.setdefault("z", out))
         lm(torch.randint(0, 97, (2, 6)))
         assert torch.equal(seen["z"][:, :, 0], torch.zeros_like(seen["z"][:, :, 0]))
+
+
+@given(kv=st.sampled_from([1, 2, 4]), tiny_v=st.booleans(), seed=st.integers(0, 10_000))
+@settings(max_examples=12, deadline=None)
+def test_hand_written_backward_passes_gradcheck(kv, tiny_v, seed):
+    """Grouped heads share a value; a value under eps (n floored) takes the other branch."""
+    from components.xsa import Exclude
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(2, kv, 4 // kv, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, kv, 1, 3, 5, generator=g, dtype=torch.float64)
+    if tiny_v:
+        v[:, :, :, 0] *= 1e-4  # ‖v‖² ≈ 1e-8, under eps = 1e-6
+    assert torch.autograd.gradcheck(lambda y, v: Exclude.apply(y, v, 1e-6), (y, v.requires_grad_()))
+
+
+def test_eager_and_compiled_forms_agree():
+    from components.xsa import Exclude
+
+    g = torch.Generator().manual_seed(0)
+    y, v = torch.randn(2, 2, 3, 7, 8, generator=g), torch.randn(2, 2, 1, 7, 8, generator=g)
+    plain = y - (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-6) * v
+    assert torch.allclose(Exclude.apply(y, v, 1e-6), plain, atol=1e-6)
