@@ -1,7 +1,8 @@
 """Benchmark: `python -m escarda_lab.bench EXP_OR_GRID.yaml [EXP2.yaml ...] [key=value ...] [--json]`.
 
 Variants: one experiment is benchmarked against the same shape with every plugin off (vanilla),
-and each of its plugins alone (`vanilla+X`: its cost, printed as ratios to vanilla); several
+each of its plugins alone (`vanilla+X`: its cost, printed as ratios to vanilla) and vanilla again
+(`vanilla+null`: the ratio a plugin that costs nothing reads, i.e. the noise floor); several
 experiments against the first; a grid file's variants (first seed) against the grid's baseline.
 Everything is measured in one process, interleaved (A B C, then C B A, ...) to cancel drift:
   * loop overhead: the baseline trained by our LightningModule under lightning.Trainer (what
@@ -189,6 +190,9 @@ def vanilla_of(cfg, keep: str | None = None):
     return replace(cfg, name=f"vanilla+{keep}" if keep else "vanilla", components=replace(cfg.components, **comps))
 
 
+NULL = "vanilla+null"  # vanilla benchmarked again in another slot: what a plugin costing nothing reads
+
+
 def alone_ratios(res: dict) -> dict[str, float]:
     """{plugin: step time of vanilla with only that plugin on / vanilla's}, and "all" for the
     experiment itself, when the variants are an experiment's vanilla, itself and its `vanilla+X`."""
@@ -201,7 +205,8 @@ def alone_ratios(res: dict) -> dict[str, float]:
         if prefix == "vanilla" and plugin in plugins:
             out[plugin] = v["ratio_to_baseline"]
     full = next((v for v in vs if not v["name"].startswith("vanilla")), None)
-    return {**out, "all": full["ratio_to_baseline"]} if out and full else {}
+    null = [v["ratio_to_baseline"] for v in vs if v["name"] == NULL]
+    return {**out, "all": full["ratio_to_baseline"], **({"null": null[0]} if null else {})} if out and full else {}
 
 
 def load_variants(experiments: list[str], overrides: list[str], alone: bool = True) -> list:
@@ -218,8 +223,8 @@ def load_variants(experiments: list[str], overrides: list[str], alone: bool = Tr
         on = [n for n in registry.toggleable() if getattr(cfgs[0].components, n).enabled]
         if on:
             cfgs.insert(0, vanilla_of(cfgs[0]))
-        if alone and len(on) > 1:  # each plugin's cost alone
-            cfgs += [vanilla_of(cfgs[1], keep=n) for n in on]
+        if alone and len(on) > 1:  # each plugin's cost alone, and vanilla again: the noise floor
+            cfgs += [vanilla_of(cfgs[1], keep=n) for n in on] + [replace(cfgs[0], name=NULL)]
     return cfgs
 
 
@@ -377,7 +382,12 @@ def report(res: dict, decode: bool) -> str:
     alone = res["plugin_ratios"]
     if alone:
         lines.append("\nstep time over vanilla's, each plugin alone (vanilla+X) and all of them:")
-        lines.append("  " + ", ".join(f"{k} {r:.2f}x" for k, r in alone.items()))
+        lines.append("  " + ", ".join(f"{k} {r:.2f}x" for k, r in alone.items() if k != "null"))
+        if "null" in alone:
+            lines.append(
+                f"  noise floor: vanilla against itself in another slot reads {alone['null']:.2f}x "
+                "(a plugin within this distance of 1.00x costs nothing measurable here)"
+            )
     lines.append("\nMFLOP/token added by each plugin (variant minus the variant without it):")
     for v in res["variants"]:
         if v["flops_per_token_by_plugin"]:

@@ -130,7 +130,9 @@ def _bench(p):
         default="auto",
         help="output head: as configured (train.fused_head), fused, unfused (logits materialised) or both",
     )
-    p.add_argument("--no-alone", action="store_true", help="one experiment: skip its plugins' vanilla+X runs")
+    p.add_argument(
+        "--no-alone", action="store_true", help="one experiment: skip the vanilla+X runs and the vanilla+null floor"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 

@@ -83,6 +83,8 @@ def test_single_experiment_is_compared_with_its_vanilla_shape(corpus, tmp_path, 
     assert {"mtp", "hyper_connections", "jepa", "all"} <= ratios.keys() and "engram" not in ratios
     assert ratios["all"] == var["ratio_to_baseline"] and all(r > 0 for r in ratios.values())
     assert "each plugin alone (vanilla+X)" in out
+    assert names[-1] == "vanilla+null" and ratios["null"] == res["variants"][-1]["ratio_to_baseline"]
+    assert res["variants"][-1]["flops_per_token"] == base["flops_per_token"] and "noise floor" in out
 
 
 def test_grid_file_benchmarks_its_variants_against_its_baseline(corpus, tmp_path, capsys):

@@ -130,7 +130,8 @@ def test_stream_update_keeps_the_streams_precision_under_autocast():
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2, 5, 2, 8, generator=g) * 100 + 1
-    pre, post, R = torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, 2, generator=g)
+    pre, post = torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, generator=g)
+    R = torch.rand(2, 5, 2, 2, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = hc_update(X, lambda x: torch.zeros_like(x), pre, post, R)
     assert out.dtype == torch.float32
