@@ -194,8 +194,9 @@ NULL = "vanilla+null"  # vanilla benchmarked again in another slot: what a plugi
 
 
 def alone_ratios(res: dict) -> dict[str, float]:
-    """{plugin: step time of vanilla with only that plugin on / vanilla's}, and "all" for the
-    experiment itself, when the variants are an experiment's vanilla, itself and its `vanilla+X`."""
+    """{plugin: step time of vanilla with only that plugin on / vanilla's}, "all" for the experiment
+    itself and "null" for vanilla's copy, when the variants are an experiment's vanilla, itself and
+    its `vanilla+X`."""
     vs, plugins = res["variants"], registry.toggleable()
     if not vs or vs[0]["name"] != "vanilla":
         return {}

@@ -43,8 +43,8 @@ class RMSNorm(nn.Module):
 
 def lean_autograd(x: Tensor) -> bool:
     """Whether to use the hand-written backwards that keep fewer activations: eager CPU training.
-    (torch.compile's partitioner already recomputes cheap elementwise ops; CUDA's fused rms_norm
-    keeps only x and 1/rms.)"""
+    (Under torch.compile the partitioner recomputes cheap elementwise ops itself, and GPU runs
+    compile by default.)"""
     return x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
