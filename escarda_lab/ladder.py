@@ -118,6 +118,26 @@ def bootstrap(base_points: dict, variant: dict, n: int = 2000, seed: int = 0) ->
     return float(np.quantile(out, 0.025)), float(np.quantile(out, 0.975)), ""
 
 
+def fit_band(base_points: dict, xs, n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """95% band of the baseline's fitted loss at compute xs, by the same seed bootstrap as the
+    multipliers' intervals (NaNs when fewer than two seeds)."""
+    xs = np.asarray(xs, float)
+    seeds = sorted(base_points)
+    if len(seeds) < 2:
+        return np.full_like(xs, np.nan), np.full_like(xs, np.nan)
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n):
+        pts = [p for s in rng.choice(seeds, len(seeds), replace=True) for p in base_points[s]]
+        try:
+            curves.append(fit([c for c, _ in pts], [y for _, y in pts]).loss(xs))
+        except ValueError:
+            continue
+    if not curves:
+        return np.full_like(xs, np.nan), np.full_like(xs, np.nan)
+    return np.quantile(curves, 0.025, axis=0), np.quantile(curves, 0.975, axis=0)
+
+
 def table(runs, plan: dict, metric: str = "val_bpb"):
     """One row per non-rung variant: its FLOPs, loss, multiplier (with relation) and 95% CI; and
     the baseline's fit. `runs` is compare.load_runs's frame, with `train_tokens`."""
@@ -193,16 +213,22 @@ def plot(mult, f: Fit, points, path, metric: str = "val_bpb") -> None:
     ax.scatter(points.compute, points[metric], color="0.3", s=16, label="baseline rungs (per seed)", zorder=3)
     xs = np.geomspace(f.c_min / 1.5, f.c_max * 1.5, 100)
     ax.plot(xs, f.loss(xs), color="k", lw=1.2, label=f"baseline fit ({f.kind})")
-    ax.axvspan(f.c_min, f.c_max, color="0.9", zorder=0)
+    base_points: dict = {}
+    for r in points.itertuples():
+        base_points.setdefault(r.seed, []).append((r.compute, getattr(r, metric)))
+    lo, hi = fit_band(base_points, xs)
+    if np.isfinite(lo).any():
+        ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.2, lw=0, label="fit, 95% band (seed bootstrap)")
+    ax.axvspan(f.c_min, f.c_max, color="0.95", zorder=0)
     cmap = matplotlib.colormaps["tab10"]
     for i, r in enumerate(mult.itertuples()):
-        ax.scatter([r.compute], [getattr(r, metric)], color=cmap(i % 10), s=40, zorder=4)
-        label = f"{r.variant}: {'' if r.relation == '=' else r.relation}{r.multiplier:.2f}×"
-        ax.annotate(label, (r.compute, getattr(r, metric)), fontsize=8, xytext=(5, 4), textcoords="offset points")
+        ci = "" if math.isnan(r.ci_low) else f" [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+        label = f"{r.variant}: {'' if r.relation == '=' else r.relation}{r.multiplier:.2f}×{ci}"
+        ax.scatter([r.compute], [getattr(r, metric)], color=cmap(i % 10), s=40, zorder=4, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (log)")
     ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title("loss against compute: the baseline's ladder and each variant (shaded: the ladder's range)")
+    ax.set_title("loss against compute: the baseline's ladder and each variant (light: the ladder's range)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

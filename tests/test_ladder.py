@@ -57,6 +57,19 @@ def test_the_bootstrap_interval_covers_the_truth_and_narrows_with_less_noise():
     assert widths[1] < widths[0]
 
 
+def test_the_fit_band_covers_the_true_curve_and_narrows_with_less_noise():
+    rng = np.random.default_rng(2)
+    rungs, xs = [1e9, 1e10, 1e11], np.geomspace(1e9, 1e11, 7)
+    widths = []
+    for noise in (0.02, 0.002):
+        base = {s: [(c, float(loglin(c)) + rng.normal(0, noise)) for c in rungs] for s in range(6)}
+        lo, hi = ladder.fit_band(base, xs, n=300)
+        assert np.all(lo <= loglin(xs) + 1e-9) and np.all(loglin(xs) <= hi + 1e-9)
+        widths.append(float(np.mean(hi - lo)))
+    assert widths[1] < widths[0]
+    assert np.isnan(ladder.fit_band({0: [(1e9, 1.0), (1e10, 0.9)]}, xs)[0]).all()  # one seed: no band
+
+
 def test_table_reads_runs_and_marks_bounds():
     rows = []
     for seed in range(3):
