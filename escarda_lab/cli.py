@@ -44,7 +44,7 @@ def malloc_mmap_threshold(nbytes: int) -> None:
     is set as glibc's own rule would (2x): at 128 KiB the heap top was returned and faulted back
     in every step, 5% of a d256 step.
     """
-    with contextlib.suppress(OSError, AttributeError):
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 2 * nbytes)  # M_TRIM_THRESHOLD
@@ -52,7 +52,7 @@ def malloc_mmap_threshold(nbytes: int) -> None:
 
 def release_free_memory() -> None:
     """Give the heap's free pages back to the OS (glibc malloc_trim), so RSS reads live memory."""
-    with contextlib.suppress(OSError, AttributeError):
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
 
 
