@@ -151,7 +151,6 @@ class WriteStreams(torch.autograd.Function):
         with torch.autocast(y.device.type, enabled=False):
             if broadcast_streams(X):  # Σ_j R_jk X_0 = (Σ_j R_jk) X_0
                 out = X[..., :1, :].to(dtype) * R.sum(-2).unsqueeze(-1).to(dtype)
-                out = out.expand(*lead, m, D).contiguous()
             else:
                 Rt = per_token(R, lead, 2).to(dtype).transpose(1, 2)  # [N, k, j]
                 out = torch.bmm(Rt, X.reshape(-1, m, D).to(dtype)).view(*lead, m, D)
