@@ -134,7 +134,7 @@ class ReadStreams(torch.autograd.Function):
         gX = gpre = None
         if ctx.needs_input_grad[0]:  # dX_j = pre_j g: an outer product per token
             P = per_token(pre, lead, 1).to(g.dtype).unsqueeze(-1)  # [N, m, 1]
-            gX = torch.bmm(P, g.reshape(-1, 1, D)).view(*lead, m, D)
+            gX = (P * g.reshape(-1, 1, D)).view(*lead, m, D)  # a broadcast product: bmm runs it on one thread
         if ctx.needs_input_grad[1]:  # dpre_j = <g, X_j>
             gpre = pair_dots(g.unsqueeze(-2), X).squeeze(-2).sum_to_size(pre.shape).to(pre.dtype)
         return gX, gpre
@@ -273,6 +273,8 @@ class HyperConnections(Residual):
         return X.mean(dim=-2)
 
     def add(self, X: Tensor, delta: Tensor) -> Tensor:
+        if broadcast_streams(X):  # still the expanded embedding: stays one (the first sublayer's fast paths)
+            return self.expand(X[..., 0, :] + delta)
         return X + delta.unsqueeze(-2)
 
     def stats(self) -> dict[str, float]:
@@ -338,11 +340,13 @@ class FlatDynamicHyperConnections(HyperConnections):
         self.phi.zero_()
 
     def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
-        n, x = self.m, X.flatten(-2)
+        n, phi = self.m, self.phi[site]
         if torch.compiler.is_compiling():  # the compiler fuses the plain form itself
-            c = F.rms_norm(x, (x.shape[-1],), eps=1e-6) @ self.phi[site]
+            c = F.rms_norm(X.flatten(-2), (n * X.shape[-1],), eps=1e-6) @ phi
+        elif broadcast_streams(X):  # vec X = [x, .., x]: RMSNorm(vec X) φ = RMSNorm(x) Σ_i φ_i, no copy of X
+            c = NormedProjection.apply(X[..., 0, :], phi.unflatten(0, (n, -1)).sum(0), 1e-6)
         else:
-            c = NormedProjection.apply(x, self.phi[site], 1e-6)  # [B, T, 2m + m²]
+            c = NormedProjection.apply(X.flatten(-2), phi, 1e-6)  # [B, T, 2m + m²]
         return c[..., :n], c[..., n : 2 * n], c[..., 2 * n :].unflatten(-1, (n, n))
 
 

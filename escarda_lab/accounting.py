@@ -130,7 +130,8 @@ def step_memory_bytes(cfg) -> float:
     activations = tokens * m.n_layers * per_layer * 4
     vocab = m.vocab_size or d.tokenizer.vocab_size
     # the fused head holds one chunk of fp32 logits; the unfused one all of them and their gradient
-    logits = 2 * layers.CHUNK_BYTES if cfg.train.fused_head else 2 * tokens * vocab * 4
+    chunk = max(layers.chunk_rows(kind, vocab) for kind in layers.CHUNK_BYTES)
+    logits = 2 * min(tokens, chunk) * vocab * 4 if cfg.train.fused_head else 2 * tokens * vocab * 4
     return 16.0 * params + activations + logits
 
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from escarda_lab.layers import linear_nll_and_logsumexp, nll_and_logsumexp
+from escarda_lab.layers import CHUNK_BYTES, MIN_CHUNK_ROWS, chunk_rows, linear_nll_and_logsumexp, nll_and_logsumexp
 from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 
@@ -179,3 +179,8 @@ def test_no_gradient_is_prepared_without_grad(monkeypatch):
     assert not seen
     linear_nll_and_logsumexp(x, w, y)
     assert seen
+
+
+def test_cpu_chunks_stay_in_cache_but_keep_enough_rows_to_amortise_reading_the_head():
+    assert chunk_rows("cpu", 4096) * 4096 * 4 == CHUNK_BYTES["cpu"] < CHUNK_BYTES["cuda"]
+    assert chunk_rows("cpu", 16_512) == chunk_rows("cuda", 16_512) == MIN_CHUNK_ROWS

@@ -216,3 +216,26 @@ def test_normed_projection_is_rmsnorm_then_matmul_with_its_gradients():
     ref = torch.nn.functional.rms_norm(x, (12,), eps=1e-6) @ phi
     assert torch.allclose(NormedProjection.apply(x, phi, 1e-6), ref, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x, phi: NormedProjection.apply(x, phi, 1e-6), (x, phi))
+
+
+@pytest.mark.parametrize("variant", ["dynamic_flat", "mhc"])
+def test_coefficients_of_expanded_streams_equal_those_of_a_copy(tiny_model_cfg, variant):
+    hc = EscardaLM(model_cfg(tiny_model_cfg, variant)).residual.double()
+    with torch.no_grad():
+        hc.phi.normal_(std=0.05)
+    x = torch.randn(2, 4, 32, dtype=torch.float64, requires_grad=True)
+
+    def coefficients_and_grads(X):
+        out = torch.cat([c.flatten(2) for c in hc.coefficients(X, site=1)], -1)
+        return out, *torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), (x, hc.phi))
+
+    for a, b in zip(coefficients_and_grads(hc.expand(x)), coefficients_and_grads(hc.expand(x).contiguous())):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_adding_to_expanded_streams_keeps_them_one_tensor(tiny_model_cfg):
+    hc = EscardaLM(model_cfg(tiny_model_cfg, "mhc")).residual
+    x, delta = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+    out = hc.add(hc.expand(x), delta)
+    assert out.stride(-2) == 0
+    assert torch.equal(out, hc.expand(x).contiguous() + delta.unsqueeze(-2))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from components.jepa import JEPA, JEPAConfig
+from components.jepa import JEPA, CosineDistance, JEPAConfig
 from escarda_lab.model import EscardaLM, ModelOutput
 from escarda_lab.objectives import total_loss
 
@@ -30,3 +32,18 @@ def test_term_is_weighted_into_the_total(tiny_model_cfg):
     ids = torch.randint(0, 97, (2, 8))
     total, terms = total_loss(model, {"ids": ids, "labels": ids}, model(ids))
     assert torch.allclose(total, terms["cross_entropy"] + 0.5 * terms["jepa"])
+
+
+@given(seed=st.integers(0, 10_000), D=st.integers(1, 9), scale=st.floats(1e-3, 1e3))
+@settings(max_examples=30, deadline=None)
+def test_cosine_distance_is_one_minus_torchs_cosine_similarity_with_its_gradient(seed, D, scale):
+    g = torch.Generator().manual_seed(seed)
+    p = (scale * torch.randn(3, 4, D, generator=g, dtype=torch.float64)).requires_grad_()
+    t = torch.randn(3, 4, D, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ours = CosineDistance.apply(p, t, 1e-8)
+    ref = 1 - torch.nn.functional.cosine_similarity(p, t, dim=-1, eps=1e-8)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    (ours_grad,) = torch.autograd.grad((ours * w).sum(), p)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), p)
+    assert torch.allclose(ours_grad, ref_grad, rtol=1e-9, atol=1e-10 / scale)  # dcos/dp ~ 1 / |p|
