@@ -203,9 +203,14 @@ def test_a_missing_text_column_names_the_key_and_the_columns(tmp_path):
 
 
 def test_hf_without_a_network_is_one_paragraph_naming_local_alternatives(monkeypatch):
-    pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # both libraries read these once, at import: already imported, they would try the network
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     from escarda_lab import data
     from escarda_lab.errors import DataError
 
