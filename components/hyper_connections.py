@@ -94,20 +94,20 @@ def per_token(c: Tensor, lead: torch.Size, tail: int) -> Tensor:
     return c.expand(*lead, *shape).reshape(-1, *shape)
 
 
+def broadcast_streams(X: Tensor) -> bool:
+    """Whether every stream is the same tensor (the expanded embedding, before the first sublayer)."""
+    return X.shape[-2] > 1 and X.stride(-2) == 0
+
+
 def pair_dots(a: Tensor, b: Tensor) -> Tensor:
     """a [..., i, D], b [..., k, D] -> [..., i, k], the dot products <a_i, b_k>, as one batched
     matmul of row vectors: the layout CPU bmm runs fast. A stream dim that is a broadcast view
     (the expanded embedding) is reduced once, not copied."""
-    if a.shape[-2] > 1 and a.stride(-2) == 0:
+    if broadcast_streams(a):
         return pair_dots(a[..., :1, :], b).expand(*a.shape[:-1], b.shape[-2])
-    if b.shape[-2] > 1 and b.stride(-2) == 0:
+    if broadcast_streams(b):
         return pair_dots(a, b[..., :1, :]).expand(*a.shape[:-1], b.shape[-2])
     return a.contiguous() @ b.contiguous().transpose(-1, -2)
-
-
-def broadcast_streams(X: Tensor) -> bool:
-    """Whether every stream is the same tensor (the expanded embedding, before the first sublayer)."""
-    return X.shape[-2] > 1 and X.stride(-2) == 0
 
 
 class ReadStreams(torch.autograd.Function):

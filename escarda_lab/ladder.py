@@ -100,15 +100,8 @@ def bootstrap(base_points: dict, variant: dict, n: int = 2000, seed: int = 0) ->
     seeds = sorted(set(base_points) & set(variant))
     if len(seeds) < 2:
         return math.nan, math.nan, ""
-    rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        pick = rng.choice(seeds, len(seeds), replace=True)
-        pts = [p for s in pick for p in base_points[s]]
-        try:
-            f = fit([c for c, _ in pts], [y for _, y in pts])
-        except ValueError:
-            continue
+    for pick, f in resampled_fits(base_points, seeds, n, seed):
         c_v = float(np.mean([variant[s][0] for s in pick]))
         y_v = float(np.mean([variant[s][1] for s in pick]))
         m, _ = multiplier(f, y_v, c_v)
@@ -118,21 +111,34 @@ def bootstrap(base_points: dict, variant: dict, n: int = 2000, seed: int = 0) ->
     return float(np.quantile(out, 0.025)), float(np.quantile(out, 0.975)), ""
 
 
+def resampled_fits(base_points: dict, seeds: list, n: int, seed: int):
+    """(seeds drawn, baseline fit on their rungs) for n resamplings of `seeds` with replacement
+    (draws whose points cannot be fitted are skipped): the seed bootstrap of the multipliers' CIs
+    and of the fit's band."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        pick = rng.choice(seeds, len(seeds), replace=True)
+        pts = [p for s in pick for p in base_points[s]]
+        try:
+            yield pick, fit([c for c, _ in pts], [y for _, y in pts])
+        except ValueError:
+            continue
+
+
+def seed_points(points, metric: str) -> dict:
+    """The baseline's rungs as {seed: [(compute, loss), ...]}."""
+    out: dict = {}
+    for r in points.itertuples():
+        out.setdefault(r.seed, []).append((r.compute, getattr(r, metric)))
+    return out
+
+
 def fit_band(base_points: dict, xs, n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """95% band of the baseline's fitted loss at compute xs, by the same seed bootstrap as the
     multipliers' intervals (NaNs when fewer than two seeds)."""
     xs = np.asarray(xs, float)
     seeds = sorted(base_points)
-    if len(seeds) < 2:
-        return np.full_like(xs, np.nan), np.full_like(xs, np.nan)
-    rng = np.random.default_rng(seed)
-    curves = []
-    for _ in range(n):
-        pts = [p for s in rng.choice(seeds, len(seeds), replace=True) for p in base_points[s]]
-        try:
-            curves.append(fit([c for c, _ in pts], [y for _, y in pts]).loss(xs))
-        except ValueError:
-            continue
+    curves = [f.loss(xs) for _, f in resampled_fits(base_points, seeds, n, seed)] if len(seeds) >= 2 else []
     if not curves:
         return np.full_like(xs, np.nan), np.full_like(xs, np.nan)
     return np.quantile(curves, 0.025, axis=0), np.quantile(curves, 0.975, axis=0)
@@ -149,9 +155,7 @@ def table(runs, plan: dict, metric: str = "val_bpb"):
     base = plan["baseline"]
     rung_names = {n for n, v in info.items() if v.get("rung_of") == base} | {base}
     points = ok[ok.variant.isin(rung_names)]
-    base_points: dict = {}
-    for r in points.itertuples():
-        base_points.setdefault(r.seed, []).append((r.compute, getattr(r, metric)))
+    base_points = seed_points(points, metric)
     f = fit(points.compute, points[metric])
     rows = []
     for name, g in ok.groupby("variant", sort=False):
@@ -213,10 +217,7 @@ def plot(mult, f: Fit, points, path, metric: str = "val_bpb") -> None:
     ax.scatter(points.compute, points[metric], color="0.3", s=16, label="baseline rungs (per seed)", zorder=3)
     xs = np.geomspace(f.c_min / 1.5, f.c_max * 1.5, 100)
     ax.plot(xs, f.loss(xs), color="k", lw=1.2, label=f"baseline fit ({f.kind})")
-    base_points: dict = {}
-    for r in points.itertuples():
-        base_points.setdefault(r.seed, []).append((r.compute, getattr(r, metric)))
-    lo, hi = fit_band(base_points, xs)
+    lo, hi = fit_band(seed_points(points, metric), xs)
     if np.isfinite(lo).any():
         ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.2, lw=0, label="fit, 95% band (seed bootstrap)")
     ax.axvspan(f.c_min, f.c_max, color="0.95", zorder=0)
