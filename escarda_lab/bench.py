@@ -215,7 +215,7 @@ def load_variants(experiments: list[str], overrides: list[str], alone: bool = Tr
     from escarda_lab import grid
 
     if len(experiments) == 1 and config.read_grid(experiments[0]) is not None:
-        g, runs, _ = grid.expand(experiments[0], overrides)
+        g, runs, _, *_ = grid.resolved(experiments[0], overrides)
         first = [r for r in runs if r.seed == g.seeds[0]]
         first.sort(key=lambda r: r.variant.name != r.variant.baseline)
         return [r.cfg for r in first]

@@ -344,8 +344,8 @@ def evaluate(
     seed: int = 0,
     probe_tasks: list[str] = (),
 ) -> dict:
-    from escarda_lab import data
     from escarda_lab import minimal_pairs as mp
+    from escarda_lab.corpora import corpus_files
     from escarda_lab.runs import load_run
 
     model, tok, cfg = load_run(run)
@@ -368,7 +368,7 @@ def evaluate(
                 name,
                 cfg.data.corpus,
             )
-        text = "\n\n".join(body for _, body in data.corpus_files(name, "--corpus"))
+        text = "\n\n".join(body for _, body in corpus_files(name, "--corpus"))
         out.setdefault("corpus", {})[name] = text_bpb(scorer, text)
     for suite in suites:
         if suite != "minimal_pairs":

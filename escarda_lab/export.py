@@ -41,7 +41,7 @@ def hf_tokenizer(tok):
     """Our tokenizer as a `tokenizers.Tokenizer` that adds <bos> in front (ids unchanged)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    from escarda_lab.data import SPECIALS
+    from escarda_lab.tokenizer import SPECIALS
 
     if tok.kind == "bpe":
         hf = Tokenizer.from_str(tok.hf.to_str())
@@ -78,8 +78,9 @@ def export(run: str | Path, out: str | Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from escarda_lab.data import EOS, IM_END, PAD, SPECIALS
+    from escarda_lab.layers import PAD
     from escarda_lab.runs import load_run
+    from escarda_lab.tokenizer import EOS, IM_END, SPECIALS
 
     model, tok, cfg = load_run(run)
     out = Path(out)

@@ -17,8 +17,8 @@ import sys
 import torch
 from torch import Tensor
 
-from escarda_lab.data import IM_END, IM_START, SPECIALS
 from escarda_lab.errors import UserError
+from escarda_lab.tokenizer import IM_END, IM_START, SPECIALS
 
 
 def chatml(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -146,7 +146,7 @@ def fit_band(base_points: dict, xs, n: int = 400, seed: int = 0) -> tuple[np.nda
 
 def table(runs, plan: dict, metric: str = "val_bpb"):
     """One row per non-rung variant: its FLOPs, loss, multiplier (with relation) and 95% CI; and
-    the baseline's fit. `runs` is compare.load_runs's frame, with `train_tokens`."""
+    the baseline's fit. `runs` is summary.load_runs's frame, with `train_tokens`."""
     import pandas as pd
 
     info = {v["name"]: v for v in plan["variants"]}

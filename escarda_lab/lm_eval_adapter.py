@@ -42,8 +42,8 @@ class EscardaEvalLM(LM):
         return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
 
     def generate_until(self, requests) -> list[str]:
-        from escarda_lab.data import EOS, IM_END
         from escarda_lab.generate import generate
+        from escarda_lab.tokenizer import EOS, IM_END
 
         out = []
         for r in requests:

@@ -38,7 +38,7 @@ import numpy as np
 from escarda_lab.registry import bounded
 
 IGNORE = -100
-N_SPECIALS = 8  # data.SPECIALS: task token t is model id t + N_SPECIALS
+N_SPECIALS = 8  # tokenizer.SPECIALS: task token t is model id t + N_SPECIALS
 
 
 @dataclass

@@ -142,7 +142,7 @@ def load_run(path: str | Path):
     """(model, tokenizer, cfg) from a run folder or a checkpoint inside one."""
     import torch
 
-    from escarda_lab import data
+    from escarda_lab import tokenizer
     from escarda_lab.model import EscardaLM
 
     path = Path(path)
@@ -159,4 +159,4 @@ def load_run(path: str | Path):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model = EscardaLM(cfg)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model.eval(), data.run_tokenizer(folder, cfg.data), cfg
+    return model.eval(), tokenizer.run_tokenizer(folder, cfg.data), cfg

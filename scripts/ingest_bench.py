@@ -26,7 +26,7 @@ VOCAB = 4096
 CHILD = """
 import json, sys, time, logging
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from escarda_lab import data
+from escarda_lab import corpora, data
 from escarda_lab.config import DataConfig, TokenizerConfig
 mode, corpus, cache, vocab = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 cfg = DataConfig(corpus=corpus, tokenizer=TokenizerConfig(kind="bpe", vocab_size=vocab), cache_dir=cache)
@@ -53,12 +53,12 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def make_corpus(folder: Path, gb: float) -> None:
-    from escarda_lab import data
+    from escarda_lab import corpora
 
     if folder.exists() and sum(p.stat().st_size for p in folder.glob("*.txt")) >= gb * 1e9:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    paras = [p for _, t in data.corpus_files("classics") for p in t.split("\n\n") if p.strip()]
+    paras = [p for _, t in corpora.corpus_files("classics") for p in t.split("\n\n") if p.strip()]
     rng = random.Random(0)
     written, k = 0, 0
     while written < gb * 1e9:

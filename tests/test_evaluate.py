@@ -11,9 +11,9 @@ import torch
 
 from escarda_lab import evaluate
 from escarda_lab import minimal_pairs as mp
-from escarda_lab.data import ByteTokenizer
 from escarda_lab.errors import DataError
 from escarda_lab.model import EscardaLM
+from escarda_lab.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")

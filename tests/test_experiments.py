@@ -33,7 +33,7 @@ def test_experiment_trains_two_steps(experiment: Path, corpus, tmp_path):
 
 @pytest.mark.parametrize("grid_file", GRIDS, ids=[p.stem for p in GRIDS])
 def test_grid_file_expands_into_valid_runs(grid_file: Path, corpus, tmp_path):
-    g, runs, grid_dir = grid.expand(ROOT / grid_file, tiny_overrides(corpus, tmp_path))
+    g, runs, grid_dir, *_ = grid.resolved(ROOT / grid_file, tiny_overrides(corpus, tmp_path))
     assert len(runs) == len(g.seeds) * len({r.variant.name for r in runs}) > len(g.seeds)
     assert {r.variant.baseline for r in runs} <= {r.variant.name for r in runs}
     assert all(r.folder.parent.parent == grid_dir for r in runs)

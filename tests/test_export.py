@@ -9,7 +9,7 @@ import torch
 
 from escarda_lab import evaluate
 from escarda_lab import minimal_pairs as mp
-from escarda_lab.data import ByteTokenizer
+from escarda_lab.tokenizer import ByteTokenizer
 from tests.conftest import ROOT, tiny_overrides
 
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from escarda_lab import data, grid
+from escarda_lab import corpora
 from escarda_lab.errors import DataError
 from escarda_lab.run import main
 from escarda_lab.runs import verify_checkpoint
@@ -122,7 +122,7 @@ def test_a_few_bytes_that_are_not_utf8_are_replaced_and_counted(tmp_path, caplog
     path = tmp_path / "latin.txt"
     path.write_bytes(b"plain text " * 100 + b"caf\xe9 na\xefve\n")
     caplog.set_level("WARNING")
-    text = data.read_text(path, "x.yaml")
+    text = corpora.read_text(path, "x.yaml")
     assert text.count("\ufffd") == 2 and "2 byte sequence(s) are not UTF-8" in caplog.text
 
 
@@ -130,7 +130,7 @@ def test_a_binary_file_is_refused_as_not_text(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(bytes(range(256)) * 200)
     with pytest.raises(DataError) as e:
-        data.read_text(path, "x.yaml")
+        corpora.read_text(path, "x.yaml")
     assert e.value.key == "data.corpus" and "not UTF-8 text" in e.value.problem
 
 
@@ -190,14 +190,16 @@ def test_a_bad_command_line_corpus_is_credited_to_the_command_line(corpus, tmp_p
 # -------------------------------------------------------------------------------- pre-emption
 
 
-def test_a_requeued_submitit_job_checkpoints_its_child_and_resubmits_the_same_call(monkeypatch):
+def test_a_requeued_submitit_job_checkpoints_its_child_and_resubmits_the_same_call():
     pytest.importorskip("submitit")
+    from escarda_lab.grid.launch import RequeueableRun
+
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    monkeypatch.setattr(grid, "_child", child)
-    job = grid.RequeueableRun()
+    job = RequeueableRun()
+    job.remember(child)  # what run_one tells the job when it starts the training process
     delayed = job.checkpoint("runs/g/full/seed0/config.yaml", 2, [])
     assert child.poll() is not None  # the training process was told to stop (it checkpoints on SIGTERM)
-    assert isinstance(delayed.function, grid.RequeueableRun)
+    assert isinstance(delayed.function, RequeueableRun) and delayed.function.child is None
     assert delayed.args == ("runs/g/full/seed0/config.yaml", 2, [])
 
 

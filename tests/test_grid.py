@@ -44,7 +44,7 @@ def finished_grid(corpus, tmp_path_factory):
 
 
 def test_expansion_resolves_every_run_with_its_folder(corpus, tmp_path):
-    g, runs, grid_dir = grid.expand(write(tmp_path, TWO_BY_TWO), tiny_overrides(corpus, tmp_path / "runs"))
+    g, runs, grid_dir, *_ = grid.resolved(write(tmp_path, TWO_BY_TWO), tiny_overrides(corpus, tmp_path / "runs"))
     assert [(r.variant.name, r.seed) for r in runs] == [("full", 0), ("xsa", 0), ("full", 1), ("xsa", 1)]
     assert [r.folder for r in runs][:2] == [grid_dir / "full" / "seed0", grid_dir / "xsa" / "seed0"]
     assert [r.cfg.components.xsa.enabled for r in runs] == [False, True, False, True]
@@ -57,7 +57,7 @@ def test_leave_one_out_and_add_one_in_name_their_variants(corpus, tmp_path):
         "extends: {root}/experiments/escarda.yaml\nname: g\n"
         "grid: {{leave_one_out: [engram], add_one_in: [xsa], baseline: vanilla}}\n",
     )
-    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    _, runs, _, *_ = grid.resolved(path, tiny_overrides(corpus, tmp_path / "runs"))
     by = {r.variant.name: r.cfg.components for r in runs}
     assert list(by) == ["full", "no_engram", "vanilla", "with_xsa"]
     assert not by["no_engram"].engram.enabled and by["no_engram"].xsa.enabled
@@ -68,7 +68,7 @@ def test_leave_one_out_and_add_one_in_name_their_variants(corpus, tmp_path):
 
 def test_axes_multiply_the_variants_and_pair_each_with_its_baseline(corpus, tmp_path):
     path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "axes: {{model.n_layers: [1, 2]}}"))
-    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    _, runs, _, *_ = grid.resolved(path, tiny_overrides(corpus, tmp_path / "runs"))
     first = [r for r in runs if r.seed == 0]
     assert [r.variant.name for r in first] == ["full-n_layers1", "xsa-n_layers1", "full-n_layers2", "xsa-n_layers2"]
     assert [r.cfg.model.n_layers for r in first] == [1, 1, 2, 2]
@@ -82,7 +82,7 @@ def test_match_params_puts_every_variant_within_one_percent(corpus, tmp_path):
         "grid: {{leave_one_out: [engram, hash_lookup, mla, hyper_connections], match: params,\n"
         "       variants: {{moe: {{components.moe.enabled: true}}}}}}\n",
     )
-    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    _, runs, _, *_ = grid.resolved(path, tiny_overrides(corpus, tmp_path / "runs"))
     base = grid.params_of(runs[0].cfg, "params")
     for r in runs:
         assert abs(grid.params_of(r.cfg, "params") - base) <= 0.01 * base, r.variant.name
@@ -94,7 +94,7 @@ def test_match_params_puts_every_variant_within_one_percent(corpus, tmp_path):
 def test_match_params_counts_non_embedding_params_by_default(corpus, tmp_path):
     from escarda_lab.accounting import build_on_meta, embedding_params, param_counts
 
-    _, runs, _ = grid.expand(write(tmp_path, TWO_BY_TWO), tiny_overrides(corpus, tmp_path / "runs"))
+    _, runs, _, *_ = grid.resolved(write(tmp_path, TWO_BY_TWO), tiny_overrides(corpus, tmp_path / "runs"))
     model = build_on_meta(runs[0].cfg)
     assert grid.params_of(runs[0].cfg, "params") == param_counts(model)["active"] - 264 * 32
     assert embedding_params(model) == 264 * 32  # tied: the head is the same matrix
@@ -104,7 +104,7 @@ def test_match_params_counts_non_embedding_params_by_default(corpus, tmp_path):
 def test_match_params_on_add_one_in_matches_at_sane_widths_or_refuses(corpus, tmp_path, kind):
     over = tiny_overrides(corpus, tmp_path / "runs", **{"grid.match": kind})
     try:
-        _, runs, _ = grid.expand(ROOT / "experiments/add_one_in.yaml", over)
+        _, runs, _, *_ = grid.resolved(ROOT / "experiments/add_one_in.yaml", over)
     except ConfigError as e:
         assert "below half its width" in str(e) and "grid.match" in str(e)
         return
@@ -122,7 +122,7 @@ def test_match_params_refuses_a_width_below_half(corpus, tmp_path):
         "grid: {{baseline: vanilla, add_one_in: [hash_lookup], match: params_total}}\n",
     )
     with pytest.raises(ConfigError, match="below half its width"):
-        grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+        grid.resolved(path, tiny_overrides(corpus, tmp_path / "runs"))
 
 
 def test_match_flops_equalises_training_flops(corpus, tmp_path):
@@ -131,7 +131,7 @@ def test_match_flops_equalises_training_flops(corpus, tmp_path):
         "extends: {root}/experiments/escarda.yaml\nname: g\n"
         "grid: {{leave_one_out: [mtp, hyper_connections], vanilla: true, match: flops}}\n",
     )
-    _, runs, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 200}))
+    _, runs, _, *_ = grid.resolved(path, tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 200}))
     spent = {r.variant.name: grid.train_flops(r.cfg, grid.flops_per_token(r.cfg)) for r in runs}
     for name, flops in spent.items():
         assert abs(flops - spent["full"]) <= 0.02 * spent["full"], name
@@ -152,7 +152,7 @@ grid:
 
 
 def test_controls_are_the_baseline_with_other_seeds_or_half_the_steps(corpus, tmp_path):
-    _, runs, _ = grid.expand(write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"))
+    _, runs, _, *_ = grid.resolved(write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"))
     by = {(r.variant.name, r.seed): r.cfg for r in runs}
     null, half, full = by[("control_null", 1)], by[("control_half_budget", 1)], by[("full", 1)]
     assert (null.init_seed, null.data_seed, null.seed) == (10001, 10001, 1)
@@ -161,7 +161,9 @@ def test_controls_are_the_baseline_with_other_seeds_or_half_the_steps(corpus, tm
 
 
 def test_tuning_runs_use_their_own_seeds_and_every_value(corpus, tmp_path):
-    _, runs, grid_dir = grid.expand(write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"), tuning=True)
+    _, runs, grid_dir, *_ = grid.resolved(
+        write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"), tuning=True
+    )
     assert {(r.variant.name, r.cfg.train.lr, r.seed) for r in runs} == {
         (v, lr, 1000) for v in ["full", "xsa"] for lr in [1e-3, 3e-3]
     }  # controls use the baseline's value
@@ -200,7 +202,7 @@ def test_dry_run_prints_the_table_and_trains_nothing(corpus, tmp_path, caplog):
 def test_bad_grid_key_names_the_file_and_the_key(corpus, tmp_path):
     path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "leave_one_out: [engrm]"))
     with pytest.raises(ConfigError, match="grid.leave_one_out.*unknown component `engrm`"):
-        grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+        grid.resolved(path, tiny_overrides(corpus, tmp_path / "runs"))
 
 
 def test_grid_trains_every_run_into_its_folder(finished_grid):
@@ -287,7 +289,7 @@ def test_changed_grid_file_does_not_overwrite_finished_runs(finished_grid):
 
 
 def test_grid_evaluate_scores_finished_runs_and_compare_reports_it(finished_grid, tmp_path):
-    from escarda_lab import compare
+    from escarda_lab import report, summary
 
     path, over, grid_dir = finished_grid
     task = tmp_path / "mc.jsonl"
@@ -296,7 +298,7 @@ def test_grid_evaluate_scores_finished_runs_and_compare_reports_it(finished_grid
     recs = results(grid_dir)
     assert all(0 <= r["eval/minimal_pairs"] <= 1 and "eval/mc/acc" in r for r in recs)
     assert all(not r.get("skipped") for r in recs)  # training skipped, evaluation ran
-    md = compare.markdown(compare.summarize(compare.load_runs(grid_dir)), compare.load_plan(grid_dir), 0.05)
+    md = report.markdown(summary.summarize(summary.load_runs(grid_dir)), summary.load_plan(grid_dir), 0.05)
     assert "Evaluations" in md and "minimal_pairs" in md
 
 
@@ -319,7 +321,7 @@ def test_submitit_local_executor_runs_the_same_grid(corpus, tmp_path):
 @pytest.mark.slow
 def test_a_tiny_grid_with_controls_is_calibrated(corpus, tmp_path):
     """Five paired seeds: half the training budget reads `hurts`; independent seeds read neither."""
-    from escarda_lab import compare
+    from escarda_lab import summary
 
     path = write(
         tmp_path,
@@ -332,10 +334,10 @@ def test_a_tiny_grid_with_controls_is_calibrated(corpus, tmp_path):
         **{"train.max_steps": 24, "train.warmup_steps": 2, "train.val_every": 12, "train.lr": 1e-2},
     )
     assert main([str(path), *over]) == 0
-    s = compare.summarize(compare.load_runs(tmp_path / "runs" / "g")).set_index("variant")
+    s = summary.summarize(summary.load_runs(tmp_path / "runs" / "g")).set_index("variant")
     assert s.loc["control_half_budget", "verdict"] == "hurts"
     assert not s.loc["control_null", "verdict"].startswith(("helps", "hurts"))
-    assert compare.calibration(s.reset_index()).startswith("**Calibrated.**")
+    assert summary.calibration(s.reset_index()).startswith("**Calibrated.**")
 
 
 def test_per_gpu_pins_that_many_runs_to_each_visible_gpu(monkeypatch):

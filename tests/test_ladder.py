@@ -129,7 +129,7 @@ def test_a_tiny_ladder_grid_writes_multipliers_and_the_plot(corpus, tmp_path):
     path = tmp_path / "ladder.yaml"
     path.write_text(LADDER.format(root=ROOT))
     over = tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 8})
-    _, runs, _ = grid.expand(path, over)
+    _, runs, _, *_ = grid.resolved(path, over)
     steps = {r.variant.name: r.cfg.train.max_steps for r in runs}
     assert steps == {"full": 8, "xsa": 8, "full-x0.5": 4, "full-x2": 16}
     assert main([str(path), *over]) == 0

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from escarda_lab import compare, config, data, grid
+from escarda_lab import compare, config, data, grid, summary
 from escarda_lab.errors import DataError
 from escarda_lab.run import main
 from tests.conftest import ROOT, tiny_overrides
@@ -132,7 +132,7 @@ def suite(tmp_path):
 
 def test_settings_cross_every_variant_and_tune_once_per_variant(corpus, tmp_path):
     over = probe_overrides(corpus, tmp_path / "runs", "mqar")
-    g, runs, _ = grid.expand(suite(tmp_path), over)
+    g, runs, _, *_ = grid.resolved(suite(tmp_path), over)
     names = [r.variant.name for r in runs]
     assert names == ["full-easy", "no_engram-easy", "full-hard", "no_engram-hard"]
     by = {r.variant.name: r for r in runs}
@@ -141,7 +141,7 @@ def test_settings_cross_every_variant_and_tune_once_per_variant(corpus, tmp_path
         by["no_engram-hard"].cfg.data.probe.num_kv_pairs == 4 and not by["no_engram-hard"].cfg.components.engram.enabled
     )
     assert by["no_engram-hard"].variant.tune_as == "no_engram-easy"
-    _, tune_runs, _ = grid.expand(suite(tmp_path), over, tuning=True)
+    _, tune_runs, _, *_ = grid.resolved(suite(tmp_path), over, tuning=True)
     assert {(r.variant.name, r.cfg.train.lr) for r in tune_runs} == {
         (v, lr) for v in ["full-easy", "no_engram-easy"] for lr in [1e-3, 3e-3]
     }
@@ -152,7 +152,7 @@ def test_tune_at_must_name_a_setting(corpus, tmp_path):
 
     path = suite(tmp_path)
     with pytest.raises(ConfigError) as e:
-        grid.expand(path, probe_overrides(corpus, tmp_path / "runs", "mqar") + ["grid.tune.at=medium"])
+        grid.resolved(path, probe_overrides(corpus, tmp_path / "runs", "mqar") + ["grid.tune.at=medium"])
     assert e.value.key == "grid.tune.at" and "easy" in e.value.fix
 
 
@@ -222,8 +222,8 @@ def test_lower_accuracy_without_a_component_means_it_helps():
     rng = np.random.default_rng(0)
     full = list(0.8 + 0.01 * rng.standard_normal(8))
     no = [a - 0.2 + 0.01 * rng.standard_normal() for a in full]
-    s = compare.summarize(fake_runs(full, no), metric="val_acc").set_index("variant")
+    s = summary.summarize(fake_runs(full, no), metric="val_acc").set_index("variant")
     assert s.loc["no_x", "delta"] == pytest.approx(np.mean(np.subtract(no, full)))
     assert s.loc["no_x", "verdict"] == "helps"
-    s = compare.summarize(fake_runs(no, full), metric="val_acc").set_index("variant")
+    s = summary.summarize(fake_runs(no, full), metric="val_acc").set_index("variant")
     assert s.loc["no_x", "verdict"] == "hurts"

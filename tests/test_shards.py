@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from escarda_lab import data, shards
+from escarda_lab import corpora, data, shards, tokenizer
 from escarda_lab.config import DataConfig, TokenizerConfig
 
 
@@ -49,8 +49,8 @@ def test_the_document_index_points_at_each_documents_bos(corpus, tmp_path, small
     folder = next(p for p in (tmp_path / "cache").glob("*-byte") if p.is_dir())
     starts = shards.documents_index(folder, td.meta, "train")
     assert len(starts) == td.meta["train"]["documents"]
-    assert (td.train[starts] == data.BOS).all()
-    assert (np.asarray(td.train) == data.BOS).sum() == len(starts)
+    assert (td.train[starts] == tokenizer.BOS).all()
+    assert (np.asarray(td.train) == tokenizer.BOS).sum() == len(starts)
 
 
 def test_an_interrupted_build_resumes_without_redoing_finished_shards(corpus, tmp_path, small_shards, monkeypatch):
@@ -73,12 +73,14 @@ def test_an_interrupted_build_resumes_without_redoing_finished_shards(corpus, tm
     assert len(done) == 2
     monkeypatch.setattr(shards.ShardWriter, "flush", real)
     encoded = []
-    real_encode = data.ByteTokenizer.encode_batch
-    monkeypatch.setattr(data.ByteTokenizer, "encode_batch", lambda self, t: encoded.extend(t) or real_encode(self, t))
+    real_encode = tokenizer.ByteTokenizer.encode_batch
+    monkeypatch.setattr(
+        tokenizer.ByteTokenizer, "encode_batch", lambda self, t: encoded.extend(t) or real_encode(self, t)
+    )
     resumed = data.prepare(cfg)
     assert {p: (folder / p).stat().st_mtime_ns for p in done} == done  # finished shards untouched
     assert not (folder / "progress.json").exists()
-    docs = data.documents(data.corpus_files(str(corpus)))
+    docs = corpora.documents(corpora.corpus_files(str(corpus)))
     assert 0 < len(encoded) < len(docs) and encoded == docs[flushes[1] :]
     fresh = data.prepare(data_cfg(corpus, tmp_path / "fresh"))
     assert np.array_equal(resumed.train[:], fresh.train[:]) and np.array_equal(resumed.val[:], fresh.val[:])
@@ -87,7 +89,7 @@ def test_an_interrupted_build_resumes_without_redoing_finished_shards(corpus, tm
 def test_bpe_trains_on_the_first_sample_bytes_of_train_documents(corpus, tmp_path):
     cfg = data_cfg(corpus, tmp_path, kind="bpe", vocab_size=300, sample_bytes=20_000)
     sample = data.tokenizer_sample(cfg, "x")
-    assert 20_000 <= sum(len(d.encode()) for d in sample) < 20_000 + data.DOC_CHARS * 4 + 1
+    assert 20_000 <= sum(len(d.encode()) for d in sample) < 20_000 + corpora.DOC_CHARS * 4 + 1
     assert all(shards.doc_key(d) >= cfg.val_fraction for d in sample)
     td = data.prepare(cfg)
     assert td.tokenizer.vocab_size <= 300 and td.meta["train"]["tokens"] > 0

@@ -1,0 +1,95 @@
+"""Grids: a YAML with a `grid:` block expands into many runs, trained one process each.
+
+    extends: escarda.yaml
+    name: leave_one_out            # runs go to <output.dir>/leave_one_out/<variant>/seed<k>/
+    grid:
+      baseline: full               # "full" is the file itself; any variant name may be the baseline
+      seeds: [0, 1, 2]
+      leave_one_out: [engram, xsa] # variants no_engram, no_xsa
+      add_one_in: [engram]         # variants vanilla (every plugin off) and with_engram
+      variants: {wide: {model.d_model: 192}}
+      axes: {model.n_layers: [2, 4]}
+      match: params                # none | params
+      parallel: 1
+      launcher: local              # local | submitit
+      evaluate: [minimal_pairs]    # after training: escarda_lab.evaluate suites, tasks, texts
+
+Each run's fully resolved config is written to its folder as config.yaml before it starts, so
+`python -m escarda_lab.run runs/<grid>/<variant>/seed<k>/config.yaml` reruns one run by hand.
+`results.jsonl` in the grid folder holds one line per run; `grid.json` holds the plan that
+`escarda_lab.compare` reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from escarda_lab.errors import UserError
+from escarda_lab.grid.expand import Expansion, Run, Variant, expand
+from escarda_lab.grid.launch import child_env, train_runs, worker_slots
+from escarda_lab.grid.matching import flops_per_token, params_of, resolve, train_flops
+from escarda_lab.grid.record import plan_table, write_plan
+from escarda_lab.grid.spec import GridConfig
+from escarda_lab.grid.tuning import pick_tuned
+
+__all__ = [
+    "Expansion",
+    "GridConfig",
+    "Run",
+    "Variant",
+    "child_env",
+    "expand",
+    "flops_per_token",
+    "params_of",
+    "resolved",
+    "run_grid",
+    "train_flops",
+    "worker_slots",
+]
+
+
+def resolved(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned: dict | None = None, tuning: bool = False
+) -> Expansion:
+    """`expand`, then every run sized for launch (`matching.resolve`: trains or loads tokenizers,
+    builds models on the meta device): the runs exactly as they will train."""
+    return resolve(expand(path, overrides, tuned, tuning), path)
+
+
+def run_grid(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), dry_run: bool = False, echo=print
+) -> list[dict]:
+    tuned = None
+    g, runs, grid_dir, _, _ = resolved(path, overrides)
+    if g.tune is not None:
+        tune_runs = resolved(path, overrides, tuning=True).runs
+        echo(plan_table(tune_runs, grid_dir, f"tuning {g.tune.key} over {g.tune.values}"))
+        if dry_run:
+            echo(plan_table(runs, grid_dir, f"verdict runs ({g.tune.key} set per variant after tuning)"))
+            return []
+        train_runs(g, tune_runs, grid_dir / "tune", echo)
+        tuned = pick_tuned(g, tune_runs)
+        for name, t in tuned.items():
+            echo(
+                f"tuned {name}: {t['key']} = {t['value']} (val loss by value: "
+                + ", ".join(f"{v}: {'failed' if x is None else f'{x:.4f}'}" for v, x in t["scores"].items())
+                + ")"
+            )
+        missing = [n for n, t in tuned.items() if t["value"] is None]
+        if missing:
+            raise UserError(
+                str(path),
+                "grid.tune",
+                f"every tuning run of {', '.join(missing)} failed or diverged",
+                f"see {grid_dir / 'tune'}/*/seed*/log.txt; widen tune.values towards smaller values",
+            )
+        g, runs, grid_dir, _, _ = resolved(path, overrides, tuned={n: t["value"] for n, t in tuned.items()})
+    echo(plan_table(runs, grid_dir))
+    if dry_run:
+        return []
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    write_plan(g, runs, grid_dir, str(path), tuned)
+    results = train_runs(g, runs, grid_dir, echo)
+    done = sum(rec["status"] == "finished" for rec in results)
+    echo(f"{done}/{len(runs)} runs finished; compare them with `python -m escarda_lab.compare {grid_dir}`")
+    return results

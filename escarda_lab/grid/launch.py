@@ -1,0 +1,237 @@
+"""Launching: each run in its own process, on this machine (a pool of worker slots, optionally
+pinned to GPUs) or as a submitit job array."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from escarda_lab.errors import ConfigError
+from escarda_lab.grid.expand import Run
+from escarda_lab.grid.record import eval_args, prepare_folder, record, varied_keys
+from escarda_lab.grid.spec import GridConfig
+from escarda_lab.io import atomic_write, read_json
+
+
+def child_env(parallel: int, gpu: str | None = None) -> dict:
+    """Each run gets its share of the cores (two tiny runs on two cores beat one run on both),
+    and its GPU when runs are pinned."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a run could be pinned to (ids as CUDA_VISIBLE_DEVICES names them)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [x for x in listed.split(",") if x.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def worker_slots(g: GridConfig, echo=print) -> list[str | None]:
+    """One entry per concurrent run: the GPU it is pinned to, or None (not pinned)."""
+    if g.per_gpu == 0:
+        return [None] * g.parallel
+    gpus = visible_gpus()
+    if not gpus:
+        echo(f"grid.per_gpu: {g.per_gpu} but no GPU is visible: {g.parallel} run(s) at a time, unpinned")
+        return [None] * g.parallel
+    return [gpu for gpu in gpus for _ in range(g.per_gpu)]
+
+
+def die_with_parent() -> None:
+    """In a child process (Linux): receive SIGTERM when the thread that started it dies, however
+    it dies, so no orphan keeps training (SIGTERM makes a run checkpoint and stop; a rerun resumes).
+    The grid's worker threads live as long as the grid."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:  # not Linux: a killed grid leaves its children running, as before
+        pass
+
+
+def run_one(
+    config_path: str,
+    parallel: int = 1,
+    evaluate: list[str] = (),
+    gpu: str | None = None,
+    started: Callable[[subprocess.Popen | None], None] = lambda child: None,
+) -> dict:
+    """Train one run in its own process (a finished run is skipped by the run itself), then
+    evaluate it if asked; all output is appended to log.txt in the run folder. `started` is told
+    each child process as it starts (and None when it ended), so its caller can stop it."""
+    folder = Path(config_path).parent
+    t0 = time.perf_counter()
+    commands = [["escarda_lab.run", config_path]]
+    if evaluate and not (folder / "eval.json").exists():
+        commands.append(["escarda_lab.evaluate", str(folder), *evaluate])
+    rc = 0
+    with open(folder / "log.txt", "ab") as log:
+        for cmd in commands:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m {' '.join(cmd)}\n".encode())
+            log.flush()
+            child = subprocess.Popen(
+                [sys.executable, "-m", *cmd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(parallel, gpu),
+                preexec_fn=die_with_parent,
+            )
+            started(child)
+            rc = child.wait()
+            started(None)
+            if rc != 0:
+                break
+    return {"returncode": rc, "wall_s": time.perf_counter() - t0}
+
+
+def stop_child(child: subprocess.Popen | None, timeout: float = 120.0) -> int | None:
+    """SIGTERM a training child (it checkpoints at the current step and exits) and wait for it."""
+    import signal
+
+    if child is None or child.poll() is not None:
+        return None
+    child.send_signal(signal.SIGTERM)
+    try:
+        return child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
+
+
+class RequeueableRun:
+    """`run_one` as a submitit job that survives pre-emption and time limits: submitit calls
+    `checkpoint` before the job is stopped; the training child then checkpoints at its current
+    step (SIGTERM) and the same call is requeued, which resumes from that checkpoint. The job's
+    process holds one instance: `child` is the process its `run_one` is waiting on."""
+
+    def __init__(self):
+        self.child: subprocess.Popen | None = None
+
+    def __call__(self, *args):
+        return run_one(*args, started=self.remember)
+
+    def remember(self, child: subprocess.Popen | None) -> None:
+        self.child = child
+
+    def checkpoint(self, *args):
+        import submitit
+
+        stop_child(self.child)
+        return submitit.helpers.DelayedSubmission(RequeueableRun(), *args)
+
+
+def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> None:
+    """One SLURM job array (or submitit's local executor): each task runs `run_one`."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError(
+            "grid",
+            "grid.launcher",
+            "launcher: submitit needs the submitit package",
+            "pip install submitit, or use `launcher: local`",
+        ) from None
+    if not todo:
+        return
+    s = g.submitit
+    ex = submitit.AutoExecutor(folder=str(grid_dir / "submitit" / "%j"), cluster=s.cluster)
+    params: dict[str, Any] = {
+        "timeout_min": s.timeout_min,
+        "gpus_per_node": s.gpus_per_node,
+        "cpus_per_task": s.cpus_per_task,
+        "mem_gb": s.mem_gb,
+        "nodes": s.nodes,
+        "name": grid_dir.name,
+        "slurm_array_parallelism": g.parallel,
+    }
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    ex.update_parameters(**params)
+    jobs = ex.map_array(
+        RequeueableRun(),
+        [str(r.folder / "config.yaml") for r in todo],
+        [g.parallel] * len(todo),
+        [eval_args(g)] * len(todo),
+    )
+    for r, job in zip(todo, jobs):
+        try:
+            outcome = {**job.result(), "job_id": job.job_id}
+        except Exception as e:  # the job itself died (timeout, preemption, node failure)
+            outcome = {"returncode": None, "job_id": job.job_id, "job_error": str(e).splitlines()[0][:300]}
+        save(r, record(r, grid_dir, outcome))
+
+
+def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> list[dict]:
+    """Train `runs` (skipping finished ones) and record each in <grid_dir>/results.jsonl."""
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, int], dict] = {}
+    lock = threading.Lock()
+
+    def save(r: Run, rec: dict) -> None:
+        with lock:
+            results[(r.cfg.name, r.seed)] = rec
+            lines = [
+                json.dumps(results[(x.cfg.name, x.seed)], sort_keys=True, default=str)
+                for x in runs
+                if (x.cfg.name, x.seed) in results
+            ]
+            atomic_write(grid_dir / "results.jsonl", "\n".join(lines) + "\n")
+            echo(
+                f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
+                + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
+                + (f" val/acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
+            )
+
+    todo = []
+    varied = varied_keys(runs)
+    for r in runs:
+        problem = prepare_folder(r, varied)
+        m = read_json(r.folder / "metrics.json") or {}
+        if problem:
+            save(r, {**record(r, grid_dir, {}), "status": "failed", "error": problem})
+        elif m.get("status") == "finished" and (not g.evaluate or (r.folder / "eval.json").exists()):
+            save(r, record(r, grid_dir, {"skipped": True}))
+        else:
+            todo.append(r)
+    if g.launcher == "submitit":
+        launch_submitit(g, todo, grid_dir, save)
+    else:
+        slots = worker_slots(g, echo)
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for slot in slots:
+            free.put(slot)
+
+        def job(r: Run) -> dict:
+            gpu = free.get()  # a worker holds one slot (GPU share) for the run's whole life
+            try:
+                return run_one(str(r.folder / "config.yaml"), len(slots), eval_args(g), gpu)
+            finally:
+                free.put(gpu)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            for r, outcome in zip(todo, pool.map(job, todo)):
+                save(r, record(r, grid_dir, outcome))
+        if todo:
+            hours = (time.perf_counter() - t0) / 3600
+            rate = len(todo) / hours
+            echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time: {rate:.1f} runs/hour")
+    return [results[(r.cfg.name, r.seed)] for r in runs]

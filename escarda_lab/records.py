@@ -1,0 +1,83 @@
+"""The run record, in one place: the numbers a run writes to metrics.json, the ones a grid copies
+into results.jsonl, and how compare names them in its tables.
+
+A verdict metric is one `register_metric` call (lm-evaluation-harness's shape): its column in
+metrics.json, its short label and unit for tables, and which direction is better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Metric:
+    column: str  # the key in metrics.json, results.jsonl and the summary tables
+    label: str  # short name in table headers ("Δ bpb")
+    unit: str
+    higher_is_better: bool
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(column: str, label: str, unit: str, higher_is_better: bool) -> Metric:
+    """Make `column` of metrics.json a metric a grid may compare (`grid.metric`, `compare --metric`)."""
+    METRICS[column] = Metric(column, label, unit, higher_is_better)
+    return METRICS[column]
+
+
+register_metric("val_bpb", "bpb", "bits per UTF-8 byte of the validation split", higher_is_better=False)
+register_metric("val_loss", "loss", "nats per token of the validation split", higher_is_better=False)
+register_metric("val_acc", "acc", "accuracy at the scored positions", higher_is_better=True)
+
+# metrics.json keys a grid copies into its results.jsonl line (with the run's status and error)
+RECORDED = [
+    *METRICS,
+    "params",
+    "flops_per_token",
+    "tokens_per_s",
+    "mfu",
+    "dead_components",
+    "step",
+    "instability",
+    "train_tokens",
+]
+
+
+def run_row(m: dict, variant: str, seed: int, baseline: str, change: str, kind: str) -> dict:
+    """The table row of one run from its metrics.json (or results.jsonl) record."""
+    params = m.get("params") or {}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "baseline": baseline,
+        "change": change,
+        "kind": kind,
+        "status": m.get("status", "missing"),
+        **{col: m.get(col, math.nan) for col in METRICS},
+        "train_tokens": m.get("train_tokens", math.nan),
+        "params_total": params.get("total", math.nan),
+        "params_active": params.get("active", math.nan),
+        "flops_per_token": m.get("flops_per_token", math.nan),
+        "tokens_per_s": m.get("tokens_per_s", math.nan),
+        "mfu": m.get("mfu", math.nan),
+        "dead": ", ".join(sorted(m.get("dead_components") or {})),
+        "error": m.get("error", ""),
+        "grad_spikes": (m.get("instability") or {}).get("grad_spikes", 0),
+    }
+
+
+def eval_columns(ev: dict) -> dict[str, float]:
+    """Flat numbers from a run's eval.json for tables: eval/minimal_pairs, eval/<task>/acc, ..."""
+    out = {}
+    if "minimal_pairs" in ev:
+        out["eval/minimal_pairs"] = ev["minimal_pairs"]["overall"]["acc"]
+    for name, t in ev.get("tasks", {}).items():
+        out[f"eval/{name}/acc"], out[f"eval/{name}/acc_norm"] = t["acc"], t["acc_norm"]
+    for kind in ["text", "corpus"]:
+        for name, t in ev.get(kind, {}).items():
+            out[f"eval/{kind}:{Path(name).name}/bpb"] = t["bpb"]
+    return out
