@@ -97,7 +97,7 @@ class LowRank(nn.Sequential):
 
 @component("mha", slot="attention", baseline=True)
 class MultiHeadAttention(AttentionProbe, Attention):
-    def __init__(self, m, cfg=None, layer: int = 0, modifiers: list[nn.Module] = ()):
+    def __init__(self, m, cfg=None, layer: int = 0):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = m.n_heads, m.n_kv_heads, m.head_dim
@@ -106,7 +106,6 @@ class MultiHeadAttention(AttentionProbe, Attention):
         self.build_output(m, cfg)
         self.q_norm = RMSNorm(m.head_dim, m.norm_eps) if m.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(m.head_dim, m.norm_eps) if m.qk_norm else nn.Identity()
-        self.modifiers = nn.ModuleList(modifiers)
 
     def build_queries(self, m, cfg) -> None:
         self.wq = nn.Linear(m.d_model, m.n_heads * m.head_dim, bias=False)
@@ -114,18 +113,18 @@ class MultiHeadAttention(AttentionProbe, Attention):
     def build_output(self, m, cfg) -> None:
         self.wo = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=False)
 
-    def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
-        """x: [B, T, D] -> [B, T, D]."""
+    def attend(self, x: Tensor, rotary, cache=None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, D] -> y [B, H, T, hd] and this step's values [B, H_kv, T, hd]."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k, v = self.wkv(x).view(B, T, 2, self.n_kv, self.hd).permute(2, 0, 3, 1, 4)  # [B, H_kv, T, hd]
         q, k = rotary(self.q_norm(q)), rotary(self.k_norm(k))
         kv, past = cached(cache, self, k=k, v=v)
         self.remember(q, kv["k"])
-        y = causal_attention(q, kv["k"], kv["v"], past)
-        for mod in self.modifiers:
-            y = mod(y, v)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return causal_attention(q, kv["k"], kv["v"], past), v
+
+    def project(self, y: Tensor) -> Tensor:
+        return self.wo(rearrange(y, "b h t d -> b t (h d)"))
 
 
 @dataclass
@@ -164,7 +163,7 @@ class EscardaMLA(MultiHeadAttention):
 class DeepSeekMLA(AttentionProbe, Attention):
     """A shared KV latent with decoupled rotary keys (see the module docstring)."""
 
-    def __init__(self, m, cfg: MLAConfig, layer: int = 0, modifiers: list[nn.Module] = ()):
+    def __init__(self, m, cfg: MLAConfig, layer: int = 0):
         super().__init__()
         self.layer = layer
         self.H, self.hd, self.r = m.n_heads, m.head_dim, m.rope_dim
@@ -186,13 +185,12 @@ class DeepSeekMLA(AttentionProbe, Attention):
         self.w_uv = nn.Parameter(torch.empty(m.n_heads, self.vd, cfg.kv_lora_rank))
         self.wo = nn.Linear(m.n_heads * self.vd, m.d_model, bias=False)
         self.init_std = m.init_std
-        self.modifiers = nn.ModuleList(modifiers)
 
     def init_weights(self) -> None:
         nn.init.normal_(self.w_uk, std=self.init_std)
         nn.init.normal_(self.w_uv, std=self.init_std)
 
-    def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
+    def attend(self, x: Tensor, rotary, cache=None) -> tuple[Tensor, Tensor | None]:
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=self.hd)
         q_c, q_r = q[..., : self.nope], rotary(q[..., self.nope :])
         c, k_r = self.w_dkv(x).split([self.rank, self.r], dim=-1)
@@ -203,8 +201,9 @@ class DeepSeekMLA(AttentionProbe, Attention):
             lat, past = cached(cache, self, c=c.unsqueeze(1), k_r=k_r)
             y = self.absorbed(q_c, q_r, lat["c"], lat["k_r"], past)
             v = torch.einsum("hdr,btr->bhtd", self.w_uv, c) if len(self.modifiers) else None
-        for mod in self.modifiers:
-            y = mod(y, v)
+        return y, v
+
+    def project(self, y: Tensor) -> Tensor:
         return self.wo(rearrange(y, "b h t d -> b t (h d)"))
 
     def naive(self, q_c, q_r, c, k_r) -> tuple[Tensor, Tensor]:

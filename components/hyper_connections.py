@@ -1,23 +1,23 @@
-"""`hyper_connections`: m residual streams mixed around every sublayer.
+"""`hyper_connections`: n residual streams mixed around every sublayer.
 
 Hyper-Connections (Zhu et al. 2024, arXiv:2409.19606); mHC (DeepSeek, arXiv:2512.24880).
-The stream state is X [B, T, m, D]. Around every sublayer F (attention or FFN), with
-coefficients pre [m], post [m], R [m, m] (per token in the dynamic variants):
+The stream state is X [B, T, n, D]. Around every sublayer F (attention or FFN), with
+coefficients pre [n], post [n], R [n, n] (per token in the dynamic variants):
 
     x_in  = Σ_i pre_i X_i
     X'_k  = post_k · F(x_in) + Σ_j R_jk X_j
 
 variants
-    static        pre, post, R learned per sublayer (init: pre = e_(site mod m), post = 1, R = I)
+    static        pre, post, R learned per sublayer (init: pre = e_(site mod n), post = 1, R = I)
     dynamic       the paper's dynamic HC (Zhu et al. eq. 10-13): each stream's normalised state
                   H̄_j = LayerNorm(X_j) (a learned gain per sublayer) adds
                       pre_j  += s_α tanh(H̄_j · w_pre)      R_j,· += s_α tanh(H̄_j W_R)
                       post_j += s_β tanh(H̄_j · w_post)
                   w zero-initialised, the scales s_α, s_β learned from 0.01
     dynamic_flat  the input-dependent form mHC builds on: [pre; post; R] += φ · RMSNorm(vec X)
-                  (all m·D stream values normalised together), φ zero-initialised, no tanh/scale
+                  (all n·D stream values normalised together), φ zero-initialised, no tanh/scale
     mhc           dynamic_flat with pre = σ(·), post = 2σ(·), R = Sinkhorn-Knopp(exp(·)) (doubly
-                  stochastic; for m = 2 the closed-form limit of the iterations)
+                  stochastic; for n = 2 the closed-form limit of the iterations)
 The embedding is copied into every stream (expand); before the head the streams are combined
 (collapse): `softmax`, a learned softmax initialised to the mean (Escarda's choice), or `sum`, as
 the reference implementations do. Coefficients of all sublayers live in stacked tensors, one row
@@ -41,7 +41,7 @@ from escarda_lab.registry import ComponentConfig, Residual, bounded, component
 @dataclass
 class HyperConnectionsConfig(ComponentConfig):
     variant: Literal["static", "dynamic", "dynamic_flat", "mhc"] = "mhc"
-    streams: int = bounded(2, min=1)  # m (hc_mult=2 released)
+    streams: int = bounded(2, min=1)  # n (hc_mult=2 released)
     sinkhorn_iters: int = bounded(20, min=1)
     eps: float = bounded(1.0e-6, min=0)
     collapse: Literal["softmax", "sum"] = "softmax"  # how the streams become one state before the head
@@ -49,9 +49,9 @@ class HyperConnectionsConfig(ComponentConfig):
 
 
 def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
-    """Sinkhorn-Knopp: exp(logits) [..., m, m] alternately row- and column-normalised.
+    """Sinkhorn-Knopp: exp(logits) [..., n, n] alternately row- and column-normalised.
 
-    For m = 2 the iterations' limit has a closed form, used instead (exactly doubly stochastic,
+    For n = 2 the iterations' limit has a closed form, used instead (exactly doubly stochastic,
     and one fused expression instead of 4·iters small kernels per token batch):
     R = [[a, 1-a], [1-a, a]] with a = σ((L00 + L11 - L01 - L10) / 2).
     """
@@ -66,7 +66,7 @@ def sinkhorn(logits: Tensor, iters: int, eps: float) -> Tensor:
 
 
 def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
-    """X [B, T, m, D]; pre, post [..., m]; R [..., m, m] -> X' [B, T, m, D].
+    """X [B, T, n, D]; pre, post [..., n]; R [..., n, n] -> X' [B, T, n, D].
 
     Eager: the read and the write as batched per-token products with hand-written backwards.
     Compiled: the plain broadcast-and-sum form, which the compiler fuses.
@@ -78,11 +78,11 @@ def hc_update(X: Tensor, fn, pre: Tensor, post: Tensor, R: Tensor) -> Tensor:
     return mixed + post.unsqueeze(-1) * fn(x_in).unsqueeze(-2)
 
 
-# Autograd's version of the update makes ~40 passes over [B, T, D] tensors per sublayer for m = 2 (a
+# Autograd's version of the update makes ~40 passes over [B, T, D] tensors per sublayer for n = 2 (a
 # temporary per product, a reduction per broadcast coefficient). These two functions write each
-# output once: a sum of m scaled streams to read, a batched (m × m)(m × D) product per token to
+# output once: a sum of n scaled streams to read, a batched (n × n)(n × D) product per token to
 # mix (the read is written out elementwise: CPU bmm loops over tokens for a 1-row left factor);
-# their backwards are batched matmuls too (a (m+1) × m one gives dX and dy together; the
+# their backwards are batched matmuls too (a (n+1) × n one gives dX and dy together; the
 # coefficients' gradients are per-token dot products). Coefficients are per token ([B, T, ...]) or
 # per sublayer (no leading dims); their gradients are summed back. Autocast is off inside: the
 # streams are the residual, and stay in their own precision.
@@ -116,25 +116,25 @@ class ReadStreams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X: Tensor, pre: Tensor) -> Tensor:
         ctx.save_for_backward(X, pre)
-        m = X.shape[-2]
+        n = X.shape[-2]
         with torch.autocast(X.device.type, enabled=False):
             p = pre.unsqueeze(-1).to(X.dtype)
             if broadcast_streams(X):
                 return X[..., 0, :] * p.sum(-2)
-            # Elementwise: as a bmm, (1 × m)(m × D) per token falls into a loop over tokens.
+            # Elementwise: as a bmm, (1 × n)(n × D) per token falls into a loop over tokens.
             x = X[..., 0, :] * p[..., 0, :]
-            for j in range(1, m):
+            for j in range(1, n):
                 x.addcmul_(X[..., j, :], p[..., j, :])
             return x
 
     @staticmethod
     def backward(ctx, g: Tensor):
         X, pre = ctx.saved_tensors
-        lead, (m, D) = X.shape[:-2], X.shape[-2:]
+        lead, (n, D) = X.shape[:-2], X.shape[-2:]
         gX = gpre = None
         if ctx.needs_input_grad[0]:  # dX_j = pre_j g: an outer product per token
-            P = per_token(pre, lead, 1).to(g.dtype).unsqueeze(-1)  # [N, m, 1]
-            gX = (P * g.reshape(-1, 1, D)).view(*lead, m, D)  # a broadcast product: bmm runs it on one thread
+            P = per_token(pre, lead, 1).to(g.dtype).unsqueeze(-1)  # [N, n, 1]
+            gX = (P * g.reshape(-1, 1, D)).view(*lead, n, D)  # a broadcast product: bmm runs it on one thread
         if ctx.needs_input_grad[1]:  # dpre_j = <g, X_j>
             gpre = pair_dots(g.unsqueeze(-2), X).squeeze(-2).sum_to_size(pre.shape).to(pre.dtype)
         return gX, gpre
@@ -146,27 +146,27 @@ class WriteStreams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X: Tensor, y: Tensor, post: Tensor, R: Tensor) -> Tensor:
         ctx.save_for_backward(X, y, post, R)
-        lead, (m, D) = y.shape[:-1], X.shape[-2:]
+        lead, (n, D) = y.shape[:-1], X.shape[-2:]
         dtype = torch.promote_types(X.dtype, y.dtype)
         with torch.autocast(y.device.type, enabled=False):
             if broadcast_streams(X):  # Σ_j R_jk X_0 = (Σ_j R_jk) X_0
                 out = X[..., :1, :].to(dtype) * R.sum(-2).unsqueeze(-1).to(dtype)
             else:
                 Rt = per_token(R, lead, 2).to(dtype).transpose(1, 2)  # [N, k, j]
-                out = torch.bmm(Rt, X.reshape(-1, m, D).to(dtype)).view(*lead, m, D)
+                out = torch.bmm(Rt, X.reshape(-1, n, D).to(dtype)).view(*lead, n, D)
             return out.addcmul_(y.unsqueeze(-2).to(dtype), post.unsqueeze(-1).to(dtype))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         X, y, post, R = ctx.saved_tensors
         need = ctx.needs_input_grad
-        lead, (m, D) = y.shape[:-1], X.shape[-2:]
+        lead, (n, D) = y.shape[:-1], X.shape[-2:]
         gX = gy = gpost = gR = None
-        if need[0] or need[1]:  # dX_j = Σ_k R_jk g_k (rows 0..m-1), dy = Σ_k post_k g_k (row m)
+        if need[0] or need[1]:  # dX_j = Σ_k R_jk g_k (rows 0..n-1), dy = Σ_k post_k g_k (row n)
             A = torch.cat([per_token(R, lead, 2), per_token(post, lead, 1).unsqueeze(1)], 1).to(g.dtype)
-            H = torch.bmm(A, g.reshape(-1, m, D))  # [N, m + 1, D]
-            gX = H[:, :m].unflatten(0, lead).to(X.dtype)
-            gy = H[:, m].unflatten(0, lead).to(y.dtype)
+            H = torch.bmm(A, g.reshape(-1, n, D))  # [N, n + 1, D]
+            gX = H[:, :n].unflatten(0, lead).to(X.dtype)
+            gy = H[:, n].unflatten(0, lead).to(y.dtype)
         if need[2]:  # dpost_k = <y, g_k>
             gpost = pair_dots(y.unsqueeze(-2), g).squeeze(-2).sum_to_size(post.shape).to(post.dtype)
         if need[3]:  # dR_jk = <X_j, g_k>
@@ -205,11 +205,11 @@ class NormedProjection(torch.autograd.Function):
 
 @component("hyper_connections", slot="residual", config=HyperConnectionsConfig, variant="static")
 class HyperConnections(Residual):
-    """Static: pre, post, R learned per sublayer (init pre = e_(site mod m), post = 1, R = I)."""
+    """Static: pre, post, R learned per sublayer (init pre = e_(site mod n), post = 1, R = I)."""
 
     def __init__(self, m, cfg: HyperConnectionsConfig, n_sites: int):
         super().__init__()
-        self.m, self.iters, self.eps = cfg.streams, cfg.sinkhorn_iters, cfg.eps
+        self.n_streams, self.iters, self.eps = cfg.streams, cfg.sinkhorn_iters, cfg.eps
         self.collapse_mode = cfg.collapse
         n, S = cfg.streams, n_sites
         self.pre_b = nn.Parameter(torch.zeros(S, n))
@@ -228,15 +228,15 @@ class HyperConnections(Residual):
 
     @property
     def streams(self) -> int:
-        return self.m
+        return self.n_streams
 
     def no_weight_decay(self) -> list[nn.Parameter]:
         return [self.pre_b, self.post_b, self.res_b, self.collapse_w]
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        n = self.m
-        read = F.one_hot(torch.arange(self.pre_b.shape[0]) % n, n).float()  # site s reads stream s mod m
+        n = self.n_streams
+        read = F.one_hot(torch.arange(self.pre_b.shape[0]) % n, n).float()  # site s reads stream s mod n
         self.pre_b.copy_(read)
         self.post_b.fill_(1.0)
         self.res_b.copy_(torch.eye(n).expand_as(self.res_b))
@@ -254,7 +254,7 @@ class HyperConnections(Residual):
         return pre, post, R
 
     def expand(self, x: Tensor) -> Tensor:
-        return x.unsqueeze(-2).expand(*x.shape[:-1], self.m, x.shape[-1])
+        return x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.shape[-1])
 
     def sublayer(self, X: Tensor, fn, site: int) -> Tensor:
         pre, post, R = self.coefficients(X, site)
@@ -281,14 +281,14 @@ class HyperConnections(Residual):
         """Sinkhorn residuals, distance of R from I, and mean pre/post over the last forward."""
         if not self._probe:
             return {}
-        n = self.m
+        n = self.n_streams
         pre, post, R = (
             torch.cat([p[i].reshape(-1, *(n,) * (1 + (i == 2))) for p in self._probe.values()]) for i in range(3)
         )
         return {
             "sinkhorn_row_err": float((R.sum(-1) - 1).abs().max()),
             "sinkhorn_col_err": float((R.sum(-2) - 1).abs().max()),
-            "res_minus_identity": float((R - torch.eye(n)).abs().mean()),
+            "res_minus_identity": float((R - torch.eye(n, device=R.device)).abs().mean()),
             "pre_mean": float(pre.mean()),
             "post_mean": float(post.mean()),
         }
@@ -320,9 +320,9 @@ class DynamicHyperConnections(HyperConnections):
         return super().no_weight_decay() + [self.norm_w, self.s_alpha, self.s_beta]
 
     def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
-        H = F.layer_norm(X, X.shape[-1:], weight=self.norm_w[site])  # [B, T, m, D], per stream
-        a = self.s_alpha[site] * torch.tanh(H @ self.w_alpha[site])  # [B, T, m, 1 + m]
-        b = self.s_beta[site] * torch.tanh(H @ self.w_beta[site])  # [B, T, m]
+        H = F.layer_norm(X, X.shape[-1:], weight=self.norm_w[site])  # [B, T, n, D], per stream
+        a = self.s_alpha[site] * torch.tanh(H @ self.w_alpha[site])  # [B, T, n, 1 + n]
+        b = self.s_beta[site] * torch.tanh(H @ self.w_beta[site])  # [B, T, n]
         return a[..., 0], b, a[..., 1:]  # pre_j, post_j, R_j,k: row j from stream j
 
 
@@ -340,13 +340,13 @@ class FlatDynamicHyperConnections(HyperConnections):
         self.phi.zero_()
 
     def dynamic_terms(self, X: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
-        n, phi = self.m, self.phi[site]
+        n, phi = self.n_streams, self.phi[site]
         if torch.compiler.is_compiling():  # the compiler fuses the plain form itself
             c = F.rms_norm(X.flatten(-2), (n * X.shape[-1],), eps=1e-6) @ phi
         elif broadcast_streams(X):  # vec X = [x, .., x]: RMSNorm(vec X) φ = RMSNorm(x) Σ_i φ_i, no copy of X
             c = NormedProjection.apply(X[..., 0, :], phi.unflatten(0, (n, -1)).sum(0), 1e-6)
         else:
-            c = NormedProjection.apply(X.flatten(-2), phi, 1e-6)  # [B, T, 2m + m²]
+            c = NormedProjection.apply(X.flatten(-2), phi, 1e-6)  # [B, T, 2n + n²]
         return c[..., :n], c[..., n : 2 * n], c[..., 2 * n :].unflatten(-1, (n, n))
 
 
@@ -357,13 +357,13 @@ class ManifoldHyperConnections(FlatDynamicHyperConnections):
     @torch.no_grad()
     def init_weights(self) -> None:
         super().init_weights()
-        read = F.one_hot(torch.arange(self.pre_b.shape[0]) % self.m, self.m).float()
+        read = F.one_hot(torch.arange(self.pre_b.shape[0]) % self.n_streams, self.n_streams).float()
         # pre = σ(b) ≈ 0.9 / 0.1, post = 2σ(0) = 1, R leaning to I. Off-diagonal logits -1
-        # (R = [[.73, .27], [.27, .73]] for m = 2): near-permutation matrices make Sinkhorn
+        # (R = [[.73, .27], [.27, .73]] for n = 2): near-permutation matrices make Sinkhorn
         # converge slowly, and 20 iterations must reach 1e-3.
         self.pre_b.copy_(math.log(9) * (2 * read - 1))
         self.post_b.zero_()
-        self.res_b.copy_(torch.eye(self.m) - 1)
+        self.res_b.copy_(torch.eye(self.n_streams) - 1)
 
     def activate(self, pre: Tensor, post: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(R, self.iters, self.eps)

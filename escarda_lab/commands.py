@@ -77,7 +77,12 @@ def _evaluate(p):
         help="bits per byte of a corpus (name, file or glob; repeatable). Its documents may include the run's "
         "training documents: for held-out numbers use the run's own split (the default)",
     )
-    p.add_argument("--suite", action="append", default=[], help="minimal_pairs (repeatable)")
+    p.add_argument(
+        "--suite",
+        action="append",
+        default=[],
+        help="a registered evaluation suite (escarda_lab/suites.py), e.g. minimal_pairs (repeatable)",
+    )
     p.add_argument(
         "--task",
         action="append",

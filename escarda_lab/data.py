@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from escarda_lab import config, corpora, probes, shards
+from escarda_lab import config, corpora, probe_sets, probes, shards
 from escarda_lab.errors import DataError
 from escarda_lab.tokenizer import BOS, BPETokenizer, ByteTokenizer, ProbeTokenizer, Tokenizer, load_tokenizer
 
@@ -117,7 +117,7 @@ class ProbeTokens:
     """What a probe run needs: the tokenizer and the task's train / test examples."""
 
     tokenizer: Tokenizer
-    probe: probes.ProbeSet
+    probe: probe_sets.ProbeSet
     meta: dict
 
     @property
@@ -140,7 +140,7 @@ def prepare_probe(data_cfg, source: str, seed: int) -> ProbeTokens:
             f"use probe:<task> with one of: {', '.join(probes.TASKS)}",
         )
     try:
-        ps = probes.build(task, data_cfg.probe, data_cfg.seq_len, seed)
+        ps = probe_sets.build(task, data_cfg.probe, data_cfg.seq_len, seed)
     except probes.ProbeError as e:
         raise probe_error(e, source, task) from None
     tok = ProbeTokenizer(probes.vocab_size(task, data_cfg.probe))
@@ -152,7 +152,7 @@ def prepare_probe(data_cfg, source: str, seed: int) -> ProbeTokens:
 class ProbeBatches(Dataset):
     """Index k -> this rank's share of training batch k of a probe task (a function of (seed, k))."""
 
-    def __init__(self, probe: probes.ProbeSet, batch_size: int, seed: int, rank: int, world: int):
+    def __init__(self, probe: probe_sets.ProbeSet, batch_size: int, seed: int, rank: int, world: int):
         self.probe, self.batch_size, self.seed, self.rank, self.world = probe, batch_size, seed, rank, world
 
     def __len__(self) -> int:

@@ -216,7 +216,7 @@ def probe(model, cfg, task: str, source: str, cache_examples: int = 256, batch_s
     if task not in probes.TASKS:
         raise UserError(source, "--probe", f"unknown probe task {task!r}", f"use one of: {', '.join(probes.TASKS)}")
     own = probes.task_of(cfg.data.corpus) == task
-    d = cfg.data if own else replace(cfg.data, corpus=f"probe:{task}", probe=probes.ProbeConfig())
+    d = cfg.data if own else replace(cfg.data, corpus=f"probe:{task}", probe=type(cfg.data.probe)())
     if not own:
         d = replace(d, seq_len=min(probes.TASKS[task].seq_len, cfg.model.max_seq_len))
     need = data.vocab_size(d, source)
@@ -344,9 +344,9 @@ def evaluate(
     seed: int = 0,
     probe_tasks: list[str] = (),
 ) -> dict:
-    from escarda_lab import minimal_pairs as mp
     from escarda_lab.corpora import corpus_files
     from escarda_lab.runs import load_run
+    from escarda_lab.suites import SUITES
 
     model, tok, cfg = load_run(run)
     scorer = Scorer(model, tok)
@@ -371,9 +371,9 @@ def evaluate(
         text = "\n\n".join(body for _, body in corpus_files(name, "--corpus"))
         out.setdefault("corpus", {})[name] = text_bpb(scorer, text)
     for suite in suites:
-        if suite != "minimal_pairs":
-            raise UserError("command line", "--suite", f"unknown suite {suite!r}", "use --suite minimal_pairs")
-        out["minimal_pairs"] = minimal_pairs(scorer, mp.generate(pairs_per_paradigm, seed))
+        if suite not in SUITES:
+            raise UserError("command line", "--suite", f"unknown suite {suite!r}", f"use one of: {', '.join(SUITES)}")
+        out[suite] = SUITES[suite].run(scorer, pairs_per_paradigm, seed)
     for t in tasks:
         out.setdefault("tasks", {})[Path(t).stem] = multiple_choice(scorer, read_task(t))
     for t in probe_tasks:

@@ -287,6 +287,15 @@ class EscardaLM(nn.Module):
         return flags
 
     @torch.no_grad()
+    def collect_stats(self, ids: Tensor) -> dict[str, float]:
+        """`stats()` after a training forward of `ids`. A compiled forward keeps nothing for them
+        (`probing` is off inside a graph), so a compiled model first runs `ids` once more, eagerly
+        and without gradients: statistics, and the dead-component check, do not vanish on a GPU."""
+        if getattr(self, "_compiled_call_impl", None) is not None:
+            self.forward(ids)
+        return self.stats()
+
+    @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """Health signals of every plugin, `<component>/<stat>`, averaged over its instances."""
         acc: dict[str, list[float]] = {}

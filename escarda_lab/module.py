@@ -11,7 +11,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from escarda_lab import config
 from escarda_lab.device import on_gpu, sync
 from escarda_lab.errors import Diverged
 from escarda_lab.evaluate import SUMS, nll_summary, window_nll
@@ -19,6 +18,7 @@ from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from escarda_lab.registry import Plugin
 from escarda_lab.runs import storage_error, write_checksum
+from escarda_lab.validation import COMPILE_MODES
 
 
 def lr_factor(step: int, t) -> float:
@@ -86,14 +86,14 @@ def resolve_runtime(cfg):
         precision = "32-true"
     if compile_ == "auto":
         compile_ = gpu
-    compile_ = compile_ if compile_ in config.COMPILE_MODES else bool(compile_)
+    compile_ = compile_ if compile_ in COMPILE_MODES else bool(compile_)
     return replace(cfg, train=replace(cfg.train, precision=precision, compile=compile_))
 
 
 def compile_model(model, setting) -> None:
     """`train.compile` as resolved: true (torch.compile's default mode) or a mode name compile;
     anything else (false) leaves the model eager."""
-    if setting is True or setting in config.COMPILE_MODES:
+    if setting is True or setting in COMPILE_MODES:
         model.compile(mode=None if setting is True else setting)
 
 
@@ -184,7 +184,8 @@ class EscardaModule(L.LightningModule):
         self._pending["perf/tokens_per_s"] = tps
         if self.flops_per_token and self.peak_flops:
             self._pending["perf/mfu"] = tps * self.flops_per_token / (self.peak_flops * self.trainer.world_size)
-        stats = self.model.stats()
+        with self.trainer.strategy.precision_plugin.forward_context():
+            stats = self.model.collect_stats(batch["ids"])
         for k, v in stats.items():
             self.stat_peak[k] = max(self.stat_peak.get(k, 0.0), abs(v))
         self._pending.update({f"components/{k}": v for k, v in stats.items()})

@@ -29,9 +29,9 @@ share an input sequence.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Optional, get_type_hints
 
 import numpy as np
 
@@ -42,25 +42,96 @@ N_SPECIALS = 8  # tokenizer.SPECIALS: task token t is model id t + N_SPECIALS
 
 
 @dataclass
-class ProbeConfig:
-    """Task parameters (MAD's and zoology's names); null means the task's own default."""
+class TaskConfig:
+    """What every probe task takes (MAD's names). A task's config class adds its own parameters
+    with the source's defaults; `data.probe` sets any of them (null: the task's default)."""
 
-    vocab_size: int | None = bounded(None, min=4)
-    num_kv_pairs: int | None = bounded(None, min=1)  # mqar
-    power_a: float | None = bounded(None, above=0)  # mqar: query-gap power law
-    random_non_queries: bool | None = None  # mqar
-    multi_query: bool | None = None  # recall tasks
-    noise_vocab_size: int | None = bounded(None, min=0)
-    frac_noise: float | None = bounded(None, min=0, below=1)
-    k_motif_size: int | None = bounded(None, min=1)  # fuzzy_recall
-    v_motif_size: int | None = bounded(None, min=1)
-    num_tokens_to_copy: int | None = bounded(None, min=1)  # selective_copying
-    segment_len: int | None = bounded(None, min=2)  # induction
-    num_facts: int | None = bounded(None, min=1)  # ngram_facts
-    ngram: int | None = bounded(None, min=2)
-    facts_per_sequence: int | None = bounded(None, min=1)
-    num_train_examples: int | None = bounded(None, min=0)  # 0: an endless stream
-    num_test_examples: int | None = bounded(None, min=1)
+    num_train_examples: int = bounded(12_800, min=0)  # 0: an endless stream
+    num_test_examples: int = bounded(1_280, min=1)
+
+
+@dataclass
+class MQARConfig(TaskConfig):
+    vocab_size: int = bounded(8192, min=4)
+    num_kv_pairs: int = bounded(8, min=1)
+    power_a: float = bounded(0.01, above=0)  # query-gap power law
+    random_non_queries: bool = True
+
+
+@dataclass
+class RecallConfig(TaskConfig):
+    vocab_size: int = bounded(16, min=4)
+    multi_query: bool = True
+    noise_vocab_size: int = bounded(0, min=0)
+    frac_noise: float = bounded(0.0, min=0, below=1)
+
+
+@dataclass
+class FuzzyRecallConfig(RecallConfig):
+    k_motif_size: int = bounded(3, min=1)
+    v_motif_size: int = bounded(3, min=1)
+
+
+@dataclass
+class NoisyRecallConfig(RecallConfig):
+    vocab_size: int = bounded(32, min=4)
+    noise_vocab_size: int = bounded(16, min=0)
+    frac_noise: float = bounded(0.2, min=0, below=1)
+
+
+@dataclass
+class SelectiveCopyingConfig(TaskConfig):
+    vocab_size: int = bounded(16, min=4)
+    num_tokens_to_copy: int = bounded(16, min=1)
+
+
+@dataclass
+class VocabConfig(TaskConfig):
+    vocab_size: int = bounded(16, min=4)
+
+
+@dataclass
+class MemorizationConfig(TaskConfig):
+    vocab_size: int = bounded(256, min=4)
+
+
+@dataclass
+class InductionConfig(TaskConfig):
+    num_train_examples: int = bounded(0, min=0)
+    vocab_size: int = bounded(64, min=4)
+    segment_len: int = bounded(16, min=2)
+
+
+@dataclass
+class NgramFactsConfig(TaskConfig):
+    vocab_size: int = bounded(64, min=4)
+    num_facts: int = bounded(256, min=1)
+    ngram: int = bounded(3, min=2)
+    facts_per_sequence: int = bounded(8, min=1)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    generate: Callable  # (params, seq_len, rng, train[, table]) -> (inputs [T], labels [T]) in task tokens
+    config: type[TaskConfig]
+    seq_len: int  # the source's sequence length (the experiment files set data.seq_len)
+    table: Callable | None = None  # (params, seed) -> fixed facts shared by every sequence
+
+
+TASKS: dict[str, Task] = {}
+
+
+def probe_task(name: str, config: type[TaskConfig], seq_len: int, table: Callable | None = None):
+    """Register a generator as `data.corpus: probe:<name>`, with its parameters' config class."""
+
+    def register(generate: Callable) -> Callable:
+        if not (isinstance(config, type) and issubclass(config, TaskConfig)):
+            raise TypeError(f"probe task {name!r}: its config must subclass probes.TaskConfig")
+        TASKS[name] = Task(name, generate, config, seq_len, table)
+        return generate
+
+    return register
 
 
 class ProbeError(ValueError):
@@ -97,6 +168,7 @@ def recall_vocab(p: dict, specials: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return np.arange(n // 2), np.arange(n // 2, n), np.arange(n, n + p["noise_vocab_size"])
 
 
+@probe_task("in_context_recall", RecallConfig, seq_len=128)
 def in_context_recall(p: dict, T: int, rng: np.random.Generator, train: bool):
     """Key-value pairs (a key's value is fixed within the sequence); the value after a key seen
     before is scored (multi_query), or only the final probe after a copy token."""
@@ -128,6 +200,7 @@ def in_context_recall(p: dict, T: int, rng: np.random.Generator, train: bool):
     return shifted(tokens, targets, train, T)
 
 
+@probe_task("fuzzy_recall", FuzzyRecallConfig, seq_len=128)
 def fuzzy_recall(p: dict, T: int, rng: np.random.Generator, train: bool):
     """Keys and values are runs of 1..k_motif_size / 1..v_motif_size tokens (test keys always
     k_motif_size long); the padding before the sequence is one more token."""
@@ -174,11 +247,13 @@ def fuzzy_recall(p: dict, T: int, rng: np.random.Generator, train: bool):
     return shifted([pad] * n_pad + tokens, [IGNORE] * n_pad + targets, train, T)
 
 
+@probe_task("noisy_recall", NoisyRecallConfig, seq_len=128)
 def noisy_recall(p: dict, T: int, rng: np.random.Generator, train: bool):
     """in_context_recall with a fraction of the pairs replaced by noise tokens."""
     return in_context_recall(p, T, rng, train)
 
 
+@probe_task("selective_copying", SelectiveCopyingConfig, seq_len=256)
 def selective_copying(p: dict, T: int, rng: np.random.Generator, train: bool):
     """num_tokens_to_copy tokens scattered among blanks, a copy token, then blanks: the tokens are
     to be written in order at the blanks after the copy token (not teacher-forced)."""
@@ -200,6 +275,7 @@ def selective_copying(p: dict, T: int, rng: np.random.Generator, train: bool):
     return inputs, labels
 
 
+@probe_task("compression", VocabConfig, seq_len=32)
 def compression(p: dict, T: int, rng: np.random.Generator, train: bool):
     """T/2 random tokens, then the compression token T/2 times: recall the sequence in order."""
     V, n = p["vocab_size"], T // 2
@@ -215,6 +291,7 @@ def memorization_table(p: dict, seed: int) -> dict[int, int]:
     return {int(k): int(v) for k, v in zip(keys, values)}
 
 
+@probe_task("memorization", MemorizationConfig, seq_len=32, table=memorization_table)
 def memorization(p: dict, T: int, rng: np.random.Generator, train: bool, table: dict):
     """(key, insert token) pairs; at the insert token the key's fixed value is scored. The value
     is never shown, so it can only come from the weights."""
@@ -226,6 +303,7 @@ def memorization(p: dict, T: int, rng: np.random.Generator, train: bool, table: 
     return inputs, labels
 
 
+@probe_task("mqar", MQARConfig, seq_len=64)
 def mqar(p: dict, T: int, rng: np.random.Generator, train: bool):
     """num_kv_pairs distinct keys with values up front; then each key once as a query, at gaps
     drawn from a power law (a * x^(a-1)); the value is scored at the query. Token 0 is the filler
@@ -252,6 +330,7 @@ def mqar(p: dict, T: int, rng: np.random.Generator, train: bool):
     return inputs, labels
 
 
+@probe_task("induction", InductionConfig, seq_len=64)
 def induction(p: dict, T: int, rng: np.random.Generator, train: bool):
     """Random tokens with one segment written twice at random offsets; after the repeat starts,
     each next token is scored where the current token occurs exactly once earlier."""
@@ -289,6 +368,7 @@ def ngram_facts_table(p: dict, seed: int) -> dict[tuple, int]:
     return {c: int(a) for c, a in zip(contexts, rng.integers(V // 2, 3 * V // 4, size=len(contexts)))}
 
 
+@probe_task("ngram_facts", NgramFactsConfig, seq_len=64, table=ngram_facts_table)
 def ngram_facts(p: dict, T: int, rng: np.random.Generator, train: bool, table: dict):
     """Noise tokens with facts (context, answer) written at random places; the answer is scored."""
     V, n, k = p["vocab_size"], p["ngram"], p["facts_per_sequence"]
@@ -313,149 +393,41 @@ def ngram_facts(p: dict, T: int, rng: np.random.Generator, train: bool, table: d
     return tokens[:-1], labels[:-1]
 
 
-@dataclass(frozen=True)
-class Task:
-    generate: Callable
-    defaults: dict
-    seq_len: int  # the source's sequence length (the experiment files set data.seq_len)
-    table: Callable | None = None  # fixed facts shared by every sequence (memorization, ngram_facts)
-
-
-COMMON = {"num_train_examples": 12_800, "num_test_examples": 1_280}
-RECALL = {"vocab_size": 16, "multi_query": True, "noise_vocab_size": 0, "frac_noise": 0.0}
-TASKS: dict[str, Task] = {
-    "mqar": Task(
-        mqar,
-        {"vocab_size": 8192, "num_kv_pairs": 8, "power_a": 0.01, "random_non_queries": True, **COMMON},
-        64,
-    ),
-    "in_context_recall": Task(in_context_recall, {**RECALL, **COMMON}, 128),
-    "fuzzy_recall": Task(fuzzy_recall, {**RECALL, "k_motif_size": 3, "v_motif_size": 3, **COMMON}, 128),
-    "noisy_recall": Task(
-        noisy_recall, {**RECALL, "vocab_size": 32, "noise_vocab_size": 16, "frac_noise": 0.2, **COMMON}, 128
-    ),
-    "selective_copying": Task(selective_copying, {"vocab_size": 16, "num_tokens_to_copy": 16, **COMMON}, 256),
-    "compression": Task(compression, {"vocab_size": 16, **COMMON}, 32),
-    "memorization": Task(memorization, {"vocab_size": 256, **COMMON}, 32, table=memorization_table),
-    "induction": Task(
-        induction, {"vocab_size": 64, "segment_len": 16, "num_train_examples": 0, "num_test_examples": 1_280}, 64
-    ),
-    "ngram_facts": Task(
-        ngram_facts,
-        {"vocab_size": 64, "num_facts": 256, "ngram": 3, "facts_per_sequence": 8, **COMMON},
-        64,
-        table=ngram_facts_table,
-    ),
-}
-
-
 def task_of(corpus: str) -> str | None:
     return corpus[len("probe:") :] if corpus.startswith("probe:") else None
 
 
-def params(task: str, cfg: ProbeConfig) -> dict:
-    """The task's parameters: its defaults, overridden by the non-null fields of `cfg`; a field
-    the task does not use is an error."""
-    t = TASKS[task]
-    out = dict(t.defaults)
-    for f in fields(ProbeConfig):
-        value = getattr(cfg, f.name)
+def union_config() -> type:
+    """`data.probe`'s schema: every registered task's parameters, each optional (null: the
+    task's default), with the bounds its task gives it."""
+    seen: dict[str, tuple] = {}
+    for t in TASKS.values():
+        hints = get_type_hints(t.config)
+        for f in fields(t.config):
+            seen.setdefault(f.name, (f.name, Optional[hints[f.name]], field(default=None, metadata=f.metadata)))  # noqa: UP045
+    return make_dataclass("ProbeConfig", list(seen.values()))
+
+
+def params(task: str, cfg) -> dict:
+    """The task's parameters: its config's defaults, overridden by the non-null fields of `cfg`
+    (a `data.probe` node); a field the task does not take is an error."""
+    out = asdict(TASKS[task].config())
+    for name, value in vars(cfg).items():
         if value is None:
             continue
         need(
-            f.name in out,
-            f.name,
-            f"{task} has no parameter {f.name}",
+            name in out,
+            name,
+            f"{task} has no parameter {name}",
             f"remove it; {task} takes {', '.join(sorted(out))}",
         )
-        out[f.name] = value
+        out[name] = value
     return out
 
 
-def vocab_size(task: str, cfg: ProbeConfig) -> int:
+def vocab_size(task: str, cfg) -> int:
     """Model vocabulary: the specials plus the task's tokens."""
     return N_SPECIALS + params(task, cfg)["vocab_size"]
 
 
-# ---------------------------------------------------------------------------------- the data sets
-
-
-@dataclass
-class ProbeSet:
-    """Task tokens already shifted to model ids; labels -100 where nothing is scored."""
-
-    task: str
-    params: dict
-    train_inputs: np.ndarray | None  # [N, T] (None: an endless stream)
-    train_labels: np.ndarray | None
-    test_inputs: np.ndarray  # [M, T]
-    test_labels: np.ndarray
-    seed: int
-    seq_len: int
-
-    def batch(self, k: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training batch k (a function of (seed, k) only, so a resumed run continues exactly)."""
-        rng = np.random.default_rng([seed, k, 3])
-        if self.train_inputs is not None:
-            rows = rng.integers(len(self.train_inputs), size=size)
-            return self.train_inputs[rows], self.train_labels[rows]
-        pairs = [self.example(rng, train=True, avoid=self.test_keys) for _ in range(size)]
-        return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
-
-    def example(self, rng, train: bool, avoid: set | None = None) -> tuple[np.ndarray, np.ndarray]:
-        t = TASKS[self.task]
-        extra = (self.table,) if t.table else ()
-        while True:
-            x, y = t.generate(self.params, self.seq_len, rng, train, *extra)
-            if avoid is None or key(x) not in avoid:
-                return shift(x), shift(y)
-
-    def __post_init__(self):
-        t = TASKS[self.task]
-        self.table = t.table(self.params, self.seed) if t.table else None
-        self.test_keys = {key(x - N_SPECIALS) for x in self.test_inputs} if self.test_inputs is not None else set()
-
-
-def key(x: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(x, dtype=np.int64).tobytes(), digest_size=16).digest()
-
-
-def shift(x: np.ndarray) -> np.ndarray:
-    """Task tokens -> model ids (labels keep -100)."""
-    x = np.asarray(x, dtype=np.int64)
-    return np.where(x == IGNORE, IGNORE, x + N_SPECIALS)
-
-
-def build(task: str, cfg: ProbeConfig, seq_len: int, seed: int) -> ProbeSet:
-    """The test set (num_test_examples distinct sequences) and the training set (distinct from
-    every test sequence), both from `seed`."""
-    p = params(task, cfg)
-    s = ProbeSet(task, p, None, None, None, None, seed, seq_len)  # type: ignore[arg-type]
-    rng = np.random.default_rng([seed, 1])
-    test, seen = [], set()
-    for _ in range(50 * p["num_test_examples"]):
-        x, y = s.example(rng, train=False)
-        if key(x - N_SPECIALS) not in seen:
-            seen.add(key(x - N_SPECIALS))
-            test.append((x, y))
-        if len(test) == p["num_test_examples"]:
-            break
-    need(
-        len(test) == p["num_test_examples"],
-        "num_test_examples",
-        f"the task has fewer than {p['num_test_examples']} distinct sequences",
-        "lower num_test_examples or raise vocab_size / seq_len",
-    )
-    s.test_inputs, s.test_labels = np.stack([x for x, _ in test]), np.stack([y for _, y in test])
-    s.test_keys = seen
-    if p["num_train_examples"]:
-        rng = np.random.default_rng([seed, 2])
-        train = [s.example(rng, train=True, avoid=seen) for _ in range(p["num_train_examples"])]
-        s.train_inputs, s.train_labels = np.stack([x for x, _ in train]), np.stack([y for _, y in train])
-    return s
-
-
-def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Exact match at the scored positions (labels != -100)."""
-    scored = labels != IGNORE
-    return float((predictions[scored] == labels[scored]).mean()) if scored.any() else float("nan")
+ProbeConfig = union_config()  # the shipped tasks' schema; config.schema_class rebuilds it with added tasks

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -68,16 +67,3 @@ def run_row(m: dict, variant: str, seed: int, baseline: str, change: str, kind: 
         "error": m.get("error", ""),
         "grad_spikes": (m.get("instability") or {}).get("grad_spikes", 0),
     }
-
-
-def eval_columns(ev: dict) -> dict[str, float]:
-    """Flat numbers from a run's eval.json for tables: eval/minimal_pairs, eval/<task>/acc, ..."""
-    out = {}
-    if "minimal_pairs" in ev:
-        out["eval/minimal_pairs"] = ev["minimal_pairs"]["overall"]["acc"]
-    for name, t in ev.get("tasks", {}).items():
-        out[f"eval/{name}/acc"], out[f"eval/{name}/acc_norm"] = t["acc"], t["acc_norm"]
-    for kind in ["text", "corpus"]:
-        for name, t in ev.get(kind, {}).items():
-            out[f"eval/{kind}:{Path(name).name}/bpb"] = t["bpb"]
-    return out

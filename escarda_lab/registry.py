@@ -11,13 +11,15 @@ the plugins of each slot. A user adds one by writing a module in `components/` (
 automatically) or any module listed under `plugins:` in their YAML.
 
 `Plugin` below is the protocol, written once: every hook a plugin may define, with its default
-(which does nothing). Each slot has a base class that adds the slot's own contract.
+(which does nothing). Each slot has a base class that adds the slot's own contract: its abstract
+methods must be defined by every plugin of the slot, or registering it fails.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,17 +120,52 @@ class Plugin(nn.Module):
 
 
 class Attention(Plugin):
-    """`__init__(model_cfg, cfg, layer, modifiers)`; `forward(x [B,T,D], rotary, cache) -> [B,T,D]`.
-    Apply each attention modifier to the per-head output: `y = mod(y [B,H,T,hd], v [B,H_kv,T,hd])`."""
+    """`__init__(model_cfg, cfg, layer)`. A plugin computes the per-head output and maps it back:
+    `attend(x [B,T,D], rotary, cache) -> (y [B,H,T,hd], v [B,H_kv,T,hd])`, `project(y) -> [B,T,D]`.
+    `forward` is written once, here: every attention modifier edits y between the two
+    (`y = mod(y, v)`), so no attention can leave one out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.modifiers = nn.ModuleList()
+
+    @classmethod
+    def build(cls, model_cfg, cfg, layer: int = 0, modifiers=()) -> nn.Module:
+        attn = cls(model_cfg, cfg, layer=layer)
+        del attn.modifiers  # registered again after the plugin's own weights, in the order given
+        attn.modifiers = nn.ModuleList(modifiers)
+        return attn
+
+    @abstractmethod
+    def attend(self, x: Tensor, rotary, cache=None) -> tuple[Tensor, Tensor | None]:
+        """The per-head attention output y and the values v it attended over (v may be None when
+        `self.modifiers` is empty and computing it would cost something)."""
+
+    @abstractmethod
+    def project(self, y: Tensor) -> Tensor:
+        """[B, H, T, hd] -> [B, T, D]: the output projection."""
+
+    def forward(self, x: Tensor, rotary, cache=None) -> Tensor:
+        y, v = self.attend(x, rotary, cache)
+        for mod in self.modifiers:
+            y = mod(y, v)
+        return self.project(y)
 
 
 class AttentionModifier(Plugin):
-    """`__init__(model_cfg, cfg)`; `forward(y [B,H,T,hd], v [B,H_kv,T,hd]) -> y'`: edits the
-    per-head attention output."""
+    """`__init__(model_cfg, cfg)`: edits the per-head attention output."""
+
+    @abstractmethod
+    def forward(self, y: Tensor, v: Tensor) -> Tensor:
+        """y [B,H,T,hd], v [B,H_kv,T,hd] -> y' [B,H,T,hd]."""
 
 
 class FFN(Plugin):
-    """`__init__(model_cfg, cfg, layer)`; `forward(x [B,T,D]) -> [B,T,D]` (plus `ids` if needs_ids)."""
+    """`__init__(model_cfg, cfg, layer)`."""
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        """[B,T,D] -> [B,T,D] (plus `ids=` [B,T] when `needs_ids`)."""
 
     @classmethod
     def width(cls, model_cfg, cfg) -> tuple[str, int]:
@@ -138,17 +175,39 @@ class FFN(Plugin):
 
 
 class Residual(Plugin):
-    """`__init__(model_cfg, cfg, n_sites)`. The residual state S ([B,T,D], or [B,T,m,D] streams):
-    `expand(x) -> S`; `sublayer(S, fn, site) -> S` applies fn (attention or FFN of one block) at
-    one of n_sites sites; `collapse(S) -> h [B,T,D]`; `read(S) -> h` is the state a block sees;
-    `add(S, delta [B,T,D]) -> S` adds a feature to every stream."""
+    """`__init__(model_cfg, cfg, n_sites)`. Owns the residual state S: [B,T,D], or [B,T,n,D] for
+    n streams. The model only ever touches S through these five methods."""
 
     streams = 1  # how many D-wide copies of the state S holds (memory estimates)
 
+    @abstractmethod
+    def expand(self, x: Tensor) -> Tensor:
+        """The embedding [B,T,D] -> the initial state S."""
+
+    @abstractmethod
+    def sublayer(self, S: Tensor, fn, site: int) -> Tensor:
+        """S after `fn` (one block's attention or FFN, [B,T,D] -> [B,T,D]) at site `site` of n_sites."""
+
+    @abstractmethod
+    def collapse(self, S: Tensor) -> Tensor:
+        """The final state -> h [B,T,D] for the output head."""
+
+    @abstractmethod
+    def read(self, S: Tensor) -> Tensor:
+        """The [B,T,D] view of S a per-block feature is computed from."""
+
+    @abstractmethod
+    def add(self, S: Tensor, delta: Tensor) -> Tensor:
+        """S with a feature delta [B,T,D] added to every stream."""
+
 
 class Embedding(Plugin):
-    """`__init__(model_cfg, cfg)`; `forward(ids [B,T], x [B,T,D], cache) -> x`: edits the token
-    embedding."""
+    """`__init__(model_cfg, cfg)`: edits the token embedding, before the first block and/or
+    before every block."""
+
+    @abstractmethod
+    def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
+        """ids [B,T], the embedding x [B,T,D] -> x (return x unchanged to act in `before_block` only)."""
 
     def before_block(self, ids: Tensor, S: Tensor, residual: Residual, layer: int, cache=None) -> Tensor:
         """Called before every block with the residual state; add features with `residual.add`."""
@@ -156,7 +215,11 @@ class Embedding(Plugin):
 
 
 class Refine(Plugin):
-    """`__init__(model_cfg, cfg)`; `forward(h [B,T,D]) -> h`: edits the final hidden state."""
+    """`__init__(model_cfg, cfg)`."""
+
+    @abstractmethod
+    def forward(self, h: Tensor) -> Tensor:
+        """The final hidden state [B,T,D] -> h [B,T,D]."""
 
 
 class Objective(Plugin):
@@ -171,6 +234,10 @@ class Objective(Plugin):
     # What the term is, per unit, of the main head's per-position sums ("nll", "lse_sq"), each a
     # mean over the valid positions: the fused head prepares its gradient for that mix.
     head_terms: dict[str, float] = {}
+
+    @abstractmethod
+    def forward(self, batch: dict, out) -> Tensor:
+        """The objective's term (a scalar) for a batch and the model's output."""
 
 
 SLOT_BASES: dict[str, type[Plugin]] = {
@@ -250,6 +317,12 @@ def component(
         base = SLOT_BASES[slot]
         if not issubclass(cls, base):
             raise TypeError(f"plugin {name!r} ({cls.__qualname__}) must subclass registry.{base.__name__}")
+        missing = unimplemented(cls)
+        if missing:
+            raise TypeError(
+                f"plugin {name!r} ({cls.__qualname__}) does not implement {', '.join(missing)}, "
+                f"which the {slot} slot's contract (registry.{base.__name__}) requires"
+            )
         entry = _REGISTRY.setdefault(name, Entry(name, slot, config or ComponentConfig, baseline=baseline))
         prev = entry.variants.get(variant)
         if (
@@ -265,6 +338,11 @@ def component(
         return cls
 
     return register
+
+
+def unimplemented(cls: type) -> list[str]:
+    """The slot contract's abstract methods `cls` leaves undefined."""
+    return sorted(n for n in dir(cls) if getattr(getattr(cls, n, None), "__isabstractmethod__", False))
 
 
 def discover(extra_modules: list[str] | tuple[str, ...] = (), source: str = "plugins") -> None:

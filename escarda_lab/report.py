@@ -6,28 +6,83 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from escarda_lab.records import METRICS
-from escarda_lab.stats import mde
-from escarda_lab.summary import SOLVED, calibration
+from escarda_lab.stats import STATISTICS, Statistic
+from escarda_lab.summary import SOLVED, calibration, in_family, readings
+from escarda_lab.summary import plan as summary_plan
 
 
 def table(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, disable_numparse=True)
 
 
-def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: float = 0.01) -> str:
-    def pm(m, s):
-        return "—" if math.isnan(m) else (f"{m:.4f}" if math.isnan(s) else f"{m:.4f} ± {s:.4f}")
+def num(x, fmt: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    def num(x, fmt):
-        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    def ci(lo, hi):
-        return "—" if math.isnan(lo) else f"[{lo:+.4f}, {hi:+.4f}]"
+def pm(m: float, s: float) -> str:
+    return "—" if math.isnan(m) else (f"{m:.4f}" if math.isnan(s) else f"{m:.4f} ± {s:.4f}")
 
+
+def interval(lo: float, hi: float) -> str:
+    return "—" if math.isnan(lo) else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def shown(r, st: Statistic) -> str:
+    """A registered statistic's cell: an interval for two columns, else the number."""
+    values = [getattr(r, c, math.nan) for c in st.columns]
+    return interval(*values) if len(values) == 2 else num(values[0], st.fmt)
+
+
+def statistic_cells(r, table_name: str) -> dict[str, str]:
+    return {st.label: shown(r, st) for st in STATISTICS.values() if st.table == table_name}
+
+
+def family_line(summary: pd.DataFrame, alpha: float, margin: float, unit: str) -> str:
+    fam = summary[in_family(summary)]
+    readings = sorted(set(fam["reading"])) if "reading" in fam and fam["reading"].any() else []
+    per = f", Holm within each reading ({' / '.join(readings)})" if len(readings) > 1 else ""
+    return (
+        f"**Family:** the {len(fam)} variant comparisons (controls and budgets are not hypotheses){per}; "
+        f"alpha {alpha:g}; Holm's step-down on the paired t p-values for **helps/hurts** (Holm p) and, "
+        f"separately, on the TOST p-values for **equivalent** within ±{margin:g} {unit} (Holm TOST p): "
+        f"each keeps its family-wise error at {alpha:g}."
+    )
+
+
+def two_readings(both: pd.DataFrame, key: str, unit: str, alpha: float) -> list[str]:
+    def cells(r, tag: str) -> dict[str, str]:
+        if r is None:
+            return {f"{tag}: {key}": "—", f"{tag}: Δ {unit}": "not run", f"{tag}: 95% CI": "—", f"{tag}: Holm p": "—",
+                    f"{tag}: verdict": "—"}  # fmt: skip
+        return {
+            f"{tag}: {key}": num(r["tuned"], "g"),
+            f"{tag}: Δ {unit}": num(r["delta"], "+.4f"),
+            f"{tag}: 95% CI": interval(r["ci_low"], r["ci_high"]),
+            f"{tag}: Holm p": num(r["p_holm"], ".3g"),
+            f"{tag}: verdict": f"**{r['verdict']}**",
+        }
+
+    rows = pd.DataFrame(
+        {"variant": f"`{e.variant}`", **cells(e.same, "same recipe"), **cells(e.own, "own best")}
+        for e in both.itertuples()
+    )
+    return [
+        "## Two readings",
+        "",
+        f"**Same recipe**: the variant at the baseline's `{key}` (what the change does to this recipe); "
+        f"**own best**: at its own tuned `{key}` (each arm at its best). Holm within each reading's family; "
+        f"a variant whose tuned value is the baseline's has one run for both readings.",
+        "",
+        table(rows),
+    ]
+
+
+def markdown(
+    summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: float = 0.01, prior_sd: float | None = None
+) -> str:
     tune = plan.get("tune") or {}
     key = tune.get("key", "")
     metric = summary.metric.iloc[0] if "metric" in summary else "val_bpb"
@@ -44,10 +99,9 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
             "speed": num(r.speed_vs_baseline, ".2f") + "×",
             f"val {unit}": pm(r.metric_mean, r.metric_std),
             f"Δ {unit} (paired)": num(r.delta, "+.4f"),
-            "95% CI": ci(r.ci_low, r.ci_high),
-            "p": num(r.p_paired, ".3g"),
+            **statistic_cells(r, "main"),
             "Holm p": num(r.p_holm, ".3g"),
-            "MDE": num(r.mde, ".4f"),
+            "Holm TOST p": num(r.p_tost_holm, ".3g"),
             "verdict": f"**{r.verdict}**",
         }
         for r in summary.itertuples()
@@ -57,9 +111,8 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
             "variant": f"`{r.variant}`",
             "val loss": pm(r.val_loss_mean, r.val_loss_std),
             **({"val bpb": pm(r.val_bpb_mean, r.val_bpb_std)} if unit != "bpb" else {}),
-            "bootstrap 95% CI": ci(r.boot_low, r.boot_high),
-            "Wilcoxon p": num(r.p_wilcoxon, ".3g"),
-            "TOST p (±margin)": num(r.p_tost, ".3g"),
+            **statistic_cells(r, "more"),
+            "sd of Δ": num(r.sd_diff, ".4f"),
             "pair r": num(getattr(r, "pair_r", math.nan), ".2f"),
             "Welch p": num(r.p_welch, ".3g"),
             "tokens/s": num(r.tokens_per_s, ",.0f"),
@@ -70,9 +123,10 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
     lines = [
         table(main),
         "",
-        "More columns: the bootstrap interval of the mean paired difference, Wilcoxon's signed-rank p "
-        "(6+ pairs), TOST p for equivalence within ±margin, the correlation of the two arms over seeds "
-        "(what pairing buys), Welch's unpaired p, training throughput, components flagged dead.",
+        "More columns: "
+        + ", ".join(st.label for st in STATISTICS.values() if st.table == "more")
+        + " (— where it does not apply), the sd of the paired differences, the correlation of the two arms "
+        "over seeds (what pairing buys), Welch's unpaired p, training throughput, components flagged dead.",
         "",
         table(more),
     ]
@@ -86,16 +140,12 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
             for r in summary.to_dict("records")
         )
         lines += ["", "Evaluations (mean ± std over seeds):", "", table(scores)]
-    tested = summary[summary.variant != summary.baseline]
-    sd = np.sqrt(np.nanmean(tested.sd_diff**2)) if len(tested) and tested.sd_diff.notna().any() else math.nan
-    n = int(np.nanmedian(tested.n_pairs)) if len(tested) and tested.n_pairs.notna().any() else 0
-    power = (
-        f"Pooled sd of the paired differences {sd:.4f} {unit} over {n} seeds: the minimum detectable "
-        f"effect (80% power, alpha {alpha}) is **{mde(sd, n, alpha):.4f} {unit}**; effects smaller than that "
-        f'read inconclusive, not "no effect".'
-        if n >= 2 and math.isfinite(sd)
-        else ""
-    )
+    both = readings(summary, alpha, margin)
+    if both is not None:
+        lines = [*two_readings(both, key or "value", unit, alpha), "", *lines]
+    target = plan.get("target_effect") or margin
+    power = summary_plan(summary, alpha, target, margin, prior_sd)
+    power_lines = ["**Power (prospective).**", *power.lines(unit)] if power else []
     matched = {
         "none": "steps and tokens (every variant trains the same batches)",
         "params": "non-embedding active parameters",
@@ -103,7 +153,7 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
         "params_active": "active parameters",
         "flops": "training FLOPs",
     }.get(plan.get("match", "none"), plan.get("match"))
-    cal = calibration(summary)
+    cal = calibration(summary, alpha)
     tuned = ""
     if key:
         tuned = (
@@ -112,28 +162,26 @@ def markdown(summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: flo
             "the best final val loss is kept (tune.png) and the verdict seeds never saw the sweep."
         )
     return "\n".join(
-        filter(
-            lambda x: x is not None,
-            [
-                plan.get("title") or f"# Grid `{Path(plan.get('source', '')).name}`",
-                "",
-                *([cal, ""] if cal else []),
-                f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}, paired (seed k: same batches, same initial "
-                f"value for every shared weight); matched: {matched}. Δ {unit} is the mean over seeds of "
-                f"variant − baseline on the same seed; p is the paired t-test, Holm p adjusts it across the "
-                f"{len(tested)} comparisons; verdicts at alpha = {alpha} with an equivalence margin of "
-                f"±{margin} {unit} (TOST). A `no_X` variant significantly worse than the baseline means X **helps**"
-                + (" (worse = lower accuracy at the scored positions). " if unit == "acc" else ". ")
-                + "`spiky` counts runs whose gradient norm jumped above 5× the median of its previous 20 steps.",
-                "",
-                power,
-                "",
-                tuned,
-                "",
-                *lines,
-                "",
-            ],
-        )
+        [
+            plan.get("title") or f"# Grid `{Path(plan.get('source', '')).name}`",
+            "",
+            family_line(summary, alpha, margin, unit),
+            "",
+            f"Baseline `{plan['baseline']}`; seeds {plan['seeds']}, paired (seed k: same batches, same initial "
+            f"value for every shared weight); matched: {matched}. Δ {unit} is the mean over seeds of "
+            f"variant − baseline on the same seed; the interval is the paired t interval; p is the paired t-test. "
+            f"**helps/hurts**: Holm p < {alpha:g}; **equivalent**: Holm TOST p < {alpha:g}; else **inconclusive** "
+            f'(not "no effect"). A `no_X` variant significantly worse than the baseline means X **helps**'
+            + (" (worse = lower accuracy at the scored positions). " if unit == "acc" else ". ")
+            + "`spiky` counts runs whose gradient norm jumped above 5× the median of its previous 20 steps.",
+            "",
+            *([cal, ""] if cal else []),
+            *power_lines,
+            "",
+            *([tuned, ""] if tuned else []),
+            *lines,
+            "",
+        ]
     )
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from escarda_lab import suites
 from escarda_lab.errors import DataError
 from escarda_lab.io import read_json
-from escarda_lab.records import METRICS, eval_columns, run_row
-from escarda_lab.stats import holm, paired, verdict, welch_p
+from escarda_lab.records import METRICS, run_row
+from escarda_lab.stats import Plan, holm, paired, verdict, welch_p
 
 
 def load_plan(grid_dir: str | Path) -> dict:
@@ -50,11 +51,12 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
             rec = dict(recorded.get((v["name"], seed), {}))
             m = read_json(grid_dir / v["name"] / f"seed{seed}" / "metrics.json") or {}
             rec.update({k: m[k] for k in m if k not in ("stats",)})
-            rec.update(eval_columns(read_json(grid_dir / v["name"] / f"seed{seed}" / "eval.json") or {}))
+            rec.update(suites.columns(read_json(grid_dir / v["name"] / f"seed{seed}" / "eval.json") or {}))
             rows.append(
                 {
                     **run_row(rec, v["name"], seed, v["baseline"], v["change"], v["kind"]),
                     "tuned": math.nan if choice is None else choice,
+                    "twin_of": v.get("twin_of", ""),
                     "adjust": json.dumps(v.get("adjust") or {}) if v.get("adjust") else "",
                     **{k: x for k, x in rec.items() if k.startswith("eval/")},
                 }
@@ -98,6 +100,7 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01, met
             "kind": group.kind.iloc[0],
             "baseline": base_name,
             "tuned": _first(group.tuned) if "tuned" in group else math.nan,
+            "twin_of": group.twin_of.iloc[0] if "twin_of" in group else "",
             "planned": len(group),
             "seeds": len(g),
             "failed": int((group.status != "finished").sum()),
@@ -145,9 +148,7 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01, met
             )
         out.append(row)
     summary = pd.DataFrame(out)
-    tested = summary.variant != summary.baseline
-    summary["p_holm"] = math.nan
-    summary.loc[tested, "p_holm"] = holm(summary.loc[tested, "p_paired"].tolist())
+    adjust(summary)
     verdicts = []
     for r in summary.to_dict("records"):
         if r["variant"] == r["baseline"]:
@@ -161,30 +162,136 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01, met
     return summary
 
 
-def calibration(summary: pd.DataFrame) -> str | None:
-    """Whether the grid's controls came out as they must; None without controls."""
-    by = {r.variant.split("-")[0] if r.variant.startswith("control_") else r.variant: r for r in summary.itertuples()}
-    null, pos = by.get("control_null"), by.get("control_half_budget")
-    if null is None and pos is None:
+OUTSIDE_FAMILY = ("control", "rung")  # calibration controls and ladder budgets test no hypothesis
+
+
+def in_family(summary: pd.DataFrame) -> pd.Series:
+    """The comparisons that are the grid's hypotheses, each variant at its own (tuned) recipe:
+    not the baseline, the controls, the budgets, or the same-recipe twins (their own family)."""
+    twin = summary.twin_of.astype(bool) if "twin_of" in summary else False
+    return (summary.variant != summary.baseline) & ~summary.kind.isin(OUTSIDE_FAMILY) & ~twin
+
+
+def same_recipe_family(summary: pd.DataFrame) -> pd.Series:
+    """The second reading's comparisons: every variant at the baseline's tuned value, i.e. its
+    `@base_` twin, or the variant itself where its own value is the baseline's."""
+    if "twin_of" not in summary or not summary.twin_of.astype(bool).any():
+        return pd.Series(False, index=summary.index)
+    twins = summary.twin_of.astype(bool)
+    base_value = summary.loc[summary.variant == summary.baseline, "tuned"]
+    equal = summary.tuned == (base_value.iloc[0] if len(base_value) else math.nan)
+    return twins | (in_family(summary) & ~summary.variant.isin(summary.twin_of) & equal)
+
+
+def adjust(summary: pd.DataFrame) -> None:
+    """Family-adjusted p-values, in place. `p_holm` / `p_tost_holm`: Holm within the family (the
+    variants at their own recipe; the same-recipe twins within theirs). `p_holm_same` /
+    `p_tost_holm_same`: the same-recipe family, for every member. A comparison outside both (a
+    control) is adjusted as the family's strictest member would be, Bonferroni at its size: it is
+    "detected" only where any variant with that effect would be."""
+    family, same = in_family(summary), same_recipe_family(summary)
+    tested = summary.variant != summary.baseline
+    m = max(int(family.sum()), 1)
+    for col, adj in [("p_paired", "p_holm"), ("p_tost", "p_tost_holm")]:
+        summary[adj] = math.nan
+        summary[adj + "_same"] = math.nan
+        summary.loc[family, adj] = holm(summary.loc[family, col].tolist())
+        summary.loc[same, adj + "_same"] = holm(summary.loc[same, col].tolist())
+        twins = same & ~family
+        summary.loc[twins, adj] = summary.loc[twins, adj + "_same"]
+        outside = tested & ~family & ~same
+        summary.loc[outside, adj] = np.minimum(1.0, m * summary.loc[outside, col])
+
+
+def readings(summary: pd.DataFrame, alpha: float, margin: float) -> pd.DataFrame | None:
+    """Each variant read twice: at the baseline's tuned value ("same recipe": what the change does
+    to this exact recipe) and at its own ("own best": each arm at its best); None without twins."""
+    same = same_recipe_family(summary)
+    if not same.any():
         return None
-    parts, ok = [], True
-    if null is not None:
-        bad = null.verdict.startswith(("helps", "hurts"))
-        ok &= not bad
-        parts.append(
-            f"the null control (independent seeds) reads **{null.verdict}**"
-            + (" — a false positive: treat every verdict here with suspicion" if bad else ", as it must")
+    higher = METRICS[summary.metric.iloc[0]].higher_is_better
+    rows = []
+    for r in summary[in_family(summary)].to_dict("records"):
+        twin = summary[same & (summary.twin_of == r["variant"])]
+        s = twin.iloc[0].to_dict() if len(twin) else (r if bool(same[summary.variant == r["variant"]].any()) else None)
+        entry = {"variant": r["variant"], "own": r, "same": None}
+        if s is not None:
+            s = {**s, "p_holm": s["p_holm_same"], "p_tost_holm": s["p_tost_holm_same"]}
+            entry["same"] = {**s, "verdict": verdict(r["kind"], s, alpha, margin, higher)}
+        rows.append(entry)
+    return pd.DataFrame(rows)
+
+
+def pooled_sd(summary: pd.DataFrame) -> float:
+    """sd of the paired differences pooled over the family (root of the mean variance)."""
+    sd = summary.loc[in_family(summary), "sd_diff"].dropna()
+    return float(np.sqrt(np.mean(sd**2))) if len(sd) else math.nan
+
+
+def plan(summary: pd.DataFrame, alpha: float, target: float, margin: float, sd: float | None = None) -> Plan | None:
+    """The grid's prospective power (stats.Plan): from `sd` when given (a prior), else pooled."""
+    family = summary[in_family(summary)]
+    sd = pooled_sd(summary) if sd is None else sd
+    n = int(np.nanmedian(family.n_pairs)) if len(family) and family.n_pairs.notna().any() else 0
+    if not len(family) or not math.isfinite(sd):
+        return None
+    return Plan(sd=sd, n=n, family=len(family), alpha=alpha, target=target, margin=margin)
+
+
+def control_of(variant: str) -> tuple[str, float] | None:
+    """("null", 0) or ("budget", fraction of the training tokens) for a calibration control's name
+    (`control_null`, `control_null2`, ...; `control_budget0.75`, `control_half_budget`), else None."""
+    name = variant.split("-")[0]
+    if name.startswith("control_null"):
+        return "null", 0.0
+    if name == "control_half_budget":
+        return "budget", 0.5
+    if name.startswith("control_budget"):
+        return "budget", float(name.removeprefix("control_budget"))
+    return None
+
+
+def calibration(summary: pd.DataFrame, alpha: float = 0.05) -> str | None:
+    """The grid's controls, measured: how many null controls (the baseline against itself with
+    independent seeds) read a difference, and which positive controls (the baseline with fewer
+    training tokens: a known, graded harm) the grid detected. None without controls."""
+    rows = [(control_of(r.variant), r) for r in summary.itertuples() if r.variant != r.baseline]
+    nulls = [r for c, r in rows if c and c[0] == "null"]
+    budgets = sorted(((c[1], r) for c, r in rows if c and c[0] == "budget"), key=lambda x: x[0])
+    if not nulls and not budgets:
+        return None
+    unit = METRICS[summary.metric.iloc[0]].label
+    m = int(in_family(summary).sum())
+    lines = [f"**Calibration, measured** (each control is judged as the strictest of the {m} comparisons would be)."]
+    if nulls:
+        fp = [r for r in nulls if r.verdict.startswith(("helps", "hurts"))]
+        raw = sum(r.p_paired < alpha for r in nulls)
+        exclude = sum(r.ci_low > 0 or r.ci_high < 0 for r in nulls)
+        lines.append(
+            f"- Null controls: **{len(fp)} of {len(nulls)}** read helps/hurts (false positives); "
+            f"{raw} of {len(nulls)} have p < {alpha:g} before adjustment and {exclude} a 95% interval excluding 0 "
+            f"(each expected with probability {alpha:g}). Their Δ: "
+            + ", ".join(f"{r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]" for r in nulls)
+            + (". A false positive here means: treat every verdict with suspicion." if fp else ".")
         )
-    if pos is not None:
-        found = pos.verdict.startswith("hurts")
-        ok &= found
-        parts.append(
-            f"the positive control (half the training tokens, Δ {pos.delta:+.4f} {METRICS[pos.metric].label}) reads "
-            f"**{pos.verdict}**"
-            + (", as it must" if found else " — the grid cannot see an effect of that size: it is UNDERPOWERED")
+    if budgets:
+        found = [(f, r) for f, r in budgets if r.verdict.startswith("hurts")]
+        lines.append(
+            "- Positive controls (fewer training tokens), Δ with adjusted p: "
+            + "; ".join(
+                f"{f:g}× tokens Δ {r.delta:+.4f} {unit} (p_adj {r.p_holm:.3g}, "
+                f"{'detected' if r.verdict.startswith('hurts') else 'not detected'})"
+                for f, r in budgets
+            )
+            + ". "
+            + (
+                f"Smallest harm detected: **{min(abs(r.delta) for _, r in found):.4f} {unit}** "
+                f"({max(f for f, _ in found):g}× tokens)."
+                if found
+                else "**None detected: the grid is UNDERPOWERED for harms of these sizes.**"
+            )
         )
-    head = "**Calibrated.**" if ok else "**NOT CALIBRATED.**"
-    return f"{head} " + "; ".join(parts) + "."
+    return "\n".join(lines)
 
 
 def _mean(x) -> float:

@@ -40,8 +40,21 @@ def test_fullgraph_compile_matches_eager(variant):
     ids = torch.randint(0, 97, (2, 32))
     batch = {"ids": ids, "labels": ids}
     eager = total_loss(model, batch, model(ids))[0]
+    eager_stats = model.stats()
+    forget_probes(model)
     model.compile(fullgraph=True)
     compiled = total_loss(model, batch, model(ids))[0]
     compiled.backward()
     assert torch.allclose(compiled, eager, atol=1e-5)
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("objectives"))
+    assert model.stats().keys() < eager_stats.keys()  # a compiled forward keeps nothing for stats()
+    assert model.collect_stats(ids).keys() == eager_stats.keys()  # what the run logs does not vanish
+
+
+def forget_probes(model) -> None:
+    for mod in model.modules():
+        kept = mod.__dict__.get("_probe")
+        if isinstance(kept, dict):
+            kept.clear()
+        elif kept is not None:
+            mod._probe = None

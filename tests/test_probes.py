@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from escarda_lab import probes
+from escarda_lab import probe_sets, probes
 from escarda_lab.probes import IGNORE, N_SPECIALS, ProbeConfig
 
 SMALL = {"num_train_examples": 300, "num_test_examples": 200}
@@ -23,9 +23,9 @@ SETTINGS = {
 }
 
 
-def build(task: str, seed: int = 0, **over) -> probes.ProbeSet:
+def build(task: str, seed: int = 0, **over) -> probe_sets.ProbeSet:
     kw, seq_len = SETTINGS[task]
-    return probes.build(task, ProbeConfig(**{**kw, **over}), seq_len, seed)
+    return probe_sets.build(task, ProbeConfig(**{**kw, **over}), seq_len, seed)
 
 
 def tokens(x: np.ndarray) -> np.ndarray:
@@ -33,7 +33,7 @@ def tokens(x: np.ndarray) -> np.ndarray:
     return np.where(x == IGNORE, IGNORE, x - N_SPECIALS)
 
 
-def examples(s: probes.ProbeSet, split: str = "test"):
+def examples(s: probe_sets.ProbeSet, split: str = "test"):
     xs, ys = (s.test_inputs, s.test_labels) if split == "test" else (s.train_inputs, s.train_labels)
     return [(tokens(x), tokens(y)) for x, y in zip(xs, ys)]
 
@@ -76,12 +76,12 @@ def test_shapes_and_token_range(task):
 def test_oracle_scores_one_and_uniform_scores_chance(task):
     s = build(task)
     y = s.test_labels
-    assert probes.accuracy(y, y) == 1.0
+    assert probe_sets.accuracy(y, y) == 1.0
     V = s.params["vocab_size"]
     rng = np.random.default_rng(0)
     guesses = rng.integers(N_SPECIALS, N_SPECIALS + V, size=(20,) + y.shape)
     n = int((y != IGNORE).sum()) * len(guesses)
-    acc = np.mean([probes.accuracy(g, y) for g in guesses])
+    acc = np.mean([probe_sets.accuracy(g, y) for g in guesses])
     assert abs(acc - 1 / V) < 4 * np.sqrt((1 / V) * (1 - 1 / V) / n)
 
 
@@ -215,5 +215,5 @@ def test_unused_parameter_is_an_error_naming_it():
 
 def test_impossible_shape_is_an_error_naming_the_key():
     with pytest.raises(probes.ProbeError) as e:
-        probes.build("mqar", ProbeConfig(vocab_size=256, num_kv_pairs=32, num_test_examples=4), 64, 0)
+        probe_sets.build("mqar", ProbeConfig(vocab_size=256, num_kv_pairs=32, num_test_examples=4), 64, 0)
     assert e.value.key == "num_kv_pairs"

@@ -30,7 +30,7 @@ from escarda_lab.grid.launch import child_env, train_runs, worker_slots
 from escarda_lab.grid.matching import flops_per_token, params_of, resolve, train_flops
 from escarda_lab.grid.record import plan_table, write_plan
 from escarda_lab.grid.spec import GridConfig
-from escarda_lab.grid.tuning import pick_tuned
+from escarda_lab.grid.tuning import beyond_edge, pick_tuned
 
 __all__ = [
     "Expansion",
@@ -49,11 +49,15 @@ __all__ = [
 
 
 def resolved(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned: dict | None = None, tuning: bool = False
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    tuned: dict | None = None,
+    tuning: bool = False,
+    extra: dict[str, list] | None = None,
 ) -> Expansion:
     """`expand`, then every run sized for launch (`matching.resolve`: trains or loads tokenizers,
     builds models on the meta device): the runs exactly as they will train."""
-    return resolve(expand(path, overrides, tuned, tuning), path)
+    return resolve(expand(path, overrides, tuned, tuning, extra), path)
 
 
 def run_grid(
@@ -69,6 +73,12 @@ def run_grid(
             return []
         train_runs(g, tune_runs, grid_dir / "tune", echo)
         tuned = pick_tuned(g, tune_runs)
+        extra = beyond_edge(g.tune, tuned) if g.tune.extend else {}
+        if extra:  # a value chosen at the edge of the sweep: one step further out before trusting it
+            echo("at the edge of the sweep, one step further: " + ", ".join(f"{n} {v}" for n, v in extra.items()))
+            tune_runs = resolved(path, overrides, tuning=True, extra=extra).runs
+            train_runs(g, tune_runs, grid_dir / "tune", echo)
+            tuned = pick_tuned(g, tune_runs)
         for name, t in tuned.items():
             echo(
                 f"tuned {name}: {t['key']} = {t['value']} (val loss by value: "

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from escarda_lab import config, registry
 from escarda_lab.errors import ConfigError
-from escarda_lab.grid.spec import NULL_SEED_OFFSET, TUNE_SEED, GridConfig, read_spec
+from escarda_lab.grid.spec import NULL_SEED_OFFSET, TUNE_SEED, CalibrationConfig, GridConfig, read_spec
 from escarda_lab.runs import run_dir
 
 
@@ -29,6 +29,7 @@ class Variant:
     setting: str = ""  # the grid.settings entry this variant runs at ("" = none)
     rung_of: str = ""  # a ladder rung: the variant it is a budget of
     family: str = ""  # the variant's name before axes and settings tags
+    twin_of: str = ""  # a same-recipe twin: the variant it repeats at the baseline's tuned value
 
 
 @dataclass
@@ -60,28 +61,60 @@ def variants(g: GridConfig) -> list[Variant]:
 
 
 def controls(g: GridConfig, base_train) -> list[Variant]:
-    """The calibration controls of a grid, both copies of its baseline: a null control with
-    independent seeds (must not read helps/hurts) and a positive control with half the training
-    tokens (must read hurts). Both use the baseline's tuned value."""
-    half = base_train.max_steps // 2
-    return [
-        Variant(
-            "control_null",
-            f"{g.baseline}, init and data seeds + {NULL_SEED_OFFSET}",
-            "control",
-            {},
-            seed_offset=NULL_SEED_OFFSET,
-            tune_as=g.baseline,
-        ),
-        Variant(
-            "control_half_budget",
-            f"{g.baseline}, half the training tokens",
-            "control",
-            {},
-            tune_as=g.baseline,
-            forced={"train.max_steps": max(1, half), "train.warmup_steps": min(base_train.warmup_steps, max(1, half))},
-        ),
-    ]
+    """The calibration controls, copies of the baseline at its tuned value: null controls with
+    independent seeds (offsets 10000, 20000, ...) and the baseline at fractions of its tokens.
+    `controls: true` is one of each (control_null, control_half_budget)."""
+    cal = g.calibration or (CalibrationConfig(nulls=1, budgets=[0.5]) if g.controls else CalibrationConfig(0, []))
+    out = []
+    for i in range(cal.nulls):
+        offset = NULL_SEED_OFFSET * (i + 1)
+        out.append(
+            Variant(
+                "control_null" + (str(i + 1) if i else ""),
+                f"{g.baseline}, init and data seeds + {offset}",
+                "control",
+                {},
+                seed_offset=offset,
+                tune_as=g.baseline,
+            )
+        )
+    for b in cal.budgets:
+        steps = max(1, round(base_train.max_steps * b))
+        out.append(
+            Variant(
+                "control_half_budget" if g.controls else f"control_budget{b:g}",
+                f"{g.baseline}, {b:g}× the training tokens",
+                "control",
+                {},
+                tune_as=g.baseline,
+                forced={"train.max_steps": steps, "train.warmup_steps": min(base_train.warmup_steps, steps)},
+            )
+        )
+    return out
+
+
+def same_recipe(vs: list[Variant], g: GridConfig, tuned: dict | None) -> list[Variant]:
+    """With two readings: each tuned variant again at the baseline's tuned value
+    (`<name>@base_<key>`), where its own value differs (elsewhere the two readings are one run)."""
+    if g.tune is None or g.tune.readings != "both":
+        return []
+    leaf = g.tune.key.rsplit(".", 1)[-1]
+    out = []
+    for v in vs:
+        if v.kind in ("base", "control", "rung") or v.tune_as or v.name == g.baseline:
+            continue
+        if tuned is not None and tuned.get(v.name) == tuned.get(g.baseline):
+            continue
+        out.append(
+            replace(
+                v,
+                name=f"{v.name}@base_{leaf}",
+                change=f"{v.change}, at the baseline's {leaf}",
+                tune_as=g.baseline,
+                twin_of=v.name,
+            )
+        )
+    return out
 
 
 def rungs(g: GridConfig, plain: list[Variant], base_train, src: str) -> list[Variant]:
@@ -163,13 +196,18 @@ class Expansion(NamedTuple):
 
 
 def expand(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), tuned: dict | None = None, tuning: bool = False
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    tuned: dict | None = None,
+    tuning: bool = False,
+    extra: dict[str, list] | None = None,
 ) -> Expansion:
     """The grid's spec, its runs (every config validated; `model.vocab_size` and `grid.match`
     are left to `matching.resolve`), the grid folder and the spec's source.
 
     With `grid.tune`, `tuning=True` gives the tuning runs instead (every value x tuning seed of
-    every variant that tunes, under <grid>/tune/), and `tuned` {variant: value} sets the tuned
+    every variant that tunes, under <grid>/tune/; `extra` {variant: values} adds values for some),
+    and `tuned` {variant: value} sets the tuned
     key of the verdict runs (a variant missing from it keeps the file's value until it is tuned).
     """
     grid_over = [o for o in overrides if o.startswith("grid.")]
@@ -180,8 +218,8 @@ def expand(
         raise ConfigError(str(path), "grid", "this file has no `grid:` block", "run it as a single experiment")
     g, src = found
     plain = variants(g)
-    if g.controls:
-        plain += controls(g, base.train)
+    plain += same_recipe(plain, g, tuned)
+    plain += controls(g, base.train)
     if g.ladder is not None:
         plain += rungs(g, plain, base.train, src)
     vs = with_axes(plain, g)
@@ -206,7 +244,7 @@ def expand(
     if tuning:
         t = g.tune
         for v in (v for v in vs if not v.tune_as):
-            for value in t.values:
+            for value in [*t.values, *(extra or {}).get(v.name, [])]:
                 for seed in range(TUNE_SEED, TUNE_SEED + t.seeds):
                     forced = {
                         **v.axes,

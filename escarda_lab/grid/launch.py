@@ -17,9 +17,10 @@ from typing import Any
 
 from escarda_lab.errors import ConfigError
 from escarda_lab.grid.expand import Run
-from escarda_lab.grid.record import eval_args, prepare_folder, record, varied_keys
+from escarda_lab.grid.record import prepare_folder, record, varied_keys
 from escarda_lab.grid.spec import GridConfig
 from escarda_lab.io import atomic_write, read_json
+from escarda_lab.suites import evaluate_args
 
 
 def child_env(parallel: int, gpu: str | None = None) -> dict:
@@ -169,7 +170,7 @@ def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> Non
         RequeueableRun(),
         [str(r.folder / "config.yaml") for r in todo],
         [g.parallel] * len(todo),
-        [eval_args(g)] * len(todo),
+        [evaluate_args(g.evaluate)] * len(todo),
     )
     for r, job in zip(todo, jobs):
         try:
@@ -222,7 +223,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
         def job(r: Run) -> dict:
             gpu = free.get()  # a worker holds one slot (GPU share) for the run's whole life
             try:
-                return run_one(str(r.folder / "config.yaml"), len(slots), eval_args(g), gpu)
+                return run_one(str(r.folder / "config.yaml"), len(slots), evaluate_args(g.evaluate), gpu)
             finally:
                 free.put(gpu)
 

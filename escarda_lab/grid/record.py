@@ -8,32 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from escarda_lab import config
+from escarda_lab import config, suites
 from escarda_lab.errors import UserError
 from escarda_lab.grid.expand import Run
 from escarda_lab.grid.matching import total_params
 from escarda_lab.grid.spec import GridConfig
 from escarda_lab.io import atomic_write, read_json, write_json
-from escarda_lab.records import RECORDED, eval_columns
+from escarda_lab.records import RECORDED
 from escarda_lab.runs import check_same_config
-
-
-def eval_args(g: GridConfig) -> list[str]:
-    """`escarda_lab.evaluate` arguments for `grid.evaluate` (the split bpb is in metrics.json already)."""
-    if not g.evaluate:
-        return []
-    args = ["--no-split"]
-    for e in g.evaluate:
-        e = str(e)
-        if e == "minimal_pairs":
-            args += ["--suite", "minimal_pairs"]
-        elif e.startswith("text:"):
-            args += ["--text", str(Path(e[5:]).resolve())]
-        elif e.startswith("corpus:"):
-            args += ["--corpus", e[7:]]
-        else:
-            args += ["--task", str(Path(e).resolve())]
-    return args
 
 
 def plan_table(runs: list[Run], grid_dir: Path, title: str = "") -> str:
@@ -91,7 +73,7 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
     elif rc not in (0, None):  # trained, but the evaluation after it failed (see log.txt)
         rec["eval_error"] = last_error(r.folder)
     rec.update({k: m[k] for k in RECORDED if k in m})
-    rec.update(eval_columns(read_json(r.folder / "eval.json") or {}))
+    rec.update(suites.columns(read_json(r.folder / "eval.json") or {}))
     return rec
 
 
@@ -114,6 +96,8 @@ def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str, tune
                 "family": v.family or v.name,
                 "setting": v.setting,
                 "rung_of": v.rung_of,
+                "twin_of": v.twin_of,
+                "reading": "same recipe" if v.twin_of else "own best",
                 "max_steps": r.cfg.train.max_steps,
             },
         )
@@ -128,6 +112,8 @@ def write_plan(g: GridConfig, runs: list[Run], grid_dir: Path, source: str, tune
             "metric": metric_of(runs),
             "settings": g.settings,
             "controls": g.controls,
+            "calibration": None if g.calibration is None else vars(g.calibration),
+            "target_effect": g.target_effect,
             "tune": None if g.tune is None else vars(g.tune),
             "tuned": tuned or {},
             "variants": list(seen.values()),

@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
-from escarda_lab import config, registry
+from escarda_lab import config, registry, suites
 from escarda_lab.errors import ConfigError
 from escarda_lab.registry import bounded
+from escarda_lab.validation import check_bounds
 
 
 @dataclass
@@ -30,9 +31,13 @@ class TuneConfig:
 
     key: str = "train.lr"
     values: list[Any] = field(default_factory=list)
-    seeds: int = bounded(1, min=1)  # tuning seeds TUNE_SEED, TUNE_SEED + 1, ...: never reused by verdict runs
+    seeds: int = bounded(2, min=1)  # tuning seeds TUNE_SEED, TUNE_SEED + 1, ...: never reused by verdict runs
     max_steps: int | None = bounded(None, min=1)  # None: as long as the verdict runs
     at: str | None = None  # with grid.settings: tune at this setting only; every setting uses its value
+    # verdicts at each variant's own tuned value and, for a variant whose value differs from the
+    # baseline's, also at the baseline's (`<variant>@base_<key>`): the learning-rate confound apart
+    readings: Literal["both", "tuned"] = "both"
+    extend: bool = True  # a value chosen at the edge of `values` is tried one step further out
 
 
 @dataclass
@@ -44,6 +49,17 @@ class LadderConfig:
     tokens: list[float] = field(default_factory=list)  # e.g. [0.5, 2]: x the file's max_steps (1 is the file)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {d192: {model.d_model: 192}}
     variants: bool = False  # ladder every variant, not only the baseline
+
+
+@dataclass
+class CalibrationConfig:
+    """Controls that measure the grid: `nulls` copies of the baseline with independent seeds (a
+    null control must not read helps/hurts) and the baseline at fractions of its training tokens
+    (`budgets`: a dose-response of known harms; the smallest one detected is the grid's measured
+    sensitivity)."""
+
+    nulls: int = bounded(3, min=0)
+    budgets: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
 
 
 TUNE_SEED = 1000
@@ -71,8 +87,10 @@ class GridConfig:
     launcher: Literal["local", "submitit"] = "local"
     evaluate: list[str] = field(default_factory=list)  # minimal_pairs, task .jsonl files, text:FILE, corpus:NAME
     vanilla: bool = False  # add the every-plugin-off variant (add_one_in adds it too)
-    controls: bool = False  # add control_null and control_half_budget (see `controls`)
+    controls: bool = False  # one null control and half the tokens (calibration {nulls: 1, budgets: [0.5]})
+    calibration: CalibrationConfig | None = None  # several nulls and a dose-response of budgets
     margin: float = bounded(0.01, above=0)  # bpb: differences within ±margin count as equivalent (TOST)
+    target_effect: float | None = bounded(None, above=0)  # what the grid should detect (power); None: margin
     tune: TuneConfig | None = None
     ladder: LadderConfig | None = None
     submitit: SubmititConfig = field(default_factory=SubmititConfig)
@@ -93,8 +111,10 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, 
         node.grid.tune = OmegaConf.structured(TuneConfig)
     if isinstance(raw.get("ladder"), dict):
         node.grid.ladder = OmegaConf.structured(LadderConfig)
+    if isinstance(raw.get("calibration"), dict):
+        node.grid.calibration = OmegaConf.structured(CalibrationConfig)
     spec = OmegaConf.to_object(config.merge_into(node, {"grid": raw}, src))["grid"]
-    config.check_bounds(spec, lambda key: src, "grid.")
+    check_bounds(spec, lambda key: src, "grid.")
     check_spec(spec, src)
     return spec, src
 
@@ -148,15 +168,13 @@ def check_spec(g: GridConfig, src: str) -> None:
             f"verdict seeds must be below {TUNE_SEED} when tuning (tuning uses its own seeds from there)",
             "use seeds 0, 1, 2, ...",
         )
-    for e in g.evaluate:
-        ok = (
-            e == "minimal_pairs"
-            or str(e).startswith(("text:", "corpus:"))
-            or (str(e).endswith(".jsonl") and Path(e).is_file())
-        )
+    if g.calibration is not None:
         need(
-            ok,
-            "evaluate",
-            f"cannot evaluate {e!r}",
-            "list minimal_pairs, existing multiple-choice .jsonl files, text:FILE or corpus:NAME",
+            all(0 < b < 1 for b in g.calibration.budgets),
+            "calibration.budgets",
+            f"budgets are fractions of the training tokens in (0, 1), got {g.calibration.budgets}",
+            "write e.g. `budgets: [0.5, 0.75, 0.9]`",
         )
+        need(not g.controls, "controls", "both `controls` and `calibration` are set", "keep `calibration` only")
+    for e in g.evaluate:
+        need(suites.accepts(e), "evaluate", f"cannot evaluate {e!r}", f"list {suites.accepted()}")

@@ -23,8 +23,8 @@ class ScaledAttentionConfig(ComponentConfig):
 class ScaledAttention(MultiHeadAttention):
     """mha whose output is multiplied by a constant: a minimal user plugin."""
 
-    def __init__(self, m, cfg, layer=0, modifiers=()):
-        super().__init__(m, cfg, layer, modifiers)
+    def __init__(self, m, cfg, layer=0):
+        super().__init__(m, cfg, layer)
         self.scale = cfg.scale
 
     def forward(self, x, rotary, cache=None):
