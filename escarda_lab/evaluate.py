@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from escarda_lab.errors import DataError, UserError
+from escarda_lab.stats import mean_stderr
 
 
 def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
@@ -161,15 +162,6 @@ class Scorer:
 # ----------------------------------------------------------------------------------- the suites
 
 
-def mean_stderr(xs: list[float]) -> float:
-    """lm-eval's standard error of a mean: sample std (n - 1) / sqrt(n)."""
-    n = len(xs)
-    if n < 2:
-        return math.nan
-    mu = sum(xs) / n
-    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
-
-
 def text_bpb(scorer: Scorer, text: str, stride: int | None = None) -> dict:
     """Bits per UTF-8 byte of `text` with sliding windows (stride: half the context by default)."""
     stride = stride or max(1, scorer.max_len // 2)
@@ -250,19 +242,6 @@ def probe(model, cfg, task: str, source: str, cache_examples: int = 256, batch_s
             "acc_full_pass": float((full == ys)[scored].float().mean()),
             "agreement": float((cached == full)[scored].float().mean()),
         }
-    return out
-
-
-def minimal_pairs(scorer: Scorer, pairs) -> dict:
-    """Accuracy (log P(good) > log P(bad)) per paradigm and overall, with standard errors."""
-    lls = scorer.loglikelihood([("", p.good) for p in pairs] + [("", p.bad) for p in pairs])
-    n = len(pairs)
-    hits: dict[str, list[float]] = {}
-    for i, p in enumerate(pairs):
-        hits.setdefault(p.paradigm, []).append(float(lls[i][0] > lls[n + i][0]))
-    out = {name: {"acc": sum(h) / len(h), "acc_stderr": mean_stderr(h), "n": len(h)} for name, h in hits.items()}
-    every = [x for h in hits.values() for x in h]
-    out["overall"] = {"acc": sum(every) / len(every), "acc_stderr": mean_stderr(every), "n": len(every)}
     return out
 
 

@@ -10,6 +10,8 @@ import itertools
 import random
 from dataclasses import dataclass
 
+from escarda_lab.stats import mean_stderr
+
 # Nouns: (singular, plural, gender of the singular: m / f / n)
 NOUNS = [
     ("king", "kings", "m"),
@@ -233,3 +235,16 @@ def generate(per_paradigm: int = 200, seed: int = 0, paradigms: list[str] | None
 def _finish(p: Pair) -> Pair:
     """Capitalise the first word and glue the final period: "The king is here." """
     return Pair(p.paradigm, _cap(p.good.replace(" .", ".")), _cap(p.bad.replace(" .", ".")), p.index)
+
+
+def score(scorer, pairs: list[Pair]) -> dict:
+    """Accuracy (log P(good) > log P(bad)) by `scorer.loglikelihood` per paradigm and overall, with standard errors."""
+    lls = scorer.loglikelihood([("", p.good) for p in pairs] + [("", p.bad) for p in pairs])
+    n = len(pairs)
+    hits: dict[str, list[float]] = {}
+    for i, p in enumerate(pairs):
+        hits.setdefault(p.paradigm, []).append(float(lls[i][0] > lls[n + i][0]))
+    out = {name: {"acc": sum(h) / len(h), "acc_stderr": mean_stderr(h), "n": len(h)} for name, h in hits.items()}
+    every = [x for h in hits.values() for x in h]
+    out["overall"] = {"acc": sum(every) / len(every), "acc_stderr": mean_stderr(every), "n": len(every)}
+    return out

@@ -151,6 +151,15 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def mean_stderr(xs: list[float]) -> float:
+    """lm-eval's standard error of a mean: sample std (n - 1) / sqrt(n)."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mu = sum(xs) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+
+
 # ------------------------------------------------------------------------------- multiplicity
 
 

@@ -41,10 +41,9 @@ def eval_suite(name: str, columns: Callable[[dict], dict[str, float]]):
 @eval_suite("minimal_pairs", columns=lambda r: {"eval/minimal_pairs": r["overall"]["acc"]})
 def minimal_pairs(scorer, pairs_per_paradigm: int = 200, seed: int = 0) -> dict:
     """BLiMP-style minimal pairs (escarda_lab/minimal_pairs.py): accuracy per paradigm."""
-    from escarda_lab import evaluate
     from escarda_lab import minimal_pairs as mp
 
-    return evaluate.minimal_pairs(scorer, mp.generate(pairs_per_paradigm, seed))
+    return mp.score(scorer, mp.generate(pairs_per_paradigm, seed))
 
 
 # ------------------------------------------------------------------------------ grid.evaluate

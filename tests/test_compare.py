@@ -84,8 +84,17 @@ def test_paired_interval_and_p_match_scipy(table):
         sp.ttest_rel([b + x for b, x in zip(BASE6, d)], BASE6).pvalue, rel=1e-6
     )
     assert table.loc["no_engram", "p_wilcoxon"] == pytest.approx(sp.wilcoxon(d).pvalue)
-    lo, hi = table.loc["no_engram", ["boot_low", "boot_high"]]
-    assert lo < d.mean() < hi and lo >= d.min() and hi <= d.max()
+    assert table.loc["no_engram", ["boot_low", "boot_high"]].isna().all()  # no bootstrap below 10 pairs
+
+
+def test_the_bootstrap_column_is_bca_and_only_from_ten_pairs():
+    d = np.array([0.05, 0.07, 0.04, 0.06, 0.08, 0.05, 0.03, 0.09, 0.02, 0.06, 0.04])
+    st = stats.paired(d)
+    ref = sp.bootstrap((d,), np.mean, n_resamples=10_000, method="BCa", rng=np.random.default_rng(0))
+    assert (st["boot_low"], st["boot_high"]) == pytest.approx(
+        (ref.confidence_interval.low, ref.confidence_interval.high)
+    )
+    assert math.isnan(stats.paired(d[:9])["boot_low"])
 
 
 def test_holm_adjusts_across_the_grids_variants(table):
@@ -104,15 +113,66 @@ def test_tost_matches_two_one_sided_tests(table):
     assert table.loc["same", "p_tost"] == pytest.approx(max(lower, upper), rel=1e-6)
 
 
-def test_mde_is_the_80_percent_power_difference():
-    sd, n = 0.02, 8
-    expected = (sp.t.ppf(0.975, 7) + sp.t.ppf(0.8, 7)) * sd / math.sqrt(n)
-    assert stats.mde(sd, n) == pytest.approx(expected)
-    # and the power of a one-sample t-test at that effect is ~80% (noncentral t)
-    nc = expected / (sd / math.sqrt(n))
-    power = sp.nct.sf(sp.t.ppf(0.975, 7), 7, nc) + sp.nct.cdf(-sp.t.ppf(0.975, 7), 7, nc)
-    assert power == pytest.approx(0.8, abs=0.03)
-    assert stats.mde(sd, stats.seeds_needed(sd, 0.01)) <= 0.01 < stats.mde(sd, stats.seeds_needed(sd, 0.01) - 1)
+def nct_power(effect: float, sd: float, n: int, alpha: float) -> float:
+    """Power of the two-sided paired t-test, by hand from scipy's noncentral t."""
+    crit, nc = sp.t.ppf(1 - alpha / 2, n - 1), effect * math.sqrt(n) / sd
+    return sp.nct.sf(crit, n - 1, nc) + sp.nct.cdf(-crit, n - 1, nc)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.05 / 9])
+def test_mde_is_the_effect_found_with_80_percent_power_at_the_alpha_it_faces(alpha):
+    sd, n = 0.053, 8
+    effect = stats.mde(sd, n, alpha)
+    assert nct_power(effect, sd, n, alpha) == pytest.approx(0.8, abs=1e-6)
+    assert stats.mde(sd, n, 0.05 / 9) > stats.mde(sd, n, 0.05)  # Holm's first step needs a larger effect
+
+
+def test_seeds_needed_is_the_fewest_pairs_with_80_percent_power():
+    sd, effect, alpha = 0.053, 0.04, 0.05 / 9
+    n = stats.seeds_needed(sd, effect, alpha)
+    assert nct_power(effect, sd, n, alpha) >= 0.8 > nct_power(effect, sd, n - 1, alpha)
+
+
+def test_seeds_needed_for_equivalence_use_the_tost_power():
+    sd, margin, alpha = 0.05, 0.03, 0.05
+    n = stats.seeds_needed_tost(sd, margin, alpha)
+
+    def tost_power(n):  # both one-sided tests reject, true difference 0: by hand
+        crit, se = sp.t.ppf(1 - alpha, n - 1), sd / math.sqrt(n)
+        return 1 - sp.nct.cdf(crit, n - 1, margin / se) - sp.nct.sf(-crit, n - 1, -margin / se)
+
+    assert tost_power(n) >= 0.8 > tost_power(n - 1)
+    rng = np.random.default_rng(0)  # and a simulation agrees with the formula
+    hits = [stats.paired(rng.normal(0, sd, n), alpha, margin)["p_tost"] < alpha for _ in range(2000)]
+    assert np.mean(hits) == pytest.approx(tost_power(n), abs=0.04)
+
+
+def test_equivalence_is_holm_adjusted_across_the_family(tmp_path):
+    """Five variants each within ±margin on six seeds: TOST p-values are Holm-adjusted (by hand)."""
+    offsets = [0.0, 0.001, 0.002, 0.003, 0.004]
+    noise = [0.004, -0.003, 0.001, -0.002, 0.003, -0.003]
+    synthetic_grid(
+        tmp_path,
+        {"full": ("base", BASE6)}
+        | {f"v{i}": ("changed", [b + o + e for b, e in zip(BASE6, noise)]) for i, o in enumerate(offsets)},
+        seeds=SEEDS6,
+    )
+    s = summary.summarize(summary.load_runs(tmp_path), margin=0.006).set_index("variant").drop("full")
+    raw = []
+    for o in offsets:
+        d = np.array(noise) + o
+        lower = sp.ttest_1samp(d, -0.006, alternative="greater").pvalue
+        upper = sp.ttest_1samp(d, 0.006, alternative="less").pvalue
+        raw.append(max(lower, upper))
+    order = np.argsort(raw)
+    holm = np.maximum.accumulate([min(1, (5 - k) * raw[i]) for k, i in enumerate(order)])
+    expected = np.empty(5)
+    expected[order] = holm
+    assert s.p_tost.tolist() == pytest.approx(raw, rel=1e-6)
+    assert s.p_tost_holm.tolist() == pytest.approx(list(expected), rel=1e-6)
+    for v, p_adj in zip(s.index, expected):
+        assert s.loc[v, "verdict"] == ("equivalent (±0.006)" if p_adj < 0.05 else "inconclusive")
+    assert any(p < 0.05 <= a for p, a in zip(raw, expected))  # at least one verdict that Holm withholds
 
 
 def test_verdicts_read_in_the_direction_of_the_change(table):
@@ -121,7 +181,7 @@ def test_verdicts_read_in_the_direction_of_the_change(table):
     assert table.loc["with_xsa", "verdict"] == "hurts"
     assert table.loc["no_mtp", "verdict"] == "hurts"
     assert table.loc["same", "verdict"] == "equivalent (±0.01)"
-    assert table.loc["noisy", "verdict"].startswith("inconclusive (~")
+    assert table.loc["noisy", "verdict"] == "inconclusive"
 
 
 def test_one_seed_says_no_test_instead_of_a_verdict(table):
@@ -147,29 +207,33 @@ def test_a_verdict_on_fewer_seeds_than_planned_says_so(tmp_path):
     assert s.loc["no_engram", "verdict"] == "helps [5/6 seeds]"
 
 
-def test_calibration_sentence_reads_the_controls(tmp_path):
+def test_calibration_counts_false_positives_and_the_smallest_harm_detected(tmp_path):
+    noisy = [0.1, -0.08, 0.05, -0.02, 0.09, -0.11]
     synthetic_grid(
         tmp_path,
         {
             "full": ("base", BASE6),
-            "control_null": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
-            "control_half_budget": ("control", [b + 0.3 + d for b, d in zip(BASE6, D_SMALL)]),
+            "no_engram": ("removed", [b + d for b, d in zip(BASE6, noisy)]),
+            "control_null": ("control", [b + d for b, d in zip(BASE6, noisy)]),
+            "control_null2": ("control", [b + 0.05 + d for b, d in zip(BASE6, D_SMALL)]),  # a false positive
+            "control_budget0.5": ("control", [b + 0.3 + d for b, d in zip(BASE6, D_SMALL)]),
+            "control_budget0.9": ("control", [b + d for b, d in zip(BASE6, noisy)]),
         },
         seeds=SEEDS6,
     )
     s = summary.summarize(summary.load_runs(tmp_path))
-    assert summary.calibration(s).startswith("**Calibrated.**")
+    text = summary.calibration(s)
+    assert "**1 of 2** read helps/hurts" in text
+    assert "0.5× tokens Δ +0.3002 bpb" in text and "(0.5× tokens)" in text and "0.9× tokens" in text
+    assert s.set_index("variant").loc["control_null", "p_holm"] == pytest.approx(
+        min(1, s.set_index("variant").loc["control_null", "p_paired"])  # family of one: no_engram
+    )
     synthetic_grid(
         tmp_path,
-        {
-            "full": ("base", BASE6),
-            "control_null": ("control", [b + d for b, d in zip(BASE6, D_SMALL)]),
-            "control_half_budget": ("control", [b + d for b, d in zip(BASE6, [0.1, -0.08, 0.05, -0.02, 0.09, -0.11])]),
-        },
+        {"full": ("base", BASE6), "control_budget0.9": ("control", [b + d for b, d in zip(BASE6, noisy)])},
         seeds=SEEDS6,
     )
-    s = summary.summarize(summary.load_runs(tmp_path))
-    assert "NOT CALIBRATED" in summary.calibration(s) and "UNDERPOWERED" in summary.calibration(s)
+    assert "UNDERPOWERED" in summary.calibration(summary.summarize(summary.load_runs(tmp_path)))
 
 
 def test_spiky_runs_are_counted(tmp_path):
@@ -184,7 +248,8 @@ def test_write_produces_markdown_csv_and_png(tmp_path):
     synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [1.3, 1.4, 1.5])})
     paths = compare.write(tmp_path)
     md = paths["md"].read_text()
-    assert "| `no_engram` |" in md and "1.4000 ± 0.1000" in md and "minimum detectable effect" in md
+    assert "| `no_engram` |" in md and "1.4000 ± 0.1000" in md and "Minimum detectable effect" in md
+    assert "**Family:** the 1 variant comparisons" in md and "Holm TOST p" in md
     assert paths["csv"].read_text().startswith("variant,") and paths["png"].stat().st_size > 10_000
 
 
@@ -263,9 +328,9 @@ def test_a_significant_difference_inside_the_margin_reads_equivalent():
         "ci_low": -0.003,
         "ci_high": -0.001,
         "delta": -0.002,
-        "p_tost": 1e-5,
+        "p_tost_holm": 1e-5,
         "sd_diff": 0.001,
     }
     assert stats.verdict("removed", st, 0.05, 0.02) == "equivalent (±0.02)"
-    st.update(ci_low=-0.05, ci_high=-0.03, delta=-0.04, p_tost=0.9)
+    st.update(ci_low=-0.05, ci_high=-0.03, delta=-0.04, p_tost_holm=0.9)
     assert stats.verdict("removed", st, 0.05, 0.02, higher_is_better=True) == "helps"

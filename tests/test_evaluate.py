@@ -186,7 +186,7 @@ def test_minimal_pair_accuracy_counts_strictly_better_good_sentences():
         mp.Pair("y", "good three", "bad three", 0),
     ]
     # goods then bads: pair 1 wins, pair 2 ties (a loss), pair 3 wins
-    res = evaluate.minimal_pairs(FixedScorer([-1.0, -2.0, -1.0, -3.0, -2.0, -2.0]), pairs)
+    res = mp.score(FixedScorer([-1.0, -2.0, -1.0, -3.0, -2.0, -2.0]), pairs)
     assert res["x"]["acc"] == 0.5 and res["y"]["acc"] == 1.0 and res["overall"]["acc"] == pytest.approx(2 / 3)
 
 

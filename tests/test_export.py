@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from escarda_lab import evaluate
 from escarda_lab import minimal_pairs as mp
 from escarda_lab.tokenizer import ByteTokenizer
 from tests.conftest import ROOT, tiny_overrides
@@ -134,7 +133,7 @@ def test_lm_eval_simple_evaluate_matches_our_scorer(run, tmp_path, monkeypatch):
         model=lm, tasks=["escarda_minimal_pairs_test"], task_manager=TaskManager(include_path=str(tmp_path))
     )
     theirs = res["results"]["escarda_minimal_pairs_test"]["acc,none"]
-    assert theirs == pytest.approx(evaluate.minimal_pairs(lm.scorer, pairs)["overall"]["acc"], abs=1e-12)
+    assert theirs == pytest.approx(mp.score(lm.scorer, pairs)["overall"]["acc"], abs=1e-12)
 
 
 def test_lm_eval_generate_until_stops_at_the_until_string(run):

@@ -98,7 +98,7 @@ def test_bpe_trains_on_the_first_sample_bytes_of_train_documents(corpus, tmp_pat
 def test_the_second_run_finds_the_cache_without_reading_the_corpus(corpus, tmp_path, monkeypatch):
     cfg = data_cfg(corpus, tmp_path)
     first = data.prepare(cfg)
-    monkeypatch.setattr(data, "iter_texts", lambda *a: pytest.fail("read the corpus again"))
+    monkeypatch.setattr(corpora, "iter_texts", lambda *a: pytest.fail("read the corpus again"))
     reads = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: reads.append(str(f)) or real_open(f, *a, **k))
