@@ -10,10 +10,15 @@ FLOPs/token × tokens):
 
 A variant that reaches loss L_v with C_v FLOPs has compute multiplier  m = C*(L_v) / C_v, where
 C* = L⁻¹ is the baseline compute needed for that loss (m > 1: the change is worth more compute
-than it costs; the arXiv 2409.19606 "1.8× faster" claim reads m = 1.8). The 95% interval comes
-from a bootstrap over seeds (seeds resampled jointly for the baseline's rungs and the variant, as
-they are paired). A loss outside the ladder's range gives a bound (">" / "<"), never an
-extrapolated number.
+than it costs; the arXiv 2409.19606 "1.8× faster" claim reads m = 1.8).
+
+Seeds are paired (seed k: same data and initial weights at every rung and in every variant), so
+the interval is a paired t interval carried through the fit: each seed's own rungs are fitted, its
+variant run is read on that curve (m_k), and the t interval of mean log m_k over seeds is mapped
+back. The estimate is the geometric mean of the m_k. With 3 seeds (t at 2 degrees of freedom) the
+intervals are wide, as they must be; a bootstrap over so few seeds (10 distinct resamples of 3)
+would be far narrower than its nominal 95%. A loss outside the ladder's range gives a bound
+(">" / "<"), never an extrapolated number.
 """
 
 from __future__ import annotations
@@ -92,37 +97,42 @@ def multiplier(f: Fit, loss: float, compute: float) -> tuple[float, str]:
     return needed / compute, "="
 
 
-def bootstrap(base_points: dict, variant: dict, n: int = 2000, seed: int = 0) -> tuple[float, float, str]:
-    """95% interval of the multiplier, resampling seeds jointly.
-
-    base_points: {seed: [(compute, loss), ...]} (the baseline's rungs); variant: {seed: (compute, loss)}.
-    Returns (low, high, relation of the point estimate's side)."""
-    seeds = sorted(set(base_points) & set(variant))
-    if len(seeds) < 2:
-        return math.nan, math.nan, ""
+def per_seed(base_points: dict, variant: dict) -> list[float]:
+    """log m_k for each seed with both a fit of its own rungs and a variant run."""
     out = []
-    for pick, f in resampled_fits(base_points, seeds, n, seed):
-        c_v = float(np.mean([variant[s][0] for s in pick]))
-        y_v = float(np.mean([variant[s][1] for s in pick]))
-        m, _ = multiplier(f, y_v, c_v)
-        out.append(m)
-    if not out:
-        return math.nan, math.nan, ""
-    return float(np.quantile(out, 0.025)), float(np.quantile(out, 0.975)), ""
-
-
-def resampled_fits(base_points: dict, seeds: list, n: int, seed: int):
-    """(seeds drawn, baseline fit on their rungs) for n resamplings of `seeds` with replacement
-    (draws whose points cannot be fitted are skipped): the seed bootstrap of the multipliers' CIs
-    and of the fit's band."""
-    rng = np.random.default_rng(seed)
-    for _ in range(n):
-        pick = rng.choice(seeds, len(seeds), replace=True)
-        pts = [p for s in pick for p in base_points[s]]
+    for k in sorted(set(base_points) & set(variant)):
         try:
-            yield pick, fit([c for c, _ in pts], [y for _, y in pts])
+            f = fit([c for c, _ in base_points[k]], [y for _, y in base_points[k]])
         except ValueError:
             continue
+        m, _ = multiplier(f, variant[k][1], variant[k][0])
+        out.append(math.log(m))
+    return out
+
+
+def t_interval(logs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of exp(log m) by the t interval over seeds; NaNs below 2 seeds."""
+    from scipy import stats
+
+    if len(logs) < 2:
+        return (math.exp(logs[0]) if logs else math.nan), math.nan, math.nan
+    x = np.asarray(logs)
+    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return math.exp(x.mean()), math.exp(x.mean() - half), math.exp(x.mean() + half)
+
+
+def seeds_for_precision(logs: list[float], within: float = 0.10, level: float = 0.95) -> int:
+    """Seeds for the multiplier's interval to reach ±`within` (relative), at the spread of log m_k
+    seen here: the smallest n with t_{n-1} sd / sqrt(n) <= log(1 + within)."""
+    from scipy import stats
+
+    if len(logs) < 2:
+        return -1
+    sd = float(np.std(logs, ddof=1))
+    n = 2
+    while n < 100_000 and stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) > math.log1p(within):
+        n += 1
+    return n
 
 
 def seed_points(points, metric: str) -> dict:
@@ -133,15 +143,23 @@ def seed_points(points, metric: str) -> dict:
     return out
 
 
-def fit_band(base_points: dict, xs, n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """95% band of the baseline's fitted loss at compute xs, by the same seed bootstrap as the
-    multipliers' intervals (NaNs when fewer than two seeds)."""
+def fit_band(base_points: dict, xs, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline fit's band at compute xs: the t interval, over seeds, of each seed's own fitted
+    curve (NaNs below two seeds)."""
+    from scipy import stats
+
     xs = np.asarray(xs, float)
-    seeds = sorted(base_points)
-    curves = [f.loss(xs) for _, f in resampled_fits(base_points, seeds, n, seed)] if len(seeds) >= 2 else []
-    if not curves:
+    curves = []
+    for pts in base_points.values():
+        try:
+            curves.append(fit([c for c, _ in pts], [y for _, y in pts]).loss(xs))
+        except ValueError:
+            continue
+    if len(curves) < 2:
         return np.full_like(xs, np.nan), np.full_like(xs, np.nan)
-    return np.quantile(curves, 0.025, axis=0), np.quantile(curves, 0.975, axis=0)
+    y = np.asarray(curves)
+    half = stats.t.ppf(0.5 + level / 2, len(y) - 1) * y.std(axis=0, ddof=1) / math.sqrt(len(y))
+    return y.mean(axis=0) - half, y.mean(axis=0) + half
 
 
 def table(runs, plan: dict, metric: str = "val_bpb"):
@@ -162,17 +180,20 @@ def table(runs, plan: dict, metric: str = "val_bpb"):
         if name in rung_names or info.get(name, {}).get("rung_of"):
             continue
         c_v, y_v = float(g.compute.mean()), float(g[metric].mean())
-        m, rel = multiplier(f, y_v, c_v)
-        lo, hi, _ = bootstrap(base_points, {r.seed: (r.compute, getattr(r, metric)) for r in g.itertuples()})
+        pooled, rel = multiplier(f, y_v, c_v)
+        logs = per_seed(base_points, {r.seed: (r.compute, getattr(r, metric)) for r in g.itertuples()})
+        m, lo, hi = t_interval(logs)
         rows.append(
             {
                 "variant": name,
                 "compute": c_v,
                 metric: y_v,
-                "multiplier": m,
+                "multiplier": pooled if rel != "=" or math.isnan(m) else m,
                 "relation": rel,
                 "ci_low": lo,
                 "ci_high": hi,
+                "seeds": len(logs),
+                "seeds_for_10pct": seeds_for_precision(logs),
             }
         )
     return pd.DataFrame(rows), f, points
@@ -190,17 +211,21 @@ def markdown(mult, f: Fit, metric: str) -> str:
         "",
         f"The baseline's rungs span {f.c_min:.3g} to {f.c_max:.3g} training FLOPs; fit: {law}. A variant's "
         "multiplier is the baseline compute that reaches its loss divided by its own compute (> 1: worth "
-        "more compute than it costs); 95% CI by bootstrap over seeds; `>`/`<` mark bounds at the ladder's edge "
-        "(the loss lies outside the baseline's range), never extrapolations.",
+        "more compute than it costs): the geometric mean over seeds of each seed's multiplier on its own fit; "
+        "95% CI: the paired t interval of log m over seeds, mapped back (never a bootstrap over so few seeds); "
+        "`>`/`<` mark bounds at the ladder's edge (the loss lies outside the baseline's range), never "
+        "extrapolations. Last column: the seeds an interval of ±10% would need at the spread seen here.",
         "",
-        "| variant | FLOPs | " + unit + " | multiplier | 95% CI |",
-        "|:--|--:|--:|--:|:--|",
+        "| variant | FLOPs | " + unit + " | multiplier | 95% CI (t) | seeds | seeds for ±10% |",
+        "|:--|--:|--:|--:|:--|--:|--:|",
     ]
     for r in mult.itertuples():
         rel = "" if r.relation == "=" else r.relation + " "
         ci = "—" if math.isnan(r.ci_low) else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
+        need = "—" if r.seeds_for_10pct < 0 else f"{r.seeds_for_10pct}"
         lines.append(
-            f"| `{r.variant}` | {r.compute:.3g} | {getattr(r, metric):.4f} | {rel}{r.multiplier:.2f}× | {ci} |"
+            f"| `{r.variant}` | {r.compute:.3g} | {getattr(r, metric):.4f} | {rel}{r.multiplier:.2f}× | {ci} "
+            f"| {r.seeds} | {need} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -219,7 +244,7 @@ def plot(mult, f: Fit, points, path, metric: str = "val_bpb") -> None:
     ax.plot(xs, f.loss(xs), color="k", lw=1.2, label=f"baseline fit ({f.kind})")
     lo, hi = fit_band(seed_points(points, metric), xs)
     if np.isfinite(lo).any():
-        ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.2, lw=0, label="fit, 95% band (seed bootstrap)")
+        ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.2, lw=0, label="fit, 95% band (t over per-seed fits)")
     ax.axvspan(f.c_min, f.c_max, color="0.95", zorder=0)
     cmap = matplotlib.colormaps["tab10"]
     for i, r in enumerate(mult.itertuples()):

@@ -160,6 +160,61 @@ def test_controls_are_the_baseline_with_other_seeds_or_half_the_steps(corpus, tm
     assert config.flatten(null) | {"init_seed": None, "data_seed": None, "name": "full"} == config.flatten(full)
 
 
+def test_expansion_is_pure_no_tokenizer_is_trained_and_no_model_built(corpus, tmp_path, monkeypatch):
+    from escarda_lab import accounting, data
+
+    monkeypatch.setattr(data, "vocab_size", lambda *a: pytest.fail("expand trained a tokenizer"))
+    monkeypatch.setattr(accounting, "build_on_meta", lambda *a: pytest.fail("expand built a model"))
+    path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", "match: params"))
+    g, runs, _, source, _ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    assert len(runs) == 4 and runs[0].cfg.model.vocab_size is None and source.endswith("grid.yaml")
+
+
+CALIBRATED = """
+extends: {root}/experiments/vanilla.yaml
+name: g
+grid:
+  seeds: [0]
+  calibration: {{nulls: 2, budgets: [0.5, 0.75]}}
+"""
+
+
+def test_a_calibration_block_adds_independent_nulls_and_a_dose_response_of_budgets(corpus, tmp_path):
+    over = tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 40, "train.warmup_steps": 4})
+    _, runs, *_ = grid.expand(write(tmp_path, CALIBRATED), over)
+    by = {r.variant.name: r.cfg for r in runs}
+    assert list(by) == ["full", "control_null", "control_null2", "control_budget0.5", "control_budget0.75"]
+    assert (by["control_null"].init_seed, by["control_null2"].init_seed) == (10000, 20000)
+    assert (by["control_budget0.5"].train.max_steps, by["control_budget0.75"].train.max_steps) == (20, 30)
+
+
+def test_two_readings_add_a_same_recipe_twin_where_the_tuned_value_differs(corpus, tmp_path):
+    path = write(tmp_path, CONTROLLED.replace("xsa: {{", "other: {{components.z_loss.enabled: true}}, xsa: {{"))
+    tuned = {"full": 3e-3, "xsa": 1e-3, "other": 3e-3}
+    _, runs, *_ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"), tuned=tuned)
+    lr = {r.variant.name: r.cfg.train.lr for r in runs if r.seed == 0}
+    assert lr["xsa"] == 1e-3 and lr["xsa@base_lr"] == 3e-3  # the twin: xsa at the baseline's value
+    assert "other@base_lr" not in lr  # its own value is the baseline's: one run serves both readings
+    twin = next(r for r in runs if r.variant.name == "xsa@base_lr")
+    assert twin.variant.twin_of == "xsa" and twin.cfg.components.xsa.enabled
+
+
+def test_a_value_chosen_at_the_edge_of_the_sweep_is_tried_one_step_further():
+    from escarda_lab.grid.spec import TuneConfig
+    from escarda_lab.grid.tuning import beyond_edge
+
+    t = TuneConfig(values=[1.5e-3, 3e-3, 6e-3])
+    tuned = {
+        "a": {"value": 1.5e-3, "scores": {"0.0015": 1.0, "0.003": 2.0, "0.006": 3.0}},
+        "b": {"value": 3e-3, "scores": {"0.0015": 2.0, "0.003": 1.0, "0.006": 3.0}},
+        "c": {"value": 6e-3, "scores": {"0.0015": 3.0, "0.003": 2.0, "0.006": 1.0}},
+        "d": {"value": 1.2e-2, "scores": {"0.0015": 3, "0.003": 2, "0.006": 1.5, "0.012": 1}},  # extended once
+    }
+    out = beyond_edge(t, tuned)
+    assert out.keys() == {"a", "c"}
+    assert out["a"][0] == pytest.approx(7.5e-4) and out["c"][0] == pytest.approx(1.2e-2)
+
+
 def test_tuning_runs_use_their_own_seeds_and_every_value(corpus, tmp_path):
     _, runs, grid_dir, *_ = grid.resolved(
         write(tmp_path, CONTROLLED), tiny_overrides(corpus, tmp_path / "runs"), tuning=True

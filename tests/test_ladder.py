@@ -44,17 +44,39 @@ def test_a_loss_beyond_the_ladder_is_a_bound_not_an_extrapolation():
     assert rel == "<" and m == pytest.approx(1.0)
 
 
-def test_the_bootstrap_interval_covers_the_truth_and_narrows_with_less_noise():
+def test_the_interval_is_the_paired_t_interval_of_the_per_seed_log_multipliers():
+    from scipy import stats
+
     rng = np.random.default_rng(1)
     rungs = [1e9, 1e10, 1e11]
-    widths = []
-    for noise in (0.02, 0.002):
-        base = {s: [(c, float(loglin(c)) + rng.normal(0, noise)) for c in rungs] for s in range(6)}
-        var = {s: (1e10, float(loglin(2e10)) + rng.normal(0, noise)) for s in range(6)}
-        lo, hi, _ = ladder.bootstrap(base, var, n=500)
-        assert lo <= 2.0 <= hi
-        widths.append(hi - lo)
-    assert widths[1] < widths[0]
+    base = {s: [(c, float(loglin(c)) + rng.normal(0, 0.01)) for c in rungs] for s in range(3)}
+    var = {s: (1e10, float(loglin(2e10)) + rng.normal(0, 0.01)) for s in range(3)}
+    logs = ladder.per_seed(base, var)
+    by_hand = []
+    for s in range(3):  # each seed: a line through its own rungs, the variant read on it
+        slope, icpt = np.polyfit(np.log(rungs), [y for _, y in base[s]], 1)
+        by_hand.append((icpt - var[s][1]) / -slope - math.log(1e10))
+    assert logs == pytest.approx(by_hand)
+    m, lo, hi = ladder.t_interval(logs)
+    half = stats.t.ppf(0.975, 2) * np.std(by_hand, ddof=1) / math.sqrt(3)
+    assert (m, lo, hi) == pytest.approx(tuple(math.exp(x) for x in (np.mean(by_hand), np.mean(by_hand) - half,
+                                                                      np.mean(by_hand) + half)))  # fmt: skip
+
+
+def test_the_interval_covers_the_truth_about_95_percent_of_the_time_at_three_seeds():
+    rng = np.random.default_rng(4)
+    rungs, hits = [1e9, 1e10, 1e11], 0
+    for _ in range(300):
+        base = {s: [(c, float(loglin(c)) + rng.normal(0, 0.02)) for c in rungs] for s in range(3)}
+        var = {s: (1e10, float(loglin(2e10)) + rng.normal(0, 0.02)) for s in range(3)}
+        _, lo, hi = ladder.t_interval(ladder.per_seed(base, var))
+        hits += lo <= 2.0 <= hi
+    assert 0.90 <= hits / 300 <= 0.99
+
+
+def test_seeds_for_a_ten_percent_multiplier_grow_with_the_spread():
+    assert ladder.seeds_for_precision([0.0, 0.05, -0.05]) < ladder.seeds_for_precision([0.0, 0.3, -0.3])
+    assert ladder.seeds_for_precision([0.1]) == -1
 
 
 def test_the_fit_band_covers_the_true_curve_and_narrows_with_less_noise():
@@ -63,7 +85,7 @@ def test_the_fit_band_covers_the_true_curve_and_narrows_with_less_noise():
     widths = []
     for noise in (0.02, 0.002):
         base = {s: [(c, float(loglin(c)) + rng.normal(0, noise)) for c in rungs] for s in range(6)}
-        lo, hi = ladder.fit_band(base, xs, n=300)
+        lo, hi = ladder.fit_band(base, xs)
         assert np.all(lo <= loglin(xs) + 1e-9) and np.all(loglin(xs) <= hi + 1e-9)
         widths.append(float(np.mean(hi - lo)))
     assert widths[1] < widths[0]
