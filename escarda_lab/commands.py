@@ -10,7 +10,8 @@ DESCRIPTIONS = {
     "run": "Train one experiment into runs/<name>/seed<k>/ (a finished run is skipped, an interrupted one "
     "resumes), or every run of a grid file.",
     "compare": "Verdict tables and plots for a grid: paired statistics of each variant against the baseline "
-    "(summary.md, summary.csv, curves.png; by_component.md and difficulty.png for grids over settings).",
+    "(summary.md, summary.csv, curves.png; by_component.md and difficulty.png for grids over settings); "
+    "--plan: the seeds a grid needs before it runs.",
     "evaluate": "Score a finished run: its validation split, text files, corpora, the minimal-pairs suite, "
     "multiple-choice tasks and probe tasks; writes <run>/eval.json.",
     "generate": "Sample text from a finished run with the KV cache (ChatML with --chat).",
@@ -51,10 +52,21 @@ def _run(p):
 def _compare(p):
     p.add_argument(
         "paths",
-        nargs="+",
+        nargs="*",
         help="a grid's folder (runs/leave_one_out), or run folders to compare directly: runs/a runs/b "
-        "(each with its seed<k>/ runs) or runs/a/seed0 ...; the first is the baseline",
+        "(each with its seed<k>/ runs) or runs/a/seed0 ...; the first is the baseline. With --plan: an "
+        "earlier grid whose pooled sd (and family size) plan the next one",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the prospective power of a grid (MDE and seeds needed at Holm's first and last step) "
+        "from --sd or an earlier grid, and exit",
+    )
+    p.add_argument("--sd", type=float, default=None, help="with --plan: prior sd of the paired differences")
+    p.add_argument("--family", type=int, default=None, help="with --plan: number of variant comparisons")
+    p.add_argument("--seeds", type=int, default=8, help="with --plan: paired seeds the grid would run")
+    p.add_argument("--target", type=float, default=None, help="with --plan: the effect to detect (None: the margin)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts")
     p.add_argument(
         "--margin", type=float, default=None, help="equivalence margin (None: the grid's `margin`, else 0.01)"

@@ -34,8 +34,10 @@ import sys
 from pathlib import Path
 
 from escarda_lab import cli, plots, report, summary
+from escarda_lab.errors import UserError
 from escarda_lab.io import atomic_write
 from escarda_lab.records import METRICS
+from escarda_lab.stats import Plan
 
 
 def write(
@@ -50,7 +52,10 @@ def write(
     paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
     atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
     atomic_write(paths["csv"], report.csv_text(table))
-    plots.plot(runs, table, summary.curves(grid_dir, "val/"), paths["png"], metric)
+    curve = summary.curves(grid_dir, "val/")
+    if curve.empty and paths["png"].exists():  # keep the curves drawn when the runs were here
+        paths["png"] = grid_dir / "paired.png"
+    plots.plot(runs, table, curve, paths["png"], metric)
     if plan.get("settings"):
         paths["difficulty"] = grid_dir / "difficulty.png"
         plots.plot_settings(summary.by_setting(runs, plan), plan, paths["difficulty"], metric)
@@ -81,10 +86,38 @@ def write(
     return paths
 
 
+def plan_text(args) -> str:
+    """`--plan`: the power of a grid before it runs, from a prior sd or an earlier grid's."""
+    sd, family, margin = args.sd, args.family, 0.01 if args.margin is None else args.margin
+    source = f"sd {sd} given"
+    if args.paths:
+        grid_dir = Path(args.paths[0])
+        plan = summary.load_plan(grid_dir)
+        table = summary.summarize(summary.load_runs(grid_dir), args.alpha, plan.get("margin", margin))
+        sd = summary.pooled_sd(table) if sd is None else sd
+        family = int(summary.in_family(table).sum()) if family is None else family
+        margin = plan.get("margin", margin) if args.margin is None else margin
+        source = f"pooled sd of {grid_dir}"
+    if sd is None or family is None:
+        raise UserError(
+            "command line",
+            "--plan",
+            "the plan needs the noise (sd of paired differences) and the number of comparisons",
+            "give --sd and --family, or an earlier grid's folder",
+        )
+    p = Plan(sd=sd, n=args.seeds, family=family, alpha=args.alpha, target=args.target or margin, margin=margin)
+    return "\n".join([f"Plan for {args.seeds} paired seeds ({source}):", *p.lines(METRICS["val_bpb"].label)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = commands.parser("compare").parse_args(argv)
 
     def body() -> None:
+        if args.plan:
+            print(plan_text(args))
+            return
+        if not args.paths:
+            raise UserError("command line", "paths", "no grid or run folder given", "pass e.g. runs/leave_one_out")
         if len(args.paths) > 1 or not (Path(args.paths[0]) / "grid.json").exists():
             margin = 0.01 if args.margin is None else args.margin
             table, plan = summary.compare_folders(args.paths, args.alpha, margin, args.metric)

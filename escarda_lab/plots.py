@@ -19,8 +19,11 @@ def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    plot_curves(curve, ax1, metric.replace("_", "/"), variant_colours(summary.variant))
+    if curve.empty:  # no TensorBoard events here (e.g. a grid's record without its run folders)
+        fig, ax2 = plt.subplots(figsize=(8, 0.45 * len(summary) + 1.5))
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+        plot_curves(curve, ax1, metric.replace("_", "/"), variant_colours(summary.variant))
     plot_deltas(runs, summary, ax2, metric)
     fig.tight_layout()
     save_figure(fig, path)

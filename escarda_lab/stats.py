@@ -296,7 +296,7 @@ class Plan:
         out = [
             f"Pooled sd of the paired differences **{self.sd:.4f} {unit}** over {self.n} pairs; family of "
             f"{self.family} comparisons, alpha {a:g}, {POWER:.0%} power.",
-            f"- Minimum detectable effect now: **{self.mde(a1):.4f} {unit}** for the first Holm step "
+            f"- Minimum detectable effect with {self.n} pairs: **{self.mde(a1):.4f} {unit}** for the first Holm step "
             f"(alpha/{self.family} = {a1:.4g}), {self.mde(a):.4f} for the last (alpha {a:g}).",
             f"- To detect a difference of {self.target:g} {unit}: {self.seeds(a1)} pairs at the first step, "
             f"{self.seeds(a)} at the last.",

@@ -401,13 +401,11 @@ def summarize_settings(
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    out["p_holm"] = math.nan
-    pooled = out.task == "all"
-    out.loc[pooled, "p_holm"] = holm(out.loc[pooled, "p_paired"].tolist())
-    for task in out.task.unique():  # per task: Holm across the families on that task
-        sel = out.task == task
-        if task != "all":
-            out.loc[sel, "p_holm"] = holm(out.loc[sel, "p_paired"].tolist())
+    for col, adj in [("p_paired", "p_holm"), ("p_tost", "p_tost_holm")]:
+        out[adj] = math.nan
+        for task in out.task.unique():  # per task, and pooled ("all"): Holm across the families
+            sel = out.task == task
+            out.loc[sel, adj] = holm(out.loc[sel, col].tolist())
     out["verdict"] = [verdict(r["kind"], r, alpha, margin, higher) for r in out.to_dict("records")]
     return out
 

@@ -334,3 +334,12 @@ def test_a_significant_difference_inside_the_margin_reads_equivalent():
     assert stats.verdict("removed", st, 0.05, 0.02) == "equivalent (±0.02)"
     st.update(ci_low=-0.05, ci_high=-0.03, delta=-0.04, p_tost_holm=0.9)
     assert stats.verdict("removed", st, 0.05, 0.02, higher_is_better=True) == "helps"
+
+
+def test_plan_prints_the_seeds_a_grid_needs_before_it_runs(capsys):
+    assert compare.main(["--plan", "--sd", "0.053", "--family", "9", "--target", "0.04"]) == 0
+    out = capsys.readouterr().out
+    first, last = stats.seeds_needed(0.053, 0.04, 0.05 / 9), stats.seeds_needed(0.053, 0.04, 0.05)
+    assert f"{first} pairs at the first step, {last} at the last" in out
+    assert f"**{stats.mde(0.053, 8, 0.05 / 9):.4f} bpb** for the first Holm step" in out
+    assert compare.main(["--plan"]) == 2  # no noise given: one paragraph, exit 2
