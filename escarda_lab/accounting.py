@@ -7,7 +7,7 @@ attention formulas for it (like torch's formulas, they count the full T×T score
 
 from __future__ import annotations
 
-from escarda_lab.commands import help_if_asked
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "accounting")
 
@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m escarda_lab.accounting EXPERIMENT.yaml [key=value ...]`: parameter breakdown."""
     import sys
 
-    from escarda_lab import commands, config
+    from escarda_lab import arguments, config
     from escarda_lab.cli import user_error
     from escarda_lab.errors import UserError
 
-    args = commands.parser("accounting").parse_args(argv)
+    args = arguments.parser("accounting").parse_args(argv)
     try:
         cfg = config.load(args.experiment, args.overrides)
     except UserError as e:

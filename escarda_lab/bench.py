@@ -21,8 +21,8 @@ Precision and compile follow the config ("auto": bf16-mixed + compile on a GPU, 
 
 from __future__ import annotations
 
-from escarda_lab import commands
-from escarda_lab.commands import help_if_asked
+from escarda_lab import arguments
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "bench")
 
@@ -399,7 +399,7 @@ def report(res: dict, decode: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
-    args = commands.parser("bench").parse_args(argv)
+    args = arguments.parser("bench").parse_args(argv)
     experiments = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     quiet_libraries()

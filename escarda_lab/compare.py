@@ -25,8 +25,8 @@ variants), `report` (markdown, CSV) and `plots`; the notebooks read grids throug
 
 from __future__ import annotations
 
-from escarda_lab import commands
-from escarda_lab.commands import help_if_asked
+from escarda_lab import arguments
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "compare")
 
@@ -110,7 +110,7 @@ def plan_text(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = commands.parser("compare").parse_args(argv)
+    args = arguments.parser("compare").parse_args(argv)
 
     def body() -> None:
         if args.plan:

@@ -48,9 +48,11 @@ class TokenData:
         return torch.from_numpy(self.tokenizer.token_bytes())
 
 
-def prepare(data_cfg, source: str = "data", seed: int = 0):
+def prepare(data_cfg, source: str = "data", seed: int = 0, tokenizer: Tokenizer | None = None):
     """Load or build (once, under a lock) the tokenizer and token shards for this data config;
-    for a probe task, its train and test sets generated from `seed` (the data seed)."""
+    for a probe task, its train and test sets generated from `seed` (the data seed). `tokenizer`:
+    a finished run's own (its folder keeps it): a missing cache is rebuilt with it, never a newly
+    trained one, so an evaluation reads exactly the tokens the run trained on."""
     if probes.task_of(data_cfg.corpus) is not None:
         return prepare_probe(data_cfg, source, seed)
     root = cache_root(data_cfg)
@@ -72,7 +74,7 @@ def prepare(data_cfg, source: str = "data", seed: int = 0):
                 folder,
             )
             t0 = time.perf_counter()
-            _build(data_cfg, folder, source, total)
+            _build(data_cfg, folder, source, total, tokenizer)
             log.info("token cache built in %.0f s", time.perf_counter() - t0)
     meta = json.loads((folder / "meta.json").read_text())
     tok = load_tokenizer(folder, tk.kind)
@@ -96,9 +98,12 @@ def tokenizer_sample(data_cfg, source: str) -> list[str]:
     return out
 
 
-def _build(data_cfg, folder: Path, source: str, total_bytes: int | None) -> None:
+def _build(data_cfg, folder: Path, source: str, total_bytes: int | None, given: Tokenizer | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if data_cfg.tokenizer.kind == "byte":
+    if given is not None:
+        tok = given
+        tok.save(folder)
+    elif data_cfg.tokenizer.kind == "byte":
         tok: Tokenizer = ByteTokenizer()
     elif (folder / "tokenizer.json").exists():  # a build that stopped after training it
         tok = BPETokenizer.load(folder / "tokenizer.json")

@@ -11,8 +11,8 @@ the sequence starts with <bos> (lm-eval's end-of-text prefix for an empty contex
 
 from __future__ import annotations
 
-from escarda_lab import commands
-from escarda_lab.commands import help_if_asked
+from escarda_lab import arguments
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "evaluate")
 
@@ -178,11 +178,12 @@ def score_val_split(model, dm, token_bytes: Tensor, device=None) -> dict:
     return {**val, "byte_perplexity": 2 ** val["bpb"]}
 
 
-def split_bpb(model, cfg, source: str) -> dict:
-    """The run's own validation split, scored by the same function as the end of training."""
+def split_bpb(model, cfg, source: str, tokenizer=None) -> dict:
+    """The run's own validation split, scored by the same function as the end of training (a
+    missing token cache is rebuilt with the run's own tokenizer: nothing is trained here)."""
     from escarda_lab import config, data
 
-    tokens = data.prepare(cfg.data, source, config.seeds(cfg)[1])
+    tokens = data.prepare(cfg.data, source, config.seeds(cfg)[1], tokenizer)
     return score_val_split(model, data.datamodule(cfg, tokens), tokens.token_bytes, next(model.parameters()).device)
 
 
@@ -324,14 +325,14 @@ def evaluate(
     probe_tasks: list[str] = (),
 ) -> dict:
     from escarda_lab.corpora import corpus_files
-    from escarda_lab.runs import load_run
+    from escarda_lab.run_folder import load_run
     from escarda_lab.suites import SUITES
 
     model, tok, cfg = load_run(run)
     scorer = Scorer(model, tok)
     out: dict = {"run": str(run)}
     if split:
-        out["val"] = split_bpb(model, cfg, str(run))
+        out["val"] = split_bpb(model, cfg, str(run), tok)
     for t in texts:
         path = Path(t)
         if not path.is_file():
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     from escarda_lab.io import write_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = commands.parser("evaluate").parse_args(argv)
+    args = arguments.parser("evaluate").parse_args(argv)
     quiet_libraries()
     prepare_torch()
     try:

@@ -12,8 +12,8 @@ work with transformers installed (`pip install escarda_lab[hf]`).
 
 from __future__ import annotations
 
-from escarda_lab import commands
-from escarda_lab.commands import help_if_asked
+from escarda_lab import arguments
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "export")
 
@@ -79,7 +79,7 @@ def export(run: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from escarda_lab.layers import PAD
-    from escarda_lab.runs import load_run
+    from escarda_lab.run_folder import load_run
     from escarda_lab.tokenizer import EOS, IM_END, SPECIALS
 
     model, tok, cfg = load_run(run)
@@ -140,7 +140,7 @@ def export(run: str | Path, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from escarda_lab.cli import user_error
 
-    args = commands.parser("export").parse_args(argv)
+    args = arguments.parser("export").parse_args(argv)
     try:
         import safetensors  # noqa: F401
     except ImportError:

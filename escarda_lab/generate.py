@@ -7,8 +7,8 @@ after `<|im_start|>assistant\\n` (the Escarda-86M card's recipe: top-p 0.9, stop
 
 from __future__ import annotations
 
-from escarda_lab import commands
-from escarda_lab.commands import help_if_asked
+from escarda_lab import arguments
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "generate")
 
@@ -87,9 +87,9 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     from escarda_lab.cli import prepare_torch, quiet_libraries, user_error
-    from escarda_lab.runs import load_run
+    from escarda_lab.run_folder import load_run
 
-    args = commands.parser("generate").parse_args(argv)
+    args = arguments.parser("generate").parse_args(argv)
     quiet_libraries()
     prepare_torch()
     try:

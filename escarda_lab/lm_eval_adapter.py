@@ -11,7 +11,7 @@ files (`dataset_path: json`) give the numbers `escarda_lab.evaluate` gives.
 
 from __future__ import annotations
 
-from escarda_lab.commands import help_if_asked
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "lm_eval_adapter")
 
@@ -28,7 +28,7 @@ from escarda_lab.evaluate import Scorer
 class EscardaEvalLM(LM):
     def __init__(self, pretrained: str, batch_size: int | str = 16, device: str = "cpu", **kwargs):
         super().__init__()
-        from escarda_lab.runs import load_run
+        from escarda_lab.run_folder import load_run
 
         model, self.tok, self.cfg = load_run(pretrained)
         self.model = model.to(device)
@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from escarda_lab import commands
+    from escarda_lab import arguments
     from escarda_lab.io import write_json
 
-    args = commands.parser("lm_eval_adapter").parse_args(argv)
+    args = arguments.parser("lm_eval_adapter").parse_args(argv)
     res = lm_eval.simple_evaluate(
         model=EscardaEvalLM(args.run, batch_size=args.batch_size),
         tasks=args.tasks.split(","),

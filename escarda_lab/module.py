@@ -17,7 +17,7 @@ from escarda_lab.evaluate import SUMS, nll_summary, window_nll
 from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from escarda_lab.registry import Plugin
-from escarda_lab.runs import storage_error, write_checksum
+from escarda_lab.run_folder import storage_error, write_checksum
 from escarda_lab.validation import COMPILE_MODES
 
 

@@ -6,8 +6,8 @@ interrupted one from last.ckpt (model, optimizer, schedule and data position).
 
 from __future__ import annotations
 
-from escarda_lab import commands
-from escarda_lab.commands import help_if_asked
+from escarda_lab import arguments
+from escarda_lab.arguments import help_if_asked
 
 help_if_asked(__name__, "run")
 
@@ -24,7 +24,7 @@ from escarda_lab import config
 from escarda_lab.cli import credited, prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import Diverged, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
-from escarda_lab.runs import check_same_config, check_writable, run_dir, storage_error, verify_checkpoint
+from escarda_lab.run_folder import check_same_config, check_writable, run_dir, storage_error, verify_checkpoint
 
 log = logging.getLogger("escarda_lab")
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from escarda_lab.module import Interrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = commands.parser("run").parse_args(argv)
+    args = arguments.parser("run").parse_args(argv)
     cfg = None
     try:
         if config.read_grid(args.experiment) is not None:

@@ -343,3 +343,20 @@ def test_plan_prints_the_seeds_a_grid_needs_before_it_runs(capsys):
     assert f"{first} pairs at the first step, {last} at the last" in out
     assert f"**{stats.mde(0.053, 8, 0.05 / 9):.4f} bpb** for the first Holm step" in out
     assert compare.main(["--plan"]) == 2  # no noise given: one paragraph, exit 2
+
+
+def test_compare_never_imports_torch(tmp_path):
+    """`compare --help` and compare on a finished grid run without torch (numpy, scipy, pandas)."""
+    import subprocess
+    import sys
+
+    synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [1.3, 1.4, 1.5])})
+    code = (
+        "import sys; from escarda_lab import compare; assert compare.main([sys.argv[1]]) == 0; "
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')]; assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "escarda_lab.compare", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "torch" not in out.stderr

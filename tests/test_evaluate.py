@@ -224,3 +224,25 @@ def test_scoring_a_long_text_reports_progress(caplog, byte_model):
     assert ll < 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scored ")]
     assert lines and "ETA" in lines[-1] and lines[-1].startswith("scored 319/319 windows")
+
+
+def test_evaluate_rebuilds_a_missing_cache_with_the_runs_tokenizer_not_a_new_one(corpus, tmp_path, monkeypatch):
+    import shutil
+
+    from escarda_lab.run import main as run_main
+    from escarda_lab.tokenizer import BPETokenizer
+    from tests.conftest import ROOT, tiny_overrides
+
+    cache = tmp_path / "cache"
+    over = tiny_overrides(corpus, tmp_path / "runs") + [
+        "data.tokenizer.kind=bpe",
+        "data.tokenizer.vocab_size=600",
+        f"data.cache_dir={cache}",
+    ]
+    assert run_main([str(ROOT / "experiments/vanilla.yaml"), *over]) == 0
+    folder = tmp_path / "runs" / "vanilla" / "seed0"
+    shutil.rmtree(cache)  # the token cache is gone (another machine, a cleaned cache)
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(lambda *a: pytest.fail("evaluate trained a tokenizer")))
+    assert evaluate.main([str(folder)]) == 0
+    res = json.loads((folder / "eval.json").read_text())
+    assert res["val"]["bpb"] == pytest.approx(json.loads((folder / "metrics.json").read_text())["val_bpb"], abs=1e-4)

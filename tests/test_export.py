@@ -59,7 +59,7 @@ def test_the_chat_template_gives_the_chatml_ids_generate_uses(run, exported):
     from transformers import PreTrainedTokenizerFast
 
     from escarda_lab.generate import chatml
-    from escarda_lab.runs import load_run
+    from escarda_lab.run_folder import load_run
 
     _, tok, _ = load_run(run)
     hf = PreTrainedTokenizerFast.from_pretrained(str(exported))
@@ -74,7 +74,7 @@ def test_the_chat_template_gives_the_chatml_ids_generate_uses(run, exported):
 def test_transformers_logits_equal_ours(run, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from escarda_lab.runs import load_run
+    from escarda_lab.run_folder import load_run
 
     hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)

@@ -15,7 +15,7 @@ import pytest
 from escarda_lab import corpora
 from escarda_lab.errors import DataError
 from escarda_lab.run import main
-from escarda_lab.runs import verify_checkpoint
+from escarda_lab.run_folder import verify_checkpoint
 from tests.conftest import ROOT, tiny_overrides
 
 VANILLA = str(ROOT / "experiments/vanilla.yaml")

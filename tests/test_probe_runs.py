@@ -45,7 +45,7 @@ def test_a_probe_run_ends_with_its_test_accuracy(probe_run):
 
 def test_evaluate_probe_agrees_with_the_run_and_the_kv_cache(probe_run):
     from escarda_lab.evaluate import probe
-    from escarda_lab.runs import load_run
+    from escarda_lab.run_folder import load_run
 
     folder, _ = probe_run
     model, _, cfg = load_run(folder)
@@ -67,7 +67,7 @@ def test_evaluate_cli_writes_the_probe_scores(probe_run, capsys):
 def test_evaluating_another_task_than_the_model_knows_is_a_clear_error(probe_run):
     from escarda_lab.errors import UserError
     from escarda_lab.evaluate import probe
-    from escarda_lab.runs import load_run
+    from escarda_lab.run_folder import load_run
 
     folder, _ = probe_run
     model, _, cfg = load_run(folder)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from escarda_lab import config, registry
 from escarda_lab.errors import ConfigError
 from escarda_lab.grid.spec import NULL_SEED_OFFSET, TUNE_SEED, CalibrationConfig, GridConfig, read_spec
-from escarda_lab.runs import run_dir
+from escarda_lab.run_folder import run_dir
 
 
 @dataclass

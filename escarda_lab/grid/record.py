@@ -15,7 +15,7 @@ from escarda_lab.grid.matching import total_params
 from escarda_lab.grid.spec import GridConfig
 from escarda_lab.io import atomic_write, read_json, write_json
 from escarda_lab.records import RECORDED
-from escarda_lab.runs import check_same_config
+from escarda_lab.run_folder import check_same_config
 
 
 def plan_table(runs: list[Run], grid_dir: Path, title: str = "") -> str:

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from escarda_lab import commands
+from escarda_lab import arguments
 from tests.conftest import ROOT
 
-COMMANDS = sorted(commands.ARGUMENTS)
+COMMANDS = sorted(arguments.ARGUMENTS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -30,7 +30,7 @@ def test_help_does_not_import_torch(command):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_option_has_help_and_shows_its_default(command):
-    p = commands.parser(command)
+    p = arguments.parser(command)
     text = p.format_help()
     for action in p._actions:
         if action.dest == "help":
@@ -38,11 +38,11 @@ def test_every_option_has_help_and_shows_its_default(command):
         assert action.help, f"{command} {action.dest} has no help"
         if action.option_strings and not action.required:
             assert "(default:" in p._get_formatter()._format_action(action) or action.default is None, action.dest
-    assert commands.DESCRIPTIONS[command].split()[0] in text
+    assert arguments.DESCRIPTIONS[command].split()[0] in text
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_cli_parses_with_its_own_parser(command):
-    """The module's main builds its parser from escarda_lab.commands (one definition)."""
+    """The module's main builds its parser from escarda_lab.arguments (one definition)."""
     source = (ROOT / "escarda_lab" / f"{command}.py").read_text()
-    assert f'commands.parser("{command}")' in source and "ArgumentParser(" not in source
+    assert f'arguments.parser("{command}")' in source and "ArgumentParser(" not in source
