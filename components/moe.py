@@ -3,8 +3,9 @@
     s_i  = score(x · e_i)                 score ∈ {softmax, sigmoid, sqrtsoftplus = √softplus}
     S    = top-k of (s_i + b_i)           the bias b only selects (aux-loss-free balancing)
            with n_group > 1 (DeepSeek-V3's node-limited routing): the experts form n_group equal
-           groups, each scored by the sum of its two highest (s_i + b_i); top-k is taken only
-           inside the topk_group best groups
+           groups, each scored by the sum of its two highest (s_i + b_i) (its highest s_i when
+           the bias is off, bias_update_speed 0); top-k is taken only inside the topk_group
+           best groups. Router logits and routing run in at least float32, autocast off
     g_i  = s_i / Σ_{j∈S} s_j (norm_topk) · routed_scaling            for i ∈ S
     y    = Σ_shared FFN_s(x) + Σ_{i∈S} g_i FFN_i(x)                   (SwiGLU experts)
 
@@ -130,8 +131,12 @@ class MoE(FFN):
 
     def route(self, x: Tensor, ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> scores s [N, E], selected experts [N, k], weights [N, k]."""
-        z = self.router(x)
-        s = self.score(z.to(torch.promote_types(z.dtype, torch.float32)))  # at least float32
+        # Router logits and routing in at least float32, outside autocast (as DeepSeek's and Hugging
+        # Face's code): bf16 logits flip near-tied expert choices.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        s = self.score(z)
         if self.hash_routed:
             first = token_hash(ids.reshape(-1), 0, self.E)
             sel = (first[:, None] + torch.arange(self.k, device=x.device)) % self.E  # k distinct experts
@@ -143,12 +148,17 @@ class MoE(FFN):
         return s, sel, w * self.cfg.routed_scaling
 
     def select(self, biased: Tensor) -> Tensor:
-        """Top-k experts of biased scores [N, E]; with groups, only inside the topk_group groups
-        whose two best experts score highest (DeepSeek-V3's node-limited routing)."""
+        """Top-k experts of biased scores [N, E]; with groups, only inside the topk_group best
+        groups (DeepSeek-V3's node-limited routing). As DeepSeek's reference, a group scores the
+        sum of its two best experts when the bias corrects the load, its best expert when not
+        (`bias_update_speed: 0`)."""
         G = self.cfg.n_group
         if G > 1:
             grouped = biased.view(-1, G, self.E // G)
-            group_score = grouped.topk(min(2, self.E // G), dim=-1).values.sum(-1)  # [N, G]
+            if self.cfg.bias_update_speed > 0:
+                group_score = grouped.topk(min(2, self.E // G), dim=-1).values.sum(-1)  # [N, G]
+            else:
+                group_score = grouped.amax(-1)
             keep = torch.zeros_like(group_score, dtype=torch.bool)
             keep.scatter_(1, group_score.topk(self.cfg.topk_group, dim=-1).indices, True)
             biased = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.E)

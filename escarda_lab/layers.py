@@ -101,7 +101,7 @@ class Rotary(NamedTuple):
     style: str
 
     def __call__(self, x: Tensor) -> Tensor:
-        """x: [B, H, T, hd] -> same shape."""
+        """x: [B, H, T, hd] -> same shape and dtype (the rotation itself in at least float32)."""
         r = 2 * self.cos.shape[-1]
         if r == 0:
             return x
@@ -115,6 +115,7 @@ class Rotary(NamedTuple):
         else:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        rot = rot.to(x.dtype)
         return torch.cat([nope, rot], dim=-1) if r < hd else rot
 
 

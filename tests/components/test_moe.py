@@ -148,3 +148,28 @@ def test_grouped_routing_settings_are_checked():
     assert problems and problems[0][0] == "n_group"
     problems = MoEConfig(enabled=True, n_routed=8, top_k=4, n_group=4, topk_group=1).check(M)
     assert problems and problems[0][0] == "topk_group"
+
+
+def test_without_bias_correction_a_group_scores_its_best_expert():
+    """DeepSeek's reference: amax per group when there is no bias, the top-2 sum with it."""
+    layer = moe(n_routed=8, top_k=2, n_group=4, topk_group=2, scoring="sigmoid", bias_update_speed=0.0).double()
+    x = torch.randn(256, 16, dtype=torch.float64)
+    s, sel, _ = layer.route(x, None)
+    grouped = s.view(-1, 4, 2)
+    kept = grouped.amax(-1).topk(2, dim=-1).indices  # the two groups with the best single expert
+    allowed = torch.zeros(len(x), 4, dtype=torch.bool).scatter_(1, kept, True)
+    expected = grouped.masked_fill(~allowed[..., None], float("-inf")).view(-1, 8).topk(2, dim=-1).indices
+    assert [set(r) for r in sel.tolist()] == [set(r) for r in expected.tolist()]
+    assert [set(r) for r in sel.tolist()] != grouped_reference(s, 4, 2, 2)  # the top-2 rule picks otherwise
+
+
+def test_routing_under_bf16_autocast_picks_the_float64_experts():
+    layer = moe(n_routed=8, top_k=2, n_group=4, topk_group=2)
+    reference = moe(n_routed=8, top_k=2, n_group=4, topk_group=2).double()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
+    _, want, _ = reference.route(x.double(), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, got, _ = layer.route(x, None)
+    assert s.dtype == torch.float32
+    assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
