@@ -18,18 +18,10 @@ from escarda_lab.model import EscardaLM
 from escarda_lab.objectives import total_loss
 from escarda_lab.registry import Plugin
 from tests.conftest import ROOT
+from tests.test_compile import TINY as COMPILE_TINY
+from tests.test_compile import forget_probes
 
-TINY = [
-    "model.vocab_size=97",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.head_dim=16",
-    "model.rope_dim=8",
-    "model.ffn_hidden=64",
-    "model.max_seq_len=64",
-    "data.seq_len=32",
-]
+TINY = [*COMPILE_TINY, "model.rope_dim=8"]
 
 registry.discover()
 CASES = [
@@ -89,12 +81,7 @@ def test_plugin_keeps_its_slot_contract(name, variant):
     eager = {k for k in model.stats() if k.startswith(f"{name}/")}
     assert eager, f"{name} defines stats() but reported none after a training forward"
     model.compile()  # lazy: nothing is compiled until the model is called through it
-    for mod in model.modules():  # forget what the eager forward kept, as a compiled one keeps nothing
-        kept = mod.__dict__.get("_probe")
-        if isinstance(kept, dict):
-            kept.clear()
-        elif kept is not None:
-            mod._probe = None
+    forget_probes(model)  # a compiled forward keeps nothing for stats()
     compiled = {k for k in model.collect_stats(ids) if k.startswith(f"{name}/")}
     assert compiled == eager, f"{name}: statistics vanish when the model is compiled"
 
