@@ -251,11 +251,23 @@ def control_of(variant: str) -> tuple[str, float] | None:
     return None
 
 
+def rung_budget(r) -> tuple[str, float] | None:
+    """A ladder rung of the baseline below its own budget (`full-x0.5`) is a positive control too:
+    the baseline with fewer training tokens."""
+    if r.kind != "rung" or not r.variant.startswith(f"{r.baseline}-x"):
+        return None
+    try:
+        t = float(r.variant.removeprefix(f"{r.baseline}-x"))
+    except ValueError:
+        return None
+    return ("budget", t) if t < 1 else None
+
+
 def calibration(summary: pd.DataFrame, alpha: float = 0.05) -> str | None:
     """The grid's controls, measured: how many null controls (the baseline against itself with
     independent seeds) read a difference, and which positive controls (the baseline with fewer
     training tokens: a known, graded harm) the grid detected. None without controls."""
-    rows = [(control_of(r.variant), r) for r in summary.itertuples() if r.variant != r.baseline]
+    rows = [(control_of(r.variant) or rung_budget(r), r) for r in summary.itertuples() if r.variant != r.baseline]
     nulls = [r for c, r in rows if c and c[0] == "null"]
     budgets = sorted(((c[1], r) for c, r in rows if c and c[0] == "budget"), key=lambda x: x[0])
     if not nulls and not budgets:

@@ -360,3 +360,17 @@ def test_compare_never_imports_torch(tmp_path):
         [sys.executable, "-X", "importtime", "-m", "escarda_lab.compare", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "torch" not in out.stderr
+
+
+def test_a_ladders_smaller_budgets_of_the_baseline_are_positive_controls(tmp_path):
+    synthetic_grid(
+        tmp_path,
+        {
+            "full": ("base", BASE6),
+            "full-x0.5": ("rung", [b + 0.3 + d for b, d in zip(BASE6, D_SMALL)]),
+            "full-x2": ("rung", [b - 0.3 + d for b, d in zip(BASE6, D_SMALL)]),  # more tokens: not a control
+        },
+        seeds=SEEDS6,
+    )
+    text = summary.calibration(summary.summarize(summary.load_runs(tmp_path)))
+    assert "0.5× tokens Δ +0.3002" in text and "x2" not in text and "2× tokens" not in text
