@@ -22,6 +22,7 @@ from escarda_lab.registry import bounded
 from escarda_lab.validation import unknown_key, validate, wrong_type
 
 CLI = "command line"
+MAX_SEED = 2**32 - 1 - 30_000  # numpy's and Lightning's seed range, less the grid's null-control offsets
 
 
 @dataclass
@@ -126,11 +127,11 @@ def _make_schema(plugins: tuple) -> type:
         "Config",
         [
             ("name", str, field(default="escarda")),
-            ("seed", int, bounded(0, min=0)),
+            ("seed", int, bounded(0, min=0, max=MAX_SEED)),
             # Common random numbers: initial weights from init_seed, batch order from data_seed
             # (both default to seed); a study may vary one and hold the other.
-            ("init_seed", Optional[int], bounded(None, min=0)),  # noqa: UP045 (make_dataclass needs the object)
-            ("data_seed", Optional[int], bounded(None, min=0)),  # noqa: UP045
+            ("init_seed", Optional[int], bounded(None, min=0, max=MAX_SEED)),  # noqa: UP045 (make_dataclass needs it)
+            ("data_seed", Optional[int], bounded(None, min=0, max=MAX_SEED)),  # noqa: UP045
             ("model", ModelConfig, field(default_factory=ModelConfig)),
             ("components", comps, field(default_factory=comps)),
             ("data", data, field(default_factory=data)),
@@ -185,6 +186,14 @@ def read_yaml(path: Path, source: str | None = None) -> dict:
             "check the path (relative paths in `extends:` are relative to the file)",
         )
     try:
+        shape = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+        if shape is not None and not isinstance(shape, dict):  # OmegaConf would read a string as a key
+            raise ConfigError(
+                str(path),
+                None,
+                f"the file holds a YAML {type(shape).__name__}, not a mapping of keys to values",
+                "write `key: value` lines at the top level (e.g. `extends: escarda.yaml`)",
+            )
         raw = OmegaConf.to_container(OmegaConf.load(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

@@ -301,29 +301,31 @@ def file_digest(path: Path, root: Path) -> str:
 NOT_TEXT = 0.3  # a file with more than this fraction of bytes that are not UTF-8 text is refused
 
 
-def read_text(path: Path, source: str) -> str:
+def read_text(path: Path, source: str, key: str = "data.corpus") -> str:
     """A corpus file as text. Bytes that are not UTF-8 are replaced (and counted in a warning);
-    a file that is mostly not text (binary, or another encoding throughout) is refused."""
+    a file that is mostly not text (binary, NUL bytes, another encoding throughout) is refused
+    with the fraction found."""
     import logging
 
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(
-            source, "data.corpus", f"cannot read {path}: {e.strerror}", "check the file's permissions"
-        ) from None
+        raise DataError(source, key, f"cannot read {path}: {e.strerror}", "check the file's permissions") from None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
+        bad = 0
     except UnicodeDecodeError:
-        pass
-    text = raw.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
     nul = raw.count(0)
+    if bad == 0 and nul <= NOT_TEXT * max(len(raw), 1):
+        return text
     if (bad + nul) > NOT_TEXT * max(len(raw), 1):
         raise DataError(
             source,
-            "data.corpus",
-            f"{path} is not UTF-8 text ({bad:,} undecodable and {nul:,} NUL bytes of {len(raw):,})",
+            key,
+            f"{path} is not UTF-8 text ({bad:,} undecodable and {nul:,} NUL bytes of {len(raw):,}: "
+            f"{(bad + nul) / max(len(raw), 1):.0%})",
             "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or leave binary files out of the corpus",
         )
     logging.getLogger("escarda_lab").warning(

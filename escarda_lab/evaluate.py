@@ -313,6 +313,18 @@ def multiple_choice(scorer: Scorer, docs: list[Choice], delimiter: str = " ") ->
 # ---------------------------------------------------------------------------------------- CLI
 
 
+def eval_text(path: Path) -> str:
+    """A --text file, refused when missing, empty or not text: a bpb over no bytes is not a result."""
+    from escarda_lab.corpora import read_text
+
+    if not path.is_file():
+        raise DataError(str(path), None, "text file not found", "pass an existing UTF-8 text file to --text")
+    text = read_text(path, "command line", "--text")
+    if not text.strip():
+        raise DataError(str(path), None, "the text file is empty", "pass a file with text in it to --text")
+    return text
+
+
 def evaluate(
     run: str | Path,
     split: bool = True,
@@ -334,10 +346,7 @@ def evaluate(
     if split:
         out["val"] = split_bpb(model, cfg, str(run), tok)
     for t in texts:
-        path = Path(t)
-        if not path.is_file():
-            raise DataError(str(path), None, "text file not found", "pass an existing UTF-8 text file to --text")
-        out.setdefault("text", {})[str(path)] = text_bpb(scorer, path.read_text(encoding="utf-8"))
+        out.setdefault("text", {})[str(t)] = text_bpb(scorer, eval_text(Path(t)))
     for name in corpora:
         if name == cfg.data.corpus or (cfg.data.corpus == "classics" and name in ("shakespeare", "bigtxt")):
             import logging

@@ -49,7 +49,33 @@ def read_json(path: str | Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        found = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         logging.getLogger("escarda_lab").warning("%s is damaged (%s): ignored", path, e)
         return None
+    if not isinstance(found, dict):
+        logging.getLogger("escarda_lab").warning("%s holds a %s, not an object: ignored", path, type(found).__name__)
+        return None
+    return found
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file; a damaged line (truncated, binary, not an object) is
+    skipped with a warning naming the file and line, so one bad line never loses the rest."""
+    import logging
+
+    out = []
+    raw = Path(path).read_bytes()
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            logging.getLogger("escarda_lab").warning("%s line %d is damaged (%s): skipped", path, i, e)
+            continue
+        if isinstance(r, dict):
+            out.append(r)
+        else:
+            logging.getLogger("escarda_lab").warning("%s line %d is not an object: skipped", path, i)
+    return out

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from escarda_lab.module import Interrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = arguments.parser("run").parse_args(argv)
+    args = arguments.parser("run").parse_intermixed_args(argv)  # FILE --dry-run key=val works too
     cfg = None
     try:
         if config.read_grid(args.experiment) is not None:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from escarda_lab import suites
 from escarda_lab.errors import DataError
-from escarda_lab.io import read_json
+from escarda_lab.io import read_json, read_jsonl
 from escarda_lab.records import METRICS, run_row
 from escarda_lab.stats import Plan, holm, paired, verdict, welch_p
 
@@ -39,9 +39,8 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
     plan = load_plan(grid_dir)
     recorded = {}
     if (grid_dir / "results.jsonl").exists():
-        for line in (grid_dir / "results.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
+        for r in read_jsonl(grid_dir / "results.jsonl"):
+            if "variant" in r and "seed" in r:
                 recorded[(r["variant"], r["seed"])] = r
     rows = []
     tuned = plan.get("tuned") or {}

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from escarda_lab import registry
 from escarda_lab.errors import ConfigError
 
+MAX_NAME = 200  # bytes: filesystems allow 255 per folder name; grids and tuning append tags
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -78,6 +79,13 @@ def validate(cfg: Any, where) -> None:
         "name",
         f"name {cfg.name!r} is not a plain folder name (a run goes to <output.dir>/<name>/seed<k>/)",
         "use letters, digits, '-', '_' or '.', e.g. `name: no_engram`; put runs elsewhere with output.dir",
+    )
+    need(
+        len(cfg.name.encode()) <= MAX_NAME,
+        "name",
+        f"name is {len(cfg.name.encode())} bytes long; a run folder's name may have at most {MAX_NAME} "
+        "(the filesystem allows 255, and a grid appends tags)",
+        "use a shorter name",
     )
     check_bounds(cfg, where)
     need(

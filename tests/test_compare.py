@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -374,3 +375,16 @@ def test_a_ladders_smaller_budgets_of_the_baseline_are_positive_controls(tmp_pat
     )
     text = summary.calibration(summary.summarize(summary.load_runs(tmp_path)))
     assert "0.5× tokens Δ +0.3002" in text and "x2" not in text and "2× tokens" not in text
+
+
+def test_a_damaged_results_line_or_metrics_file_is_skipped_by_name_and_the_rest_compared(tmp_path, caplog):
+    synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [1.3, 1.4, 1.5])})
+    good = json.dumps({"variant": "full", "seed": 0, "status": "finished", "val_bpb": 1.0})
+    (tmp_path / "results.jsonl").write_bytes(f'{good}\n{{"variant": "full", "se\n'.encode() + b"\xff\xfe\x00\n[1, 2]\n")
+    (tmp_path / "no_engram" / "seed2" / "metrics.json").write_text("[1, 2, 3]")
+    caplog.set_level("WARNING")
+    paths = compare.write(tmp_path)
+    assert "results.jsonl line 2 is damaged" in caplog.text and "line 3 is damaged" in caplog.text
+    assert "line 4 is not an object" in caplog.text and "holds a list" in caplog.text
+    s = summary.summarize(summary.load_runs(tmp_path)).set_index("variant")
+    assert s.loc["no_engram", "seeds"] == 2 and "| `no_engram` |" in paths["md"].read_text()

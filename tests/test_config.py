@@ -124,3 +124,22 @@ def test_train_compile_takes_a_torch_compile_mode():
     with pytest.raises(ConfigError) as e:
         config.load(ROOT / "experiments/vanilla.yaml", ["train.compile=fast"])
     assert e.value.key == "train.compile" and "max-autotune-no-cudagraphs" in e.value.fix
+
+
+def test_a_yaml_file_that_is_only_a_string_is_refused_without_echoing_it(tmp_path):
+    path = tmp_path / "words.yaml"
+    path.write_text("just some words " * 20 + "\n")
+    with pytest.raises(ConfigError, match="holds a YAML str, not a mapping") as e:
+        config.load(path)
+    assert "just some words just" not in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["seed=4294967296", "data_seed=-1", "name=" + "n" * 300])
+def test_out_of_range_seeds_and_overlong_names_are_refused_before_any_folder(override, tmp_path, capsys):
+    assert main([str(ROOT / "experiments/vanilla.yaml"), f"output.dir={tmp_path}", override]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_options_may_come_between_the_file_and_its_overrides(capsys):
+    assert main([str(ROOT / "experiments/vanilla.yaml"), "--dry-run", "train.max_steps=77"]) == 0
+    assert "max_steps: 77" in capsys.readouterr().out

@@ -246,3 +246,26 @@ def test_evaluate_rebuilds_a_missing_cache_with_the_runs_tokenizer_not_a_new_one
     assert evaluate.main([str(folder)]) == 0
     res = json.loads((folder / "eval.json").read_text())
     assert res["val"]["bpb"] == pytest.approx(json.loads((folder / "metrics.json").read_text())["val_bpb"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"  \n\n", b"\x00" * 500, bytes(range(256)) * 8], ids=["empty", "blank", "nul", "binary"]
+)
+def test_evaluate_refuses_a_text_with_nothing_to_score(content, tmp_path, capsys):
+    from escarda_lab.run import main as run_main
+    from tests.conftest import ROOT, make_text
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text(200))
+    over = [f"data.corpus={corpus}", "data.tokenizer.kind=byte", "model.d_model=32", "model.n_layers=1",
+            "model.n_heads=2", "model.head_dim=16", "model.n_kv_heads=1", "model.ffn_hidden=64",
+            "train.max_steps=2", "train.warmup_steps=1", f"output.dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert run_main([str(ROOT / "experiments/vanilla.yaml"), *over]) == 0
+    folder = tmp_path / "runs" / "vanilla" / "seed0"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    assert evaluate.main([str(folder), "--no-split", "--text", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.txt" in err and ("empty" in err or "not UTF-8 text" in err) and "Traceback" not in err
+    assert not (folder / "eval.json").exists()
