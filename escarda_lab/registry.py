@@ -378,12 +378,16 @@ def _import(mod: str, source: str) -> None:
     except Exception as e:  # the plugin's own code failed while importing
         import traceback
 
-        frame = traceback.extract_tb(e.__traceback__)[-1]
+        if isinstance(e, SyntaxError) and e.filename:  # raised by the compiler, not from a frame of the file
+            filename, lineno, what = e.filename, e.lineno, f"{type(e).__name__}: {e.msg}"
+        else:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            filename, lineno, what = frame.filename, frame.lineno, f"{type(e).__name__}: {e}"
         raise ConfigError(
             source,
             "plugins",
-            f"plugin module {mod!r} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})",
-            f"fix the error in {frame.filename}, or remove {mod!r} from `plugins:`",
+            f"plugin module {mod!r} raised {what} (at {filename}:{lineno})",
+            f"fix the error in {filename} at line {lineno}, or remove {mod!r} from `plugins:`",
         ) from None
     _discovered.add(mod)
 

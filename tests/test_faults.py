@@ -148,6 +148,7 @@ def plugin_dir(tmp_path, monkeypatch):
     [
         ('raise RuntimeError("boom")\n', "raised RuntimeError: boom"),
         ("import a_package_nobody_installed\n", "imports 'a_package_nobody_installed', which is not installed"),
+        ("x = 1\ndef broken(:\n", ".py at line 2"),  # a SyntaxError names the plugin's file and line
     ],
 )
 def test_a_plugin_module_that_fails_to_import_names_the_file(plugin_dir, capsys, body, expect):
