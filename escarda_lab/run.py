@@ -309,9 +309,16 @@ def run_grid(args) -> int:
     from escarda_lab import grid
 
     results = grid.run_grid(args.experiment, args.overrides, dry_run=args.dry_run, echo=log.info)
-    bad = [r for r in results if r["status"] != "finished"]
+    bad = [r for r in results if r["status"] not in ("finished", "held")]
     for r in bad:
         log.warning("%s seed%d: %s: %s", r["variant"], r["seed"], r["status"], r.get("error", ""))
+    held = [r for r in results if r["status"] == "held"]
+    if held:
+        log.warning(
+            "%d run(s) held by another process (%s): they train there; rerun this grid afterwards to record them",
+            len(held),
+            ", ".join(f"{r['variant']} seed{r['seed']}" for r in held[:6]),
+        )
     return 1 if bad else 0
 
 

@@ -411,3 +411,20 @@ def test_per_gpu_without_a_gpu_runs_unpinned_and_says_so(monkeypatch):
     said = []
     assert worker_slots(GridConfig(per_gpu=4, parallel=2), said.append) == [None, None]
     assert "no GPU is visible" in said[0]
+
+
+def test_a_run_held_by_another_process_is_recorded_as_held_not_failed(corpus, tmp_path, caplog):
+    from filelock import FileLock
+
+    path = write(tmp_path, "extends: {root}/experiments/vanilla.yaml\nname: g\ngrid: {{seeds: [0]}}\n")
+    over = tiny_overrides(corpus, tmp_path / "runs")
+    folder = tmp_path / "runs" / "g" / "full" / "seed0"
+    folder.mkdir(parents=True)
+    caplog.set_level("WARNING")
+    with FileLock(folder / ".lock"):  # another grid is training this run
+        assert main([str(path), *over]) == 0
+    (rec,) = results(tmp_path / "runs" / "g")
+    assert rec["status"] == "held" and "another process" in rec["error"]
+    assert "held by another process" in caplog.text
+    assert main([str(path), *over]) == 0  # released: the rerun trains and records it
+    assert {r["status"] for r in results(tmp_path / "runs" / "g")} == {"finished"}

@@ -66,7 +66,10 @@ def record(r: Run, grid_dir: Path, outcome: dict) -> dict:
         "adjust": r.adjust,
         **outcome,
     }
-    if status != "finished":
+    if status != "finished" and "is being trained by another process" in last_error(r.folder):
+        rec["status"] = status = "held"  # another grid (or run) holds the folder: not a failure
+        rec["error"] = last_error(r.folder)
+    elif status != "finished":
         rec["error"] = m.get("error") or last_error(r.folder) or f"exit code {rc}"
         if rc is not None and rc < 0:
             rec["error"] = f"killed by signal {-rc}; rerun the grid to resume. Last output: {rec['error']}"
