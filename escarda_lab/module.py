@@ -264,11 +264,18 @@ class StopOnSignal(L.Callback):
     def note(self, signum, frame) -> None:
         self.signum = self.signum or signum
 
-    def on_fit_start(self, trainer, pl_module) -> None:  # only while fitting: the caller's handlers after
+    def on_fit_start(self, trainer, pl_module) -> None:  # the caller's handlers, restored after fitting
+        import signal
+
+        self._previous = {name: signal.getsignal(getattr(signal, name)) for name in self.SIGNALS}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Installed here, after Lightning's own handlers (registered after on_fit_start): theirs
+        would raise SIGTERMException, a SystemExit, between two steps — exit 0, no checkpoint."""
         import signal
 
         for name in self.SIGNALS:
-            self._previous[name] = signal.signal(getattr(signal, name), self.note)
+            signal.signal(getattr(signal, name), self.note)
 
     def restore(self) -> None:
         import signal

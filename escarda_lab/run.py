@@ -305,10 +305,36 @@ LAYOUT = {
 }
 
 
+class GridStopped(Exception):
+    """SIGTERM (or SIGUSR1) reached the grid's own process."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signum}")
+
+
 def run_grid(args) -> int:
+    """A grid in this process; Ctrl-C or SIGTERM stops every running run at its current step (each
+    checkpoints) and exits 128 + the signal, one line per run: rerunning resumes them."""
+    import signal
+
     from escarda_lab import grid
 
-    results = grid.run_grid(args.experiment, args.overrides, dry_run=args.dry_run, echo=log.info)
+    def stop(signum, frame):
+        raise GridStopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        results = grid.run_grid(args.experiment, args.overrides, dry_run=args.dry_run, echo=log.info)
+    except KeyboardInterrupt:
+        log.warning("grid interrupted (Ctrl-C): rerun the same command to resume")
+        return 128 + signal.SIGINT
+    except GridStopped as e:
+        log.warning("grid stopped by signal %d: rerun the same command to resume", e.signum)
+        return 128 + e.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     bad = [r for r in results if r["status"] not in ("finished", "held")]
     for r in bad:
         log.warning("%s seed%d: %s: %s", r["variant"], r["seed"], r["status"], r.get("error", ""))

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from escarda_lab import config, grid
 from escarda_lab.errors import ConfigError
+from escarda_lab.io import read_json
 from escarda_lab.run import main
 from tests.conftest import ROOT, tiny_overrides
 
@@ -428,3 +434,23 @@ def test_a_run_held_by_another_process_is_recorded_as_held_not_failed(corpus, tm
     assert "held by another process" in caplog.text
     assert main([str(path), *over]) == 0  # released: the rerun trains and records it
     assert {r["status"] for r in results(tmp_path / "runs" / "g")} == {"finished"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_signal_to_the_grid_stops_every_run_at_a_checkpoint_and_the_rerun_resumes(signum, corpus, tmp_path):
+    path = write(tmp_path, "extends: {root}/experiments/vanilla.yaml\nname: g\ngrid: {{seeds: [0]}}\n")
+    over = tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 3000, "train.checkpoint_every": 50})
+    cmd = [sys.executable, "-m", "escarda_lab.run", str(path), *over]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    folder = tmp_path / "runs" / "g" / "full" / "seed0"
+    deadline = time.time() + 120
+    while not (folder / "last.ckpt").exists():  # the run is under way in its own process
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signum)  # to the grid's process only, not its group
+    rc, err = proc.wait(timeout=120), proc.stderr.read().decode()
+    assert rc == 128 + signum and "Traceback" not in err, err[-2000:]
+    assert "full seed0: stopped (exit 143)" in err and "rerun" in err, err[-2000:]
+    assert read_json(folder / "metrics.json")["status"] == "interrupted"

@@ -219,18 +219,35 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
         free: queue.SimpleQueue = queue.SimpleQueue()
         for slot in slots:
             free.put(slot)
+        live: dict[int, tuple[Run, subprocess.Popen]] = {}  # by worker thread: the child it waits on
+        stopping = threading.Event()
 
         def job(r: Run) -> dict:
             gpu = free.get()  # a worker holds one slot (GPU share) for the run's whole life
             try:
-                return run_one(str(r.folder / "config.yaml"), len(slots), evaluate_args(g.evaluate), gpu)
+                if stopping.is_set():
+                    return {"returncode": None, "skipped": True}
+                me = threading.get_ident()
+                track = lambda child: live.__setitem__(me, (r, child)) if child else live.pop(me, None)  # noqa: E731
+                return run_one(str(r.folder / "config.yaml"), len(slots), evaluate_args(g.evaluate), gpu, track)
             finally:
                 free.put(gpu)
 
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-            for r, outcome in zip(todo, pool.map(job, todo)):
-                save(r, record(r, grid_dir, outcome))
+        pool = ThreadPoolExecutor(max_workers=len(slots))
+        try:
+            futures = [pool.submit(job, r) for r in todo]
+            for r, f in zip(todo, futures):
+                save(r, record(r, grid_dir, f.result()))
+        except BaseException:  # Ctrl-C or SIGTERM to the grid: every running run checkpoints and stops
+            stopping.set()
+            for r, child in list(live.values()):
+                rc = stop_child(child)
+                rc = child.returncode if rc is None else rc
+                echo(f"{r.cfg.name} seed{r.seed}: stopped (exit {rc}); its checkpoint stays, rerun the grid to resume")
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
         if todo:
             hours = (time.perf_counter() - t0) / 3600
             rate = len(todo) / hours
