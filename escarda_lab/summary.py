@@ -273,7 +273,8 @@ def calibration(summary: pd.DataFrame, alpha: float = 0.05) -> str | None:
         return None
     unit = METRICS[summary.metric.iloc[0]].label
     m = int(in_family(summary).sum())
-    lines = [f"**Calibration, measured** (each control is judged as the strictest of the {m} comparisons would be)."]
+    judged = f"as the strictest of the {m} comparisons would be" if m else f"at alpha {alpha:g}: no variant comparisons"
+    lines = [f"**Calibration, measured** (each control is judged {judged})."]
     if nulls:
         fp = [r for r in nulls if r.verdict.startswith(("helps", "hurts"))]
         raw = sum(r.p_paired < alpha for r in nulls)

@@ -398,7 +398,8 @@ def test_a_tiny_grid_with_controls_is_calibrated(corpus, tmp_path):
     s = summary.summarize(summary.load_runs(tmp_path / "runs" / "g")).set_index("variant")
     assert s.loc["control_half_budget", "verdict"] == "hurts"
     assert not s.loc["control_null", "verdict"].startswith(("helps", "hurts"))
-    assert summary.calibration(s.reset_index()).startswith("**Calibrated.**")
+    text = summary.calibration(s.reset_index())
+    assert "**0 of 1** read helps/hurts" in text and "(0.5× tokens)" in text
 
 
 def test_per_gpu_pins_that_many_runs_to_each_visible_gpu(monkeypatch):

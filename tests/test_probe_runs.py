@@ -116,7 +116,7 @@ name: s
 grid:
   seeds: [0]
   leave_one_out: [engram]
-  tune: {{key: train.lr, values: [1.0e-3, 3.0e-3], at: easy, max_steps: 3}}
+  tune: {{key: train.lr, values: [1.0e-3, 3.0e-3], at: easy, max_steps: 3, seeds: 1, readings: tuned, extend: false}}
   parallel: 2
   settings:
     easy: {{data: {{probe: {{num_kv_pairs: 2}}}}}}

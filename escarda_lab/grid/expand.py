@@ -93,6 +93,11 @@ def controls(g: GridConfig, base_train) -> list[Variant]:
     return out
 
 
+def values_of(tuned: dict, name: str) -> set:
+    """The tuned values of a variant, over every axes/settings tag it was tuned at."""
+    return {str(x) for k, x in tuned.items() if k == name or k.startswith(f"{name}-")}
+
+
 def same_recipe(vs: list[Variant], g: GridConfig, tuned: dict | None) -> list[Variant]:
     """With two readings: each tuned variant again at the baseline's tuned value
     (`<name>@base_<key>`), where its own value differs (elsewhere the two readings are one run)."""
@@ -103,7 +108,7 @@ def same_recipe(vs: list[Variant], g: GridConfig, tuned: dict | None) -> list[Va
     for v in vs:
         if v.kind in ("base", "control", "rung") or v.tune_as or v.name == g.baseline:
             continue
-        if tuned is not None and tuned.get(v.name) == tuned.get(g.baseline):
+        if tuned is not None and values_of(tuned, v.name) == values_of(tuned, g.baseline):
             continue
         out.append(
             replace(
