@@ -24,6 +24,7 @@ from escarda_lab import config
 from escarda_lab.cli import credited, prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import Diverged, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
+from escarda_lab.records import METRICS
 from escarda_lab.run_folder import check_same_config, check_writable, run_dir, storage_error, verify_checkpoint
 
 log = logging.getLogger("escarda_lab")
@@ -271,11 +272,7 @@ def write_hparams(folder: Path, cfg, metrics: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    final = {
-        "final/val_bpb": metrics["val_bpb"],
-        "final/val_loss": metrics["val_loss"],
-        "final/val_acc": metrics["val_acc"],
-    }
+    final = {f"final/{col}": metrics[col] for col in METRICS}  # the record's verdict metrics
     writer = SummaryWriter(log_dir=str(folder))
     for summary in hparams(hparams_of(folder, cfg), final):
         writer.file_writer.add_summary(summary)
