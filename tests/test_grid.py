@@ -152,7 +152,7 @@ grid:
   seeds: [0, 1]
   parallel: 2
   controls: true
-  tune: {{key: train.lr, values: [1.0e-3, 3.0e-3], seeds: 1, max_steps: 3}}
+  tune: {{key: train.lr, values: [1.0e-3, 3.0e-3], seeds: 1, max_steps: 3, extend: false}}
   variants: {{xsa: {{components.xsa.enabled: true}}}}
 """
 
