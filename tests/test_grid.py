@@ -455,3 +455,14 @@ def test_a_signal_to_the_grid_stops_every_run_at_a_checkpoint_and_the_rerun_resu
     assert rc == 128 + signum and "Traceback" not in err, err[-2000:]
     assert "full seed0: stopped (exit 143)" in err and "rerun" in err, err[-2000:]
     assert read_json(folder / "metrics.json")["status"] == "interrupted"
+
+
+def test_an_axis_over_corpus_paths_gets_readable_run_names(corpus, tmp_path):
+    other = tmp_path / "data" / "other.txt"
+    other.parent.mkdir()
+    other.write_text(corpus.read_text()[:50_000])
+    path = write(tmp_path, TWO_BY_TWO.replace("parallel: 2", f"axes: {{{{data.corpus: [{corpus}, {other}]}}}}"))
+    _, runs, grid_dir, *_ = grid.expand(path, tiny_overrides(corpus, tmp_path / "runs"))
+    names = {r.variant.name for r in runs}
+    assert names == {"full-corpustiny.txt", "xsa-corpustiny.txt", "full-corpusother.txt", "xsa-corpusother.txt"}
+    assert all(r.folder.parent.parent == grid_dir for r in runs)

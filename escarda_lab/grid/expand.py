@@ -5,6 +5,7 @@ sizes the runs when the grid launches)."""
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -166,7 +167,7 @@ def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
     if g.axes:
         keys = list(g.axes)
         combos = [
-            ("-".join(f"{k.rsplit('.', 1)[-1]}{x}" for k, x in zip(keys, combo)), dict(zip(keys, combo)))
+            ("-".join(f"{k.rsplit('.', 1)[-1]}{axis_tag(x)}" for k, x in zip(keys, combo)), dict(zip(keys, combo)))
             for combo in itertools.product(*g.axes.values())
         ]
         vs = [tagged(v, tag, over) for tag, over in combos for v in vs]
@@ -178,6 +179,15 @@ def with_axes(vs: list[Variant], g: GridConfig) -> list[Variant]:
             for v in vs
         ]
     return vs
+
+
+def axis_tag(value) -> str:
+    """An axis value as part of a folder name: a path by its file name (no slashes), anything
+    else with characters outside [A-Za-z0-9._+] replaced by "_"."""
+    text = str(value)
+    if "/" in text or "\\" in text:
+        text = Path(text.rstrip("/\\")).name or text
+    return re.sub(r"[^A-Za-z0-9._+]", "_", text)
 
 
 def tagged(v: Variant, tag: str, over: dict, tune_tag: str | None = None) -> Variant:
