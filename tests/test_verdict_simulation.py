@@ -15,7 +15,7 @@ import pytest
 from escarda_lab import stats
 
 M, N, SD, ALPHA, MARGIN = 9, 8, 0.05, 0.05, 0.02
-GRIDS = 1000
+GRIDS = 800
 MC_SE = math.sqrt(ALPHA * (1 - ALPHA) / GRIDS)
 
 

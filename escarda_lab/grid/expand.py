@@ -100,10 +100,11 @@ def values_of(tuned: dict, name: str) -> set:
 
 
 def same_recipe(vs: list[Variant], g: GridConfig, tuned: dict | None) -> list[Variant]:
-    """With two readings: each tuned variant again at the baseline's tuned value
-    (`<name>@base_<key>`), where its own value differs (elsewhere the two readings are one run)."""
-    if g.tune is None or g.tune.readings != "both":
-        return []
+    """With two readings, once the tuned values are known: each tuned variant again at the
+    baseline's tuned value (`<name>@base_<key>`), where its own value differs (elsewhere the two
+    readings are one run)."""
+    if g.tune is None or g.tune.readings != "both" or tuned is None:
+        return []  # before tuning nobody knows which values will differ
     leaf = g.tune.key.rsplit(".", 1)[-1]
     out = []
     for v in vs:
