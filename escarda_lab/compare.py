@@ -52,6 +52,9 @@ def write(
     paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
     atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
     atomic_write(paths["csv"], report.csv_text(table))
+    paths["forest"] = grid_dir / "forest.png"
+    power = summary.plan(table, alpha, plan.get("target_effect") or margin, margin)
+    plots.plot_forest(table, paths["forest"], margin, power.mde(power.first_alpha) if power else None)
     curve = summary.curves(grid_dir, "val/")
     if curve.empty and paths["png"].exists():  # keep the curves drawn when the runs were here
         paths["png"] = grid_dir / "paired.png"
@@ -61,6 +64,11 @@ def write(
         plots.plot_settings(summary.by_setting(runs, plan), plan, paths["difficulty"], metric)
         pooled = summary.summarize_settings(runs, plan, alpha, margin, metric)
         text = report.markdown_settings(pooled, metric, alpha, margin)
+        if not pooled.empty:  # the verdict figure per task: one seed per setting says nothing alone
+            per_task = pooled.assign(
+                variant=[f"{r.family} · {r.task}" for r in pooled.itertuples()], baseline="", metric=metric
+            ).sort_values("task", key=lambda t: t.map({k: i for i, k in enumerate(dict.fromkeys(pooled.task))}))
+            plots.plot_forest(per_task, paths["forest"], margin)
         if metric == "val_acc":
             solved = summary.steps_to_solve(summary.curves(grid_dir, "val/acc"), summary.by_setting(runs, plan))
             text += "\n" + report.markdown_solve(solved)

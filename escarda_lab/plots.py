@@ -219,3 +219,54 @@ def plot_settings(df: pd.DataFrame, plan: dict, path: Path, metric: str = "val_a
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     save_figure(fig, path)
+
+
+VERDICT_COLOURS = {"helps": "tab:green", "hurts": "tab:red", "equivalent": "tab:blue"}
+
+
+def plot_forest(summary: pd.DataFrame, path: Path, margin: float, mde: float | None = None) -> None:
+    """The verdict table as one figure: each comparison's paired Δ with its 95% t interval, the
+    ±margin band, the MDE (dotted) and zero; controls and budgets below the variants; the marker's
+    colour is the verdict (grey: inconclusive or no test)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rows = summary[summary.variant != summary.baseline]
+    rows = pd.concat([rows[~rows.kind.isin(("control", "rung"))], rows[rows.kind.isin(("control", "rung"))]])
+    metric = rows.metric.iloc[0] if len(rows) and "metric" in rows else "val_bpb"
+    fig, ax = plt.subplots(figsize=(8, (0.42 if len(rows) <= 30 else 0.22) * len(rows) + 1.8))
+    ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12, lw=0)
+    ax.axvline(0, color="k", lw=0.8)
+    if mde is not None and math.isfinite(mde):
+        for x in (-mde, mde):
+            ax.axvline(x, color="0.4", lw=0.9, ls=":")
+    for i, r in enumerate(rows.itertuples()):
+        colour = VERDICT_COLOURS.get(str(r.verdict).split(" ")[0], "0.45")
+        if not math.isnan(r.ci_low):
+            ax.plot([r.ci_low, r.ci_high], [i, i], color=colour, lw=1.6)
+        if not math.isnan(r.delta):
+            ax.scatter([r.delta], [i], color=colour, s=36, zorder=3)
+    n_var = int((~rows.kind.isin(("control", "rung"))).sum())
+    if 0 < n_var < len(rows):
+        ax.axhline(n_var - 0.5, color="0.6", lw=0.8, ls="--")
+    ax.set_yticks(range(len(rows)), [f"{r.variant} ({r.verdict})" for r in rows.itertuples()], fontsize=8)
+    ax.invert_yaxis()
+    label, higher = METRICS[metric].label, METRICS[metric].higher_is_better
+    if metric == "val_acc":  # an accuracy difference lies in [-1, 1]; wider intervals are clipped
+        ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel(f"Δ {label}, variant − baseline, paired (right = {'better' if higher else 'worse'})")
+    ax.set_title("paired differences with 95% t intervals", fontsize=10)
+    handles = [Line2D([], [], color=c, marker="o", lw=1.6, label=v) for v, c in VERDICT_COLOURS.items()]
+    handles += [
+        Line2D([], [], color="0.45", marker="o", lw=1.6, label="inconclusive"),
+        plt.Rectangle((0, 0), 1, 1, color="tab:blue", alpha=0.12, label=f"±margin {margin:g}"),
+    ]
+    if mde is not None and math.isfinite(mde):
+        handles.append(Line2D([], [], color="0.4", ls=":", label=f"MDE {mde:.3g} (Holm's first step)"))
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -178,6 +178,8 @@ def markdown(
             *([cal, ""] if cal else []),
             *power_lines,
             "",
+            "![paired differences: each comparison's Δ with its 95% interval, ±margin and the MDE](forest.png)",
+            "",
             *([tuned, ""] if tuned else []),
             *lines,
             "",
