@@ -17,6 +17,7 @@ files' contents so its tokens are cached once.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import glob
 import hashlib
@@ -35,18 +36,18 @@ Texts = Iterator[tuple[str, str]]  # (name, text) of each document source
 # ------------------------------------------------------------------------------- named corpora
 
 
-class Corpus:
+class Corpus(abc.ABC):
     """A named corpus (`data.corpus: <name>`)."""
 
     key_tag = b""  # mixed into the cache key: change it when the reading changes, not the files
 
+    @abc.abstractmethod
     def files(self, source: str) -> list[Path]:
         """The files the corpus is read from: its token cache is keyed by their contents."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def texts(self, source: str) -> Texts:
         """(name, text) of every document source, streamed."""
-        raise NotImplementedError
 
 
 CORPORA: dict[str, Corpus] = {}
