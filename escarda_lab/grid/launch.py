@@ -228,7 +228,13 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 if stopping.is_set():
                     return {"returncode": None, "skipped": True}
                 me = threading.get_ident()
-                track = lambda child: live.__setitem__(me, (r, child)) if child else live.pop(me, None)  # noqa: E731
+
+                def track(child: subprocess.Popen | None) -> None:  # the child this worker waits on, if any
+                    if child is None:
+                        live.pop(me, None)
+                    else:
+                        live[me] = (r, child)
+
                 return run_one(str(r.folder / "config.yaml"), len(slots), evaluate_args(g.evaluate), gpu, track)
             finally:
                 free.put(gpu)
