@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from escarda_lab import compare, plots, stats, summary
+from escarda_lab import compare, plots, report, stats, summary
 from escarda_lab.errors import DataError
 from escarda_lab.io import read_json, write_json
 from tests.conftest import ROOT
@@ -389,3 +389,33 @@ def test_a_damaged_results_line_or_metrics_file_is_skipped_by_name_and_the_rest_
     assert "line 4 is not an object" in caplog.text and "holds a list" in caplog.text
     s = summary.summarize(summary.load_runs(tmp_path)).set_index("variant")
     assert s.loc["no_engram", "seeds"] == 2 and "| `no_engram` |" in paths["md"].read_text()
+
+
+def test_two_readings_pair_each_variant_at_the_baselines_value_and_at_its_own(tmp_path):
+    """`a` tuned to another value has a twin `a@base_lr`; `b` tuned to the baseline's value serves
+    both readings with one run; Holm runs within each reading's family."""
+    d_own, d_same = [0.05, 0.07, 0.04, 0.06, 0.08, 0.05], [0.001, -0.002, 0.0, 0.002, -0.001, 0.001]
+    synthetic_grid(
+        tmp_path,
+        {
+            "full": ("base", BASE6),
+            "a": ("changed", [b + d for b, d in zip(BASE6, d_own)]),
+            "b": ("changed", [b + d for b, d in zip(BASE6, D_ENGRAM)]),
+            "a@base_lr": ("changed", [b + d for b, d in zip(BASE6, d_same)]),
+        },
+        seeds=SEEDS6,
+    )
+    plan = json.loads((tmp_path / "grid.json").read_text())
+    plan["variants"][3]["twin_of"] = "a"
+    plan["tuned"] = {"full": {"value": 3e-3}, "a": {"value": 6e-3}, "b": {"value": 3e-3}}
+    plan["variants"][3]["tune_as"] = "full"
+    write_json(tmp_path / "grid.json", plan)
+    table = summary.summarize(summary.load_runs(tmp_path))
+    both = summary.readings(table, 0.05, 0.01).set_index("variant")
+    assert list(both.index) == ["a", "b"]  # the twin is not a hypothesis of its own
+    assert both.loc["a", "same"]["delta"] == pytest.approx(np.mean(d_same))
+    assert both.loc["a", "own"]["delta"] == pytest.approx(np.mean(d_own))
+    assert both.loc["b", "same"]["delta"] == both.loc["b", "own"]["delta"]  # one run, both readings
+    p_same = [both.loc["a", "same"]["p_paired"], both.loc["b", "same"]["p_paired"]]
+    assert [both.loc[v, "same"]["p_holm"] for v in "ab"] == pytest.approx(stats.holm(p_same))
+    assert "## Two readings" in report.markdown(table, {**plan, "tune": {"key": "train.lr"}})
