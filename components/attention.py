@@ -12,6 +12,10 @@ mla, variant `escarda` (the released model): low-rank queries and output, direct
 
     q = W_qb RMSNorm(W_qa x)   (rank q_lora_rank)        out = W_ob W_oa y   (rank o_lora_rank)
 
+    options (defaults = the released model): `factor_init` (how the factors start: LowRank.init_factors),
+    `o_norm` (out = W_ob RMSNorm(W_oa y), the norm DeepSeek puts after its query down-projection),
+    `factor_lr` (the factors' learning-rate multiple)
+
 mla, variant `deepseek` (DeepSeek-V2, arXiv:2405.04434 §2.1): a shared KV latent
     c = RMSNorm(W_dkv x)                  [kv_lora_rank]      the only thing cached, with k^R
     k^C_i = W_uk,i c,  v_i = W_uv,i c     per head (head_dim - rope_dim and head_dim dims)
@@ -94,6 +98,47 @@ class LowRank(nn.Sequential):
             nn.Linear(rank, d_out, bias=False),
         )
 
+    @torch.no_grad()
+    def init_factors(self, kind: str, std: float) -> None:
+        """Initialise W_a [r, d_in] and W_b [d_out, r] so the map has the output scale `kind` names.
+
+        released   -- leave the model default: each factor N(0, std²), so W_b W_a starts with entries
+                      of sd std²·√r (12× below a full-rank N(0, std²) map at std 0.02, r 16).
+        product    -- Gaussian factors whose product has a full-rank map's output variance on
+                      unit-RMS inputs (d_in·std²): σ_a = σ_b = (std²/r)^¼ with no norm between them;
+                      with a norm, W_a's scale cancels and σ_b = std·√(d_in/r).
+        orthogonal -- semi-orthogonal factors with gains whose product has that same Frobenius
+                      norm (std·√(d_in·d_out)): g_a·g_b = std·√(d_in·d_out/r), split evenly (no norm)
+                      or all on W_b (norm).
+        lora       -- W_b = 0 and W_a ~ N(0, 1/d_in) (Hu et al. 2021): the map starts at zero.
+        """
+        a, b = self[0].weight, self[2].weight
+        r, d_in = a.shape
+        d_out = b.shape[0]
+        normed = not isinstance(self[1], nn.Identity)
+        if kind == "released":
+            return
+        if kind == "product":
+            if normed:
+                nn.init.normal_(b, std=std * math.sqrt(d_in / r))
+            else:
+                each = (std * std / r) ** 0.25
+                nn.init.normal_(a, std=each)
+                nn.init.normal_(b, std=each)
+        elif kind == "orthogonal":
+            gain = std * math.sqrt(d_in * d_out / r)
+            g_a, g_b = (1.0, gain) if normed else (math.sqrt(gain), math.sqrt(gain))
+            nn.init.orthogonal_(a, gain=g_a)
+            nn.init.orthogonal_(b, gain=g_b)
+        elif kind == "lora":
+            nn.init.normal_(a, std=1 / math.sqrt(d_in))
+            nn.init.zeros_(b)
+        else:
+            raise ValueError(f"unknown factor init {kind!r}")
+
+    def factors(self) -> list[nn.Parameter]:
+        return [self[0].weight, self[2].weight]
+
 
 @component("mha", slot="attention", baseline=True)
 class MultiHeadAttention(AttentionProbe, Attention):
@@ -136,6 +181,12 @@ class MLAConfig(ComponentConfig):
     # deepseek: width of each head's value (null: model.head_dim, the query/key width
     # qk_nope_head_dim + qk_rope_head_dim); DeepSeek-V3 uses 128 against 192
     v_head_dim: int | None = bounded(None, min=1)
+    # the low-rank factors' init (see LowRank.init_factors); "released" = the released model's
+    factor_init: Literal["released", "product", "orthogonal", "lora"] = "released"
+    # escarda: an RMSNorm between the output factors, W_ob RMSNorm(W_oa y) (released: none)
+    o_norm: bool = False
+    # the factors' learning rate as a multiple of train.lr (released: 1)
+    factor_lr: float = bounded(1.0, min=0.0)
 
     def check(self, m) -> list[tuple[str, str, str]]:
         problems = []
@@ -145,6 +196,8 @@ class MLAConfig(ComponentConfig):
             )
         if self.variant != "deepseek" and self.v_head_dim is not None:
             problems.append(("v_head_dim", "v_head_dim applies to variant: deepseek only", "remove it"))
+        if self.variant == "deepseek" and self.o_norm:
+            problems.append(("o_norm", "o_norm applies to variant: escarda only (a full-rank output)", "remove it"))
         return problems
 
 
@@ -152,11 +205,25 @@ class MLAConfig(ComponentConfig):
 class EscardaMLA(MultiHeadAttention):
     """Low-rank queries and output around the baseline's K/V heads, QK-norm and RoPE."""
 
+    def __init__(self, m, cfg: MLAConfig, layer: int = 0):
+        super().__init__(m, cfg, layer)
+        self.factor_init, self.factor_lr, self.init_std = cfg.factor_init, cfg.factor_lr, m.init_std
+
     def build_queries(self, m, cfg: MLAConfig) -> None:
         self.wq = LowRank.or_full(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
 
     def build_output(self, m, cfg: MLAConfig) -> None:
-        self.wo = LowRank(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model)
+        self.wo = LowRank(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model, m.norm_eps if cfg.o_norm else None)
+
+    def low_rank(self) -> list[LowRank]:
+        return [w for w in (self.wq, self.wo) if isinstance(w, LowRank)]
+
+    def init_weights(self) -> None:
+        for w in self.low_rank():
+            w.init_factors(self.factor_init, self.init_std)
+
+    def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
+        return [(p, self.factor_lr) for w in self.low_rank() for p in w.factors()]
 
 
 @component("mla", slot="attention", config=MLAConfig, variant="deepseek")
@@ -184,11 +251,16 @@ class DeepSeekMLA(AttentionProbe, Attention):
         self.w_uk = nn.Parameter(torch.empty(m.n_heads, self.nope, cfg.kv_lora_rank))
         self.w_uv = nn.Parameter(torch.empty(m.n_heads, self.vd, cfg.kv_lora_rank))
         self.wo = nn.Linear(m.n_heads * self.vd, m.d_model, bias=False)
-        self.init_std = m.init_std
+        self.init_std, self.factor_init, self.factor_lr = m.init_std, cfg.factor_init, cfg.factor_lr
 
     def init_weights(self) -> None:
         nn.init.normal_(self.w_uk, std=self.init_std)
         nn.init.normal_(self.w_uv, std=self.init_std)
+        if isinstance(self.wq, LowRank):
+            self.wq.init_factors(self.factor_init, self.init_std)
+
+    def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
+        return [(p, self.factor_lr) for p in self.wq.factors()] if isinstance(self.wq, LowRank) else []
 
     def attend(self, x: Tensor, rotary, cache=None) -> tuple[Tensor, Tensor | None]:
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=self.hd)

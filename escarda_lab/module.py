@@ -32,23 +32,37 @@ def lr_factor(step: int, t) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """Decay matrices only: norms, biases, gates and scales (ndim < 2, or listed by a plugin's
-    `no_weight_decay()`) are not decayed."""
-    keep = {id(p) for m in model.modules() if isinstance(m, Plugin) for p in m.no_weight_decay()}
-    decay, no_decay, seen = [], [], set()
+    `no_weight_decay()`) are not decayed. Parameters a plugin lists in `lr_scales()` get their
+    own groups at lr × multiple (after the two plain groups, which stay first and unchanged)."""
+    plugins = [m for m in model.modules() if isinstance(m, Plugin)]
+    keep = {id(p) for m in plugins for p in m.no_weight_decay()}
+    scale = {id(p): float(s) for m in plugins for p, s in m.lr_scales() if float(s) != 1.0}
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    seen = set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in keep else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = p.ndim >= 2 and id(p) not in keep
+        groups.setdefault((decayed, scale.get(id(p), 1.0)), []).append(p)
+    out = []
+    for (decayed, s), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if s != 1.0:
+            if lr is None:
+                raise ValueError("param_groups: a plugin scales learning rates; pass lr")
+            group["lr"] = lr * s
+        if params or s == 1.0:
+            out.append(group)
+    return out
 
 
 def optimizer(model: torch.nn.Module, t, device: torch.device):
     """AdamW over `param_groups` with the warmup + `schedule` learning-rate factor (per step)."""
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), **fused)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay, t.lr), lr=t.lr, betas=(t.beta1, t.beta2), **fused)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
 
 

@@ -101,6 +101,11 @@ class Plugin(nn.Module):
         """Matrices AdamW must not decay (gates, mixing coefficients). Vectors never are."""
         return []
 
+    def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
+        """Parameters trained at a multiple of train.lr, as (parameter, multiple); the warm-up
+        and schedule apply to them as to the rest. Default: none."""
+        return []
+
     def stats(self) -> dict[str, float]:
         """Health signals, logged as `components/<name>/<stat>` every log step (averaged over
         the plugin's instances). Read detached tensors a forward left behind (see `probing`)."""
