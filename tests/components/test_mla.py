@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from components.attention import DeepSeekMLA, EscardaMLA
+from components.attention import DeepSeekMLA, EscardaMLA, LowRank
 from escarda_lab.model import EscardaLM
 
 MLA = {"mla": {"enabled": True, "q_lora_rank": 8, "o_lora_rank": 6, "kv_lora_rank": 12}}
@@ -88,3 +90,102 @@ def test_deepseek_mla_warns_that_qk_norm_does_not_apply(tiny_model_cfg):
     comps = {"mla": {"enabled": True, "variant": "deepseek", "kv_lora_rank": 6}}
     with pytest.warns(UserWarning, match="QK-norm"):
         EscardaLM(tiny_model_cfg(components=comps, qk_norm=True))
+
+
+# ------------------------------------------------------------ the factorised maps' init and knobs
+
+
+def effective_gain(w: LowRank) -> float:
+    """‖map‖_F² per d_in·d_out: the mean squared entry of W_b W_a, or with a norm between the
+    factors (whose output has RMS 1, norm √r) of W_b alone — both equal std² for a full-rank N(0, std²) map."""
+    a, b = w[0].weight.detach().double(), w[2].weight.detach().double()
+    d_in, d_out = a.shape[1], b.shape[0]
+    if isinstance(w[1], torch.nn.Identity):
+        return float((b @ a).square().sum()) / (d_in * d_out)
+    return float(b.square().sum()) / (d_in * d_out)
+
+
+dims = st.integers(64, 128)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d_in=dims, d_out=dims, r=st.sampled_from([16, 32, 64]), normed=st.booleans(), seed=st.integers(0, 999))
+def test_orthogonal_factors_have_a_full_rank_maps_scale_exactly(d_in, d_out, r, normed, seed):
+    torch.manual_seed(seed)
+    w = LowRank(d_in, r, d_out, 1e-6 if normed else None)
+    w.init_factors("orthogonal", 0.02)
+    assert effective_gain(w) == pytest.approx(0.02**2, rel=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d_in=dims, d_out=dims, r=st.sampled_from([16, 32, 64]), normed=st.booleans(), seed=st.integers(0, 999))
+def test_product_matched_gaussian_factors_have_a_full_rank_maps_scale(d_in, d_out, r, normed, seed):
+    torch.manual_seed(seed)
+    w = LowRank(d_in, r, d_out, 1e-6 if normed else None)
+    w.init_factors("product", 0.02)
+    assert effective_gain(w) == pytest.approx(0.02**2, rel=0.3)  # ≥ 5 sd of the sampling error
+
+
+@settings(max_examples=10, deadline=None)
+@given(d_in=dims, d_out=dims, r=st.sampled_from([16, 64]), seed=st.integers(0, 999))
+def test_released_factors_start_a_sqrt_r_times_std_below_full_rank(d_in, d_out, r, seed):
+    torch.manual_seed(seed)
+    w = LowRank(d_in, r, d_out)
+    for lin in (w[0], w[2]):
+        torch.nn.init.normal_(lin.weight, std=0.02)  # the model default
+    w.init_factors("released", 0.02)
+    assert effective_gain(w) == pytest.approx(0.02**4 * r, rel=0.3)
+
+
+def test_lora_factors_start_the_map_at_zero_with_a_live_down_projection():
+    w = LowRank(64, 16, 64)
+    w.init_factors("lora", 0.02)
+    assert float(w[2].weight.abs().max()) == 0 and float(w[0].weight.std()) == pytest.approx(1 / 8, rel=0.1)
+
+
+def test_released_mla_keeps_the_model_default_init(tiny_model_cfg):
+    base = EscardaLM(tiny_model_cfg(components=MLA))
+    again = EscardaLM(tiny_model_cfg(components={"mla": {**MLA["mla"], "factor_init": "released"}}))
+    for (n, p), q in zip(base.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), n
+    assert float(base.blocks[0].attn.wo[0].weight.std()) == pytest.approx(0.02, rel=0.2)
+
+
+def test_factor_init_changes_only_the_factors(tiny_model_cfg):
+    base = dict(EscardaLM(tiny_model_cfg(components=MLA)).named_parameters())
+    ortho = tiny_model_cfg(components={"mla": {**MLA["mla"], "factor_init": "orthogonal"}})
+    other = dict(EscardaLM(ortho).named_parameters())
+    changed = {n for n in base if not torch.equal(base[n], other[n])}
+    assert changed and all(n.endswith(("wq.0.weight", "wq.2.weight", "wo.0.weight", "wo.2.weight")) for n in changed)
+
+
+def test_o_norm_puts_an_rmsnorm_between_the_output_factors(tiny_model_cfg):
+    from escarda_lab.layers import RMSNorm
+
+    attn = EscardaLM(tiny_model_cfg(components={"mla": {**MLA["mla"], "o_norm": True}})).blocks[0].attn
+    assert isinstance(attn.wo[1], RMSNorm) and isinstance(attn.wq[1], RMSNorm)
+
+
+def test_factor_lr_gives_the_factors_their_own_learning_rate(tiny_model_cfg):
+    from escarda_lab.module import param_groups
+
+    model = EscardaLM(tiny_model_cfg(components={"mla": {**MLA["mla"], "factor_lr": 3.0}}))
+    groups = param_groups(model, 0.1, lr=1e-3)
+    scaled = [g for g in groups if "lr" in g]
+    assert len(scaled) == 1 and scaled[0]["lr"] == pytest.approx(3e-3) and scaled[0]["weight_decay"] == 0.1
+    factors = {id(p) for b in model.blocks for w in (b.attn.wq, b.attn.wo) for p in w.factors()}
+    assert {id(p) for p in scaled[0]["params"]} == factors
+
+
+def test_released_factor_lr_leaves_the_two_plain_groups(tiny_model_cfg):
+    from escarda_lab.module import param_groups
+
+    groups = param_groups(EscardaLM(tiny_model_cfg(components=MLA)), 0.1, lr=1e-3)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and all("lr" not in g for g in groups)
+
+
+def test_o_norm_is_refused_for_the_deepseek_variant(tiny_model_cfg):
+    from escarda_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="o_norm"):
+        tiny_model_cfg(components={"mla": {**MLA["mla"], "variant": "deepseek", "o_norm": True}})
