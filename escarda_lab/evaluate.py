@@ -61,17 +61,34 @@ def nll_summary(sums: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def score(model, loader, token_bytes: Tensor, device=None) -> Tensor:
-    """Summed [nll, tokens, bytes] of `model` over every batch of `loader`."""
+def score_rows(model, loader, token_bytes: Tensor, device=None) -> Tensor:
+    """[batches, SUMS] (float64): each batch's [nll, tokens, bytes, correct] under `model`."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(SUMS, dtype=torch.float64)
+    rows = [torch.zeros(SUMS, dtype=torch.float64)]
     for batch in loader:
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
-        total += window_nll(model, batch, token_bytes).cpu()
+        rows.append(window_nll(model, batch, token_bytes).cpu())
     model.train(was_training)
-    return total
+    return torch.stack(rows[1:]) if len(rows) > 1 else rows[0][None]
+
+
+def score(model, loader, token_bytes: Tensor, device=None) -> Tensor:
+    """Summed [nll, tokens, bytes, correct] of `model` over every batch of `loader`."""
+    return score_rows(model, loader, token_bytes, device).sum(0)
+
+
+def bpb_se(rows: Tensor) -> float:
+    """Standard error of bits per byte over the batches of `rows` ([batches, SUMS]): the ratio
+    estimator's delta-method variance, Σ(nll_i − R·bytes_i)² / (m(m−1)·mean(bytes)²), R = Σnll/Σbytes."""
+    nll, n_bytes = rows[:, 0], rows[:, 2]
+    m = len(rows)
+    if m < 2 or float(n_bytes.sum()) <= 0:
+        return math.nan
+    ratio = nll.sum() / n_bytes.sum()
+    var = ((nll - ratio * n_bytes) ** 2).sum() / (m * (m - 1) * n_bytes.mean() ** 2)
+    return float(var.sqrt()) / math.log(2)
 
 
 # ------------------------------------------------------------------------ continuation scoring
@@ -174,8 +191,9 @@ def text_bpb(scorer: Scorer, text: str, stride: int | None = None) -> dict:
 def score_val_split(model, dm, token_bytes: Tensor, device=None) -> dict:
     """The whole validation split in non-overlapping windows (a probe task: its whole test set):
     the number a run ends with."""
-    val = nll_summary(score(model, dm.final_loader(), token_bytes, device))
-    return {**val, "byte_perplexity": 2 ** val["bpb"]}
+    rows = score_rows(model, dm.final_loader(), token_bytes, device)
+    val = nll_summary(rows.sum(0))
+    return {**val, "byte_perplexity": 2 ** val["bpb"], "bpb_se": bpb_se(rows)}
 
 
 def split_bpb(model, cfg, source: str, tokenizer=None) -> dict:

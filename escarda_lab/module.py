@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -123,6 +124,9 @@ class EscardaModule(L.LightningModule):
         self._window_seconds, self._window_steps = 0.0, 0
         self._val_sums: Tensor | None = None
         self._pending: dict[str, Tensor | float] = {}
+        self.val_history: list[list[float]] = []  # [step, bpb] of each periodic validation
+        self.window_scores: list[dict] = []  # whole-split scores at the steps averaged into val_bpb_avg
+        self.ema = WeightEMA(self.model, cfg.train.ema) if cfg.train.ema else None
         self.stat_peak: dict[str, float] = {}  # largest |stat| seen at a log step (dead-component checks)
         # Every step's gradient norm (before clipping), kept on the device: spikes are an outcome.
         self.grad_norms = torch.full((cfg.train.max_steps,), float("nan"))
@@ -181,8 +185,11 @@ class EscardaModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         for mod in self._after_step:  # e.g. MoE's aux-loss-free bias update
             mod.after_step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.global_step)
         sync(self.device)
         dt = time.perf_counter() - self._t0
+        self.score_window()  # after the timing: scoring is not training time
         self.train_seconds += dt
         self._window_seconds += dt
         self._window_steps += 1
@@ -211,12 +218,21 @@ class EscardaModule(L.LightningModule):
         checkpoint["train_seconds"] = self.train_seconds
         checkpoint["stat_peak"] = self.stat_peak
         checkpoint["grad_norms"] = self.grad_norms.cpu()
+        checkpoint["val_history"] = self.val_history
+        checkpoint["window_scores"] = self.window_scores
+        if self.ema is not None:
+            checkpoint["ema"] = [t.cpu() for t in self.ema.shadow]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.stat_peak = checkpoint.get("stat_peak", {})
         if "grad_norms" in checkpoint:
             self.grad_norms = checkpoint["grad_norms"].clone()
+        step = checkpoint.get("global_step", 0)
+        self.val_history = [h for h in checkpoint.get("val_history", []) if h[0] <= step]
+        self.window_scores = [w for w in checkpoint.get("window_scores", []) if w["step"] <= step]
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load(checkpoint["ema"])
 
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -229,7 +245,24 @@ class EscardaModule(L.LightningModule):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         val = nll_summary(sums.cpu())
         self.last_val = val
+        self.val_history.append([self.global_step, val["bpb"]])
         self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"], "val/acc": val["acc"]}, self.global_step)
+
+    def window_steps(self) -> list[int]:
+        """The steps before the end whose whole-split score is averaged into val_bpb_avg."""
+        t = self.cfg.train
+        return [t.max_steps - i * t.val_every for i in range(1, t.average_last)]
+
+    def score_window(self) -> None:
+        """At a step of the averaging window: score the whole validation split (the end of the
+        run's own score is added by the caller, so the window is `average_last` scores long)."""
+        step = self.global_step
+        if step not in self.window_steps() or any(w["step"] == step for w in self.window_scores):
+            return
+        from escarda_lab.evaluate import score_val_split
+
+        val = score_val_split(self.model, self.trainer.datamodule, self.token_bytes, self.device)
+        self.window_scores.append({"step": step, "bpb": val["bpb"], "loss": val["loss"], "acc": val["acc"]})
 
 
 SPIKE_FACTOR, SPIKE_WINDOW = 5.0, 20
@@ -263,6 +296,41 @@ class Interrupted(Exception):
 
         self.step, self.signum = step, signum
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} (checkpoint saved)")
+
+
+class WeightEMA:
+    """An exponential moving average of the model's floating-point parameters (Polyak averaging),
+    the in-run analogue of averaging the final checkpoints. The decay ramps up as
+    min(decay, (1 + t) / (10 + t)) so that the average is not dominated by the initial weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.is_floating_point()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        if self.shadow[0].device != self.params[0].device:
+            self.shadow = [t.to(self.params[0].device) for t in self.shadow]
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
+
+    def load(self, tensors: list[Tensor]) -> None:
+        self.shadow = [t.to(p.device).float().clone() for t, p in zip(tensors, self.params)]
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model's parameters replaced by the average inside the block, restored after."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, t in zip(self.params, self.shadow):
+                p.copy_(t.to(p.device, p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, saved):
+                    p.copy_(t)
 
 
 class StopOnSignal(L.Callback):

@@ -31,6 +31,8 @@ def register_metric(column: str, label: str, unit: str, higher_is_better: bool) 
 register_metric("val_bpb", "bpb", "bits per UTF-8 byte of the validation split", higher_is_better=False)
 register_metric("val_loss", "loss", "nats per token of the validation split", higher_is_better=False)
 register_metric("val_acc", "acc", "accuracy at the scored positions", higher_is_better=True)
+register_metric("val_bpb_avg", "bpb avg", "val_bpb averaged over the last train.average_last scores", False)
+register_metric("val_bpb_ema", "bpb EMA", "val_bpb of the weights' moving average (train.ema)", False)
 
 # metrics.json keys a grid copies into its results.jsonl line (with the run's status and error)
 RECORDED = [
@@ -43,6 +45,8 @@ RECORDED = [
     "step",
     "instability",
     "train_tokens",
+    "val_bpb_se",
+    "val_window",
 ]
 
 

@@ -198,6 +198,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
 
     # The number a grid compares: the whole validation split in non-overlapping windows.
     val = score_val_split(module.model, dm, tokens.token_bytes, module.device)
+    window = [*module.window_scores, {"step": trainer.global_step, "bpb": val["bpb"]}]
     metrics = {
         **base,
         "status": "finished",
@@ -206,12 +207,20 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         "val_bpb": val["bpb"],
         "val_acc": val["acc"],  # exact match at the scored positions (next-token accuracy for text)
         "val_tokens": val["tokens"],
+        "val_bpb_se": val["bpb_se"],  # over the validation batches
+        "val_bpb_avg": sum(w["bpb"] for w in window) / len(window),  # mean of the last average_last scores
+        "val_window": [[w["step"], w["bpb"]] for w in window],
+        "val_history": module.val_history,  # [step, bpb] of the periodic (val_batches) evaluations
         "train_tokens": trainer.global_step * cfg.data.batch_size * cfg.data.seq_len,
         "tokens_per_s": trainer.global_step * module.tokens_per_step / max(module.train_seconds, 1e-9),
         "train_seconds": module.train_seconds,
         "wall_seconds_this_process": time.perf_counter() - t0,
         "stats": module.model.stats(),
     }
+    if module.ema is not None:
+        with module.ema.applied():
+            ema = score_val_split(module.model, dm, tokens.token_bytes, module.device)
+        metrics.update(val_bpb_ema=ema["bpb"], val_loss_ema=ema["loss"], val_acc_ema=ema["acc"])
     metrics["instability"] = instability(module.grad_norms, t.warmup_steps)
     metrics["dead_components"] = module.model.health(metrics["stats"], module.stat_peak)
     for name, why in metrics["dead_components"].items():
@@ -272,7 +281,7 @@ def write_hparams(folder: Path, cfg, metrics: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    final = {f"final/{col}": metrics[col] for col in METRICS}  # the record's verdict metrics
+    final = {f"final/{col}": metrics[col] for col in METRICS if col in metrics}  # the verdict metrics it has
     writer = SummaryWriter(log_dir=str(folder))
     for summary in hparams(hparams_of(folder, cfg), final):
         writer.file_writer.add_summary(summary)

@@ -126,6 +126,13 @@ def validate(cfg: Any, where) -> None:
         "shorten the warmup or train longer",
     )
     need(
+        (t.average_last - 1) * t.val_every < t.max_steps,
+        "train.average_last",
+        f"average_last={t.average_last} evaluations val_every={t.val_every} apart start before step 0 "
+        f"(max_steps={t.max_steps})",
+        "average fewer evaluations or evaluate more often (train.val_every)",
+    )
+    need(
         t.compile in ("auto", True, False, *COMPILE_MODES),
         "train.compile",
         f"compile must be auto, true, false or a torch.compile mode, got {t.compile!r}",

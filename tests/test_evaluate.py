@@ -269,3 +269,17 @@ def test_evaluate_refuses_a_text_with_nothing_to_score(content, tmp_path, capsys
     err = capsys.readouterr().err
     assert "bad.txt" in err and ("empty" in err or "not UTF-8 text" in err) and "Traceback" not in err
     assert not (folder / "eval.json").exists()
+
+
+def test_bpb_standard_error_is_zero_when_every_batch_has_the_same_rate():
+    rows = torch.tensor([[2.0, 4, 3, 0], [4.0, 8, 6, 0], [6.0, 9, 9, 0]], dtype=torch.float64)
+    assert evaluate.bpb_se(rows) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bpb_standard_error_shrinks_as_one_over_root_batches():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.stack(
+        [torch.rand(64, generator=g) * 3 + 1, torch.ones(64), torch.full((64,), 2.0), torch.zeros(64)], 1
+    )
+    once, four = evaluate.bpb_se(rows.double()), evaluate.bpb_se(rows.double().repeat(4, 1))
+    assert four == pytest.approx(once / 2, rel=0.02)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -155,7 +156,10 @@ def assert_as_if_uninterrupted(corpus, tmp_path, folder: Path, extra: dict) -> N
     assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path, name="whole", **extra)]) == 0
     a, b = read_json(folder / "metrics.json"), read_json(tmp_path / "whole" / "seed0" / "metrics.json")
     assert a["step"] == b["step"] == extra["train.max_steps"]
-    assert abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    for key in ("val_loss", "val_bpb_avg", "val_bpb_ema"):
+        assert (key in a) == (key in b) and abs(a.get(key, 0) - b.get(key, 0)) < 1e-5, key
+    assert [s for s, _ in a["val_window"]] == [s for s, _ in b["val_window"]]
+    assert [v for _, v in a["val_window"]] == pytest.approx([v for _, v in b["val_window"]], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -165,6 +169,8 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(corpus, tmp_path
         "train.val_every": 100,
         "train.checkpoint_every": 40,
         "train.log_every": 20,
+        "train.ema": 0.9,  # the moving average and the averaging window resume too
+        "train.average_last": 3,
         "model.d_model": 64,
         "model.ffn_hidden": 128,
     }
@@ -286,3 +292,34 @@ def test_a_run_in_process_leaves_the_callers_signal_handlers_as_they_were(corpus
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     assert main(["experiments/vanilla.yaml", *tiny_overrides(corpus, tmp_path)]) == 0
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# ------------------------------------------------------------------ steadier end-of-run readings
+
+
+@pytest.fixture(scope="module")
+def averaged(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("averaged")
+    over = tiny_overrides(corpus, out, **{"train.average_last": 3, "train.val_every": 2, "train.ema": 0.5})
+    assert main(["experiments/vanilla.yaml", *over]) == 0
+    return read_json(out / "vanilla" / "seed0" / "metrics.json")
+
+
+def test_average_last_scores_the_whole_split_at_the_last_evaluation_steps(averaged):
+    steps = [s for s, _ in averaged["val_window"]]
+    assert steps == [2, 4, 6] and averaged["val_window"][-1][1] == pytest.approx(averaged["val_bpb"])
+    assert averaged["val_bpb_avg"] == pytest.approx(sum(b for _, b in averaged["val_window"]) / 3)
+
+
+def test_ema_weights_are_scored_at_the_end(averaged):
+    assert math.isfinite(averaged["val_bpb_ema"]) and averaged["val_bpb_ema"] != averaged["val_bpb"]
+
+
+def test_a_run_records_its_evaluation_standard_error_and_history(averaged):
+    assert 0 < averaged["val_bpb_se"] < 1 and [s for s, _ in averaged["val_history"]] == [2, 4, 6]
+
+
+def test_an_averaging_window_longer_than_the_run_is_refused(corpus, tmp_path, capsys):
+    over = tiny_overrides(corpus, tmp_path, **{"train.average_last": 4, "train.val_every": 2})
+    assert main(["experiments/vanilla.yaml", *over]) == 2
+    assert "train.average_last" in capsys.readouterr().err
