@@ -70,4 +70,15 @@ def run_row(m: dict, variant: str, seed: int, baseline: str, change: str, kind: 
         "dead": ", ".join(sorted(m.get("dead_components") or {})),
         "error": m.get("error", ""),
         "grad_spikes": (m.get("instability") or {}).get("grad_spikes", 0),
+        "eval_se": m.get("val_bpb_se", math.nan),  # the final score's standard error over batches
+        "ckpt_sd": window_sd(m.get("val_window") or []),
     }
+
+
+def window_sd(window: list) -> float:
+    """Checkpoint-to-checkpoint sd of bpb over a run's averaging window ([step, bpb] pairs)."""
+    values = [b for _, b in window]
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))

@@ -10,7 +10,7 @@ import pandas as pd
 
 from escarda_lab.records import METRICS
 from escarda_lab.stats import STATISTICS, Statistic
-from escarda_lab.summary import SOLVED, calibration, in_family, readings
+from escarda_lab.summary import SOLVED, calibration, in_family, noise_budget, readings
 from escarda_lab.summary import plan as summary_plan
 
 
@@ -77,6 +77,37 @@ def two_readings(both: pd.DataFrame, key: str, unit: str, alpha: float) -> list[
         f"a variant whose tuned value is the baseline's has one run for both readings.",
         "",
         table(rows),
+    ]
+
+
+def noise_lines(summary: pd.DataFrame, unit: str) -> list[str]:
+    """The noise budget: which source dominates each variant's noise, and the grid's SNR."""
+    table_, snr = noise_budget(summary)
+    if table_.empty:
+        return []
+    shown_ = pd.DataFrame(
+        {
+            "variant": f"`{r['variant']}`",
+            "seeds": r["seeds"],
+            f"seed sd ({unit})": num(r["seed sd"], ".4f"),
+            "checkpoint sd (bpb)": num(r["checkpoint sd"], ".4f"),
+            "eval SE (bpb)": num(r["evaluation sd"], ".4f"),
+            "sd of Δ": num(r["sd_diff"], ".4f"),
+            "pair r": num(r["pair_r"], ".2f"),
+            "largest": r["largest"],
+        }
+        for r in table_.to_dict("records")
+    )
+    return [
+        "## Noise budget",
+        "",
+        "Seed sd: the variant's spread over seeds. Checkpoint sd: the spread of each run's last "
+        "`train.average_last` whole-split scores (— with one). Eval SE: the final score's standard error "
+        "over validation batches. Pairing removes what the two arms share: sd of Δ = "
+        "√(sd_v² + sd_b² − 2·r·sd_v·sd_b). "
+        f"Signal-to-noise (sd of the variant means / median seed sd): **{num(snr, '.2f')}**.",
+        "",
+        table(shown_),
     ]
 
 
@@ -182,6 +213,8 @@ def markdown(
             "",
             *([tuned, ""] if tuned else []),
             *lines,
+            "",
+            *noise_lines(summary, unit),
             "",
         ]
     )

@@ -118,6 +118,8 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01, met
             "metric": metric,
             "metric_mean": _mean(g[metric]),
             "metric_std": _std(g[metric]),
+            "ckpt_sd": _mean(g.ckpt_sd) if "ckpt_sd" in g else math.nan,
+            "eval_se": _mean(g.eval_se) if "eval_se" in g else math.nan,
             "dead": ", ".join(sorted({d for ds in group.dead for d in ds.split(", ") if d})),
         }
         for col in [c for c in runs.columns if c.startswith("eval/")]:
@@ -219,6 +221,36 @@ def readings(summary: pd.DataFrame, alpha: float, margin: float) -> pd.DataFrame
             entry["same"] = {**s, "verdict": verdict(r["kind"], s, alpha, margin, higher)}
         rows.append(entry)
     return pd.DataFrame(rows)
+
+
+NOISE_SOURCES = {"metric_std": "seed", "ckpt_sd": "checkpoint", "eval_se": "evaluation"}
+
+
+def noise_budget(summary: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """Per variant, where the noise of its verdict metric comes from: seed-to-seed sd, the
+    checkpoint-to-checkpoint sd over its final scores (train.average_last > 1), the evaluation's
+    own standard error (over validation batches), the sd of the paired differences and the pair
+    correlation; and the grid's signal-to-noise ratio (Heineman et al. 2025): the sd of the
+    variant means over the median seed sd."""
+    rows = []
+    for r in summary.to_dict("records"):
+        sources = {name: r.get(col, math.nan) for col, name in NOISE_SOURCES.items()}
+        known = {k: v for k, v in sources.items() if isinstance(v, float) and math.isfinite(v)}
+        rows.append(
+            {
+                "variant": r["variant"],
+                "seeds": r["seeds"],
+                **{f"{name} sd": sources[name] for name in sources},
+                "sd_diff": r.get("sd_diff", math.nan),
+                "pair_r": r.get("pair_r", math.nan),
+                "largest": max(known, key=known.get) if known else "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    tested = summary[~summary.kind.astype(str).str.startswith(OUTSIDE_FAMILY)]
+    spread = float(np.std(tested.metric_mean.dropna(), ddof=1)) if tested.metric_mean.notna().sum() > 1 else math.nan
+    noise = float(np.nanmedian(summary.metric_std)) if summary.metric_std.notna().any() else math.nan
+    return table, spread / noise if noise and math.isfinite(noise) else math.nan
 
 
 def pooled_sd(summary: pd.DataFrame) -> float:

@@ -419,3 +419,21 @@ def test_two_readings_pair_each_variant_at_the_baselines_value_and_at_its_own(tm
     p_same = [both.loc["a", "same"]["p_paired"], both.loc["b", "same"]["p_paired"]]
     assert [both.loc[v, "same"]["p_holm"] for v in "ab"] == pytest.approx(stats.holm(p_same))
     assert "## Two readings" in report.markdown(table, {**plan, "tune": {"key": "train.lr"}})
+
+
+def test_the_noise_budget_separates_seed_checkpoint_and_evaluation_noise(tmp_path):
+    synthetic_grid(tmp_path, {"full": ("base", BASE), "no_engram": ("removed", [1.3, 1.4, 1.5])})
+    for seed in (0, 1, 2):
+        path = tmp_path / "no_engram" / f"seed{seed}" / "metrics.json"
+        m = read_json(path)
+        window = [[80, m["val_bpb"] + 0.02], [90, m["val_bpb"] + 0.01], [100, m["val_bpb"]]]
+        write_json(path, {**m, "val_window": window, "val_bpb_se": 0.003})
+    s = summary.summarize(summary.load_runs(tmp_path))
+    noise, snr = summary.noise_budget(s)
+    row = noise.set_index("variant").loc["no_engram"]
+    assert row["checkpoint sd"] == pytest.approx(0.01) and row["evaluation sd"] == pytest.approx(0.003)
+    assert row["seed sd"] == pytest.approx(0.1) and row["largest"] == "seed"
+    assert math.isnan(noise.set_index("variant").loc["full", "checkpoint sd"])
+    means = s.set_index("variant").metric_mean
+    assert snr == pytest.approx(np.std(means, ddof=1) / np.median(s.metric_std))
+    assert "## Noise budget" in compare.write(tmp_path)["md"].read_text()
