@@ -49,6 +49,7 @@ def write(
     runs = summary.load_runs(grid_dir)
     metric = metric or plan.get("metric", "val_bpb")
     table = summary.summarize(runs, alpha, margin, metric)
+    summary.sequential_readout(table, runs, plan, alpha, margin, metric)
     paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
     atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
     atomic_write(paths["csv"], report.csv_text(table))

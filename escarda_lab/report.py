@@ -124,6 +124,7 @@ def markdown(
             "change": r.change,
             **({key: num(r.tuned, "g")} if key else {}),
             "seeds": f"{r.seeds}/{r.planned}",
+            **({"decided at look": num(r.look, ".0f")} if "look" in summary else {}),
             "diverged / spiky": f"{r.diverged} / {r.spiky}",
             "params (total / active)": f"{num(r.params_total, ',.0f')} / {num(r.params_active, ',.0f')}",
             "FLOPs/token": num(r.flops_per_token / 1e6, ".2f") + "M",
@@ -185,6 +186,19 @@ def markdown(
         "flops": "training FLOPs",
     }.get(plan.get("match", "none"), plan.get("match"))
     cal = calibration(summary, alpha)
+    seq = plan.get("sequential")
+    if seq:
+        from escarda_lab.sequential import looks_of
+
+        looks = looks_of(seq["min"], seq["max"], seq["step"])
+        seq_line = (
+            f"**Sequential seeds.** Looks at {looks} paired seeds; a comparison stops adding seeds once "
+            f"decided. Each look tests at a {seq.get('spending', 'pocock')} alpha-spending threshold (Lan & "
+            "DeMets 1983), with Holm carried across looks (Maurer & Bretz 2013), so each family's error stays "
+            f"at {alpha:g}; the verdict column is this procedure's, and its Holm p columns are those of a fixed "
+            "design at the seeds used, for reference. `decided at look`: — where undecided after the last."
+        )
+        cal = f"{seq_line}\n\n{cal}" if cal else seq_line
     tuned = ""
     if key:
         tuned = (

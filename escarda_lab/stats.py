@@ -188,11 +188,16 @@ def verdict(kind: str, st: dict, alpha: float, margin: float, higher_is_better: 
     if equivalent:  # also when a real difference is smaller than the margin
         return f"equivalent (±{margin:g})"
     if significant:
-        worse = st["delta"] < 0 if higher_is_better else st["delta"] > 0  # e.g. higher bpb than the baseline
-        if kind == "removed":  # removing something made it worse: that something helps
-            return "helps" if worse else "hurts"
-        return "hurts" if worse else "helps"
+        return direction(kind, st["delta"], higher_is_better)
     return "inconclusive"
+
+
+def direction(kind: str, delta: float, higher_is_better: bool = False) -> str:
+    """ "helps" or "hurts": what a significant difference `delta` (variant - baseline) says of the change."""
+    worse = delta < 0 if higher_is_better else delta > 0  # e.g. higher bpb than the baseline
+    if kind == "removed":  # removing something made it worse: that something helps
+        return "helps" if worse else "hurts"
+    return "hurts" if worse else "helps"
 
 
 # ------------------------------------------------------------------------------------- power

@@ -17,7 +17,8 @@ from escarda_lab import suites
 from escarda_lab.errors import DataError
 from escarda_lab.io import read_json, read_jsonl
 from escarda_lab.records import METRICS, run_row
-from escarda_lab.stats import Plan, holm, paired, verdict, welch_p
+from escarda_lab.sequential import DEFAULT_SPENDING, decide, looks_of
+from escarda_lab.stats import Plan, direction, holm, paired, verdict, welch_p
 
 
 def load_plan(grid_dir: str | Path) -> dict:
@@ -202,6 +203,39 @@ def adjust(summary: pd.DataFrame) -> None:
         summary.loc[twins, adj] = summary.loc[twins, adj + "_same"]
         outside = tested & ~family & ~same
         summary.loc[outside, adj] = np.minimum(1.0, m * summary.loc[outside, col])
+
+
+def sequential_readout(
+    summary: pd.DataFrame, runs: pd.DataFrame, plan: dict, alpha: float, margin: float, metric: str
+) -> list:
+    """`grid.seeds: {min, max, step}`: the family's verdicts from the group-sequential procedure
+    (escarda_lab.sequential), in place, with each comparison's `look` (1-based) and the seeds it
+    used. A look counts for a comparison only once all its seeds finished. Returns the decisions
+    (empty for a fixed-seed grid); an undecided one ("" verdict) is what the next look trains."""
+    seq = plan.get("sequential")
+    if not seq:
+        return []
+    looks = looks_of(seq["min"], seq["max"], seq["step"])
+    family = summary[in_family(summary)]
+    ok = runs[runs.status == "finished"]
+    p_diff = np.full((len(looks), len(family)), math.nan)
+    p_equiv = p_diff.copy()
+    for j, r in enumerate(family.itertuples()):
+        mine = ok[ok.variant == r.variant].set_index("seed")[metric]
+        base = ok[ok.variant == r.baseline].set_index("seed")[metric]
+        for k, n in enumerate(looks):
+            d = (mine.reindex(plan["seeds"][:n]) - base.reindex(plan["seeds"][:n])).dropna()
+            if len(d) == n:
+                st = paired(d.to_numpy(), alpha, margin, only=("p_paired", "tost"))
+                p_diff[k, j], p_equiv[k, j] = st["p_paired"], st["p_tost"]
+    decisions = decide(p_diff, p_equiv, looks, alpha, seq.get("spending", DEFAULT_SPENDING))
+    higher = METRICS[metric].higher_is_better
+    summary["look"] = math.nan
+    for (idx, r), dec in zip(family.iterrows(), decisions):
+        word = {"difference": direction(r["kind"], r["delta"], higher), "equivalent": f"equivalent (±{margin:g})"}
+        summary.loc[idx, "verdict"] = word.get(dec.verdict, "inconclusive")
+        summary.loc[idx, "look"] = dec.look + 1 if dec.verdict else math.nan
+    return decisions
 
 
 def readings(summary: pd.DataFrame, alpha: float, margin: float) -> pd.DataFrame | None:

@@ -466,3 +466,56 @@ def test_an_axis_over_corpus_paths_gets_readable_run_names(corpus, tmp_path):
     names = {r.variant.name for r in runs}
     assert names == {"full-corpustiny.txt", "xsa-corpustiny.txt", "full-corpusother.txt", "xsa-corpusother.txt"}
     assert all(r.folder.parent.parent == grid_dir for r in runs)
+
+
+SEQUENTIAL = """
+extends: {root}/experiments/vanilla.yaml
+name: g
+plugins: [tests.plugins.dummy]
+grid:
+  seeds: {{min: 4, max: 8, step: 2}}
+  variants: {{big: {{components.xsa.enabled: true}}, same: {{model.norm_eps: 1.0e-5}}}}
+"""
+
+
+def test_sequential_seeds_stop_a_decided_comparison_and_grow_the_undecided_one(corpus, tmp_path, monkeypatch):
+    """Training replaced by known results: `big` differs by 1 bpb (sd 0.001) and is decided at the
+    first look; `same` differs by nothing (sd 0.1) and gets seeds until the last look."""
+    import numpy as np
+
+    from escarda_lab import compare
+    from escarda_lab.io import write_json
+
+    trained = []
+
+    def fake_train_runs(g, runs, grid_dir, echo=print):
+        for r in runs:
+            if (r.folder / "metrics.json").exists():
+                continue
+            rng = np.random.default_rng(r.seed)
+            base = 2.0 + rng.normal(0, 0.05)
+            bpb = {"full": base, "big": base + 1.0 + rng.normal(0, 0.001), "same": base + rng.normal(0, 0.1)}
+            write_json(r.folder / "metrics.json", {"status": "finished", "val_bpb": bpb[r.variant.name]})
+            trained.append((r.variant.name, r.seed))
+        return [{"status": "finished"} for _ in runs]
+
+    monkeypatch.setattr(grid, "train_runs", fake_train_runs)
+    lines = []
+    grid.run_grid(write(tmp_path, SEQUENTIAL), tiny_overrides(corpus, tmp_path / "runs"), echo=lines.append)
+    seeds = {name: sorted(s for n, s in trained if n == name) for name in ("full", "big", "same")}
+    assert seeds == {"full": list(range(8)), "big": [0, 1, 2, 3], "same": list(range(8))}
+    assert any(line.startswith("look 1/3 at 4 seeds: decided big (hurts)") for line in lines), lines
+    md = compare.write(tmp_path / "runs" / "g")["md"].read_text()
+    assert "**Sequential seeds.** Looks at [4, 6, 8]" in md and "| `big` " in md
+
+
+def test_sequential_seeds_need_a_sane_range(corpus, tmp_path):
+    bad = SEQUENTIAL.replace("min: 4, max: 8", "min: 6, max: 4")
+    with pytest.raises(ConfigError, match="grid.seeds"):
+        grid.expand(write(tmp_path, bad), tiny_overrides(corpus, tmp_path / "runs"))
+
+
+def test_an_unknown_verdict_metric_is_refused(corpus, tmp_path):
+    bad = TWO_BY_TWO.replace("parallel: 2", "parallel: 2\n  metric: val_bpb_best")
+    with pytest.raises(ConfigError, match="grid.metric"):
+        grid.expand(write(tmp_path, bad), tiny_overrides(corpus, tmp_path / "runs"))

@@ -99,7 +99,40 @@ def run_grid(
         return []
     grid_dir.mkdir(parents=True, exist_ok=True)
     write_plan(g, runs, grid_dir, str(path), tuned)
-    results = train_runs(g, runs, grid_dir, echo)
+    results = train_runs(g, runs, grid_dir, echo) if g.sequential is None else train_looks(g, runs, grid_dir, echo)
     done = sum(rec["status"] == "finished" for rec in results)
     echo(f"{done}/{len(runs)} runs finished; compare them with `python -m escarda_lab.compare {grid_dir}`")
+    return results
+
+
+def train_looks(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> list[dict]:
+    """`seeds: {min, max, step}`: train the first look's seeds of every variant, then, look by look,
+    the next seeds of the comparisons still undecided (with their baselines, the controls and the
+    other runs that test nothing). Rerunning resumes: finished runs are skipped and the decisions
+    recomputed from them."""
+    from escarda_lab import summary
+
+    looks = g.sequential.looks()
+    chosen: dict[tuple[str, int], Run] = {}
+    active: set[str] | None = None  # None: every variant
+    results: list[dict] = []
+    for k, n in enumerate(looks):
+        for r in runs:
+            if r.seed in g.seeds[:n] and (active is None or r.variant.name in active):
+                chosen.setdefault((r.variant.name, r.seed), r)
+        results = train_runs(g, list(chosen.values()), grid_dir, echo)
+        plan, table_runs = summary.load_plan(grid_dir), summary.load_runs(grid_dir)
+        table = summary.summarize(table_runs, 0.05, g.margin, plan["metric"])
+        decisions = summary.sequential_readout(table, table_runs, plan, 0.05, g.margin, plan["metric"])
+        family = table[summary.in_family(table)]
+        verdicts = dict(zip(family.variant, table.loc[family.index, "verdict"]))
+        open_ = [name for name, d in zip(family.variant, decisions) if not d.verdict]
+        decided = [f"{name} ({verdicts[name]})" for name, d in zip(family.variant, decisions) if d.verdict]
+        echo(
+            f"look {k + 1}/{len(looks)} at {n} seeds: decided {', '.join(decided) or 'none'}; "
+            f"undecided {', '.join(open_) or 'none'}"
+        )
+        if not open_ or k == len(looks) - 1:
+            break
+        active = set(open_) | {r.variant.name for r in runs if r.variant.name not in verdicts}
     return results

@@ -62,6 +62,22 @@ class CalibrationConfig:
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
 
 
+@dataclass
+class SequentialConfig:
+    """`seeds: {min, max, step}`: train `min` paired seeds, then `step` more only for the comparisons
+    still undecided, up to `max`, at group-sequential thresholds (escarda_lab.sequential)."""
+
+    min: int = bounded(4, min=2)
+    max: int = bounded(12, min=2)
+    step: int = bounded(2, min=1)
+    spending: Literal["pocock", "obrien_fleming"] = "pocock"
+
+    def looks(self) -> list[int]:
+        from escarda_lab.sequential import looks_of
+
+        return looks_of(self.min, self.max, self.step)
+
+
 TUNE_SEED = 1000
 
 
@@ -71,7 +87,12 @@ NULL_SEED_OFFSET = 10000
 @dataclass
 class GridConfig:
     baseline: str = "full"
+    # a list of seeds, or {min, max, step}: seeds 0 .. max-1 in group-sequential looks (`sequential`)
     seeds: list[int] = field(default_factory=lambda: [0])
+    sequential: SequentialConfig | None = None
+    # the column compare tests (records.METRICS: val_bpb, val_bpb_avg, val_bpb_ema, val_loss, val_acc);
+    # None: val_acc for probe grids, else val_bpb
+    metric: str | None = None
     leave_one_out: list[str] = field(default_factory=list)
     add_one_in: list[str] = field(default_factory=list)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -106,6 +127,8 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, 
         cli = config.parse_overrides(overrides)["grid"]
         raw = {**raw, **cli}
         src = f"{src} or the command line"
+    if isinstance(raw.get("seeds"), dict):  # {min, max, step}: the sequential design
+        raw = {**raw, "sequential": raw["seeds"], "seeds": [0]}
     node = OmegaConf.create({"grid": OmegaConf.structured(GridConfig)})
     if isinstance(raw.get("tune"), dict):  # typed (and its keys checked) like every other block
         node.grid.tune = OmegaConf.structured(TuneConfig)
@@ -113,6 +136,8 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[GridConfig, 
         node.grid.ladder = OmegaConf.structured(LadderConfig)
     if isinstance(raw.get("calibration"), dict):
         node.grid.calibration = OmegaConf.structured(CalibrationConfig)
+    if isinstance(raw.get("sequential"), dict):
+        node.grid.sequential = OmegaConf.structured(SequentialConfig)
     spec = OmegaConf.to_object(config.merge_into(node, {"grid": raw}, src))["grid"]
     check_bounds(spec, lambda key: src, "grid.")
     check_spec(spec, src)
@@ -127,6 +152,24 @@ def check_spec(g: GridConfig, src: str) -> None:
             raise ConfigError(src, f"grid.{key}", problem, fix)
 
     plugins = registry.toggleable()
+    if g.sequential is not None:
+        q = g.sequential
+        need(
+            2 <= q.min <= q.max and q.step >= 1,
+            "seeds",
+            f"seeds {{min: {q.min}, max: {q.max}, step: {q.step}}} needs 2 <= min <= max and step >= 1",
+            "write e.g. `seeds: {min: 4, max: 12, step: 2}`",
+        )
+        g.seeds = list(range(q.max))
+    if g.metric is not None:
+        from escarda_lab.records import METRICS
+
+        need(
+            g.metric in METRICS,
+            "metric",
+            f"unknown verdict metric {g.metric!r}",
+            "use one of " + ", ".join(METRICS),
+        )
     need(
         bool(g.seeds) and min(g.seeds) >= 0,
         "seeds",
