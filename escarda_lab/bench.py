@@ -210,6 +210,28 @@ def alone_ratios(res: dict) -> dict[str, float]:
     return {**out, "all": full["ratio_to_baseline"], **({"null": null[0]} if null else {})} if out and full else {}
 
 
+TIME_PER_FLOP_TARGET = {"hyper_connections": 1.15}  # memory-bound streams; every other plugin: 1.10
+DEFAULT_TIME_PER_FLOP = 1.10
+
+
+def time_per_flop(res: dict) -> dict[str, tuple[float, float, float]]:
+    """{plugin: (step-time ratio, FLOP ratio, their quotient)} against vanilla, each plugin alone:
+    a plugin's own FLOPs are its architecture, not overhead; the quotient is what its code adds."""
+    vs = {v["name"]: v for v in res["variants"]}
+    base = vs.get("vanilla")
+    if base is None:
+        return {}
+    out = {}
+    full = next((x for x in res["variants"] if not x["name"].startswith("vanilla")), None)
+    for plugin, time_ratio in alone_ratios(res).items():
+        v = full if plugin == "all" else vs.get(f"vanilla+{plugin}")
+        if v is None or plugin == "null":
+            continue
+        flop_ratio = v["flops_per_token"] / base["flops_per_token"]
+        out[plugin] = (time_ratio, flop_ratio, time_ratio / flop_ratio)
+    return out
+
+
 def load_variants(experiments: list[str], overrides: list[str], alone: bool = True) -> list:
     """The configs to compare, baseline first (see the module docstring)."""
     from escarda_lab import grid
@@ -345,6 +367,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
             v["cache_numbers_per_token"] = cache_numbers_per_token(model)
         out["variants"].append(v)
     out["plugin_ratios"] = alone_ratios(out)
+    out["time_per_flop"] = time_per_flop(out)
     return out
 
 
@@ -389,6 +412,17 @@ def report(res: dict, decode: bool) -> str:
                 f"  noise floor: vanilla against itself in another slot reads {alone['null']:.2f}x "
                 "(a plugin within this distance of 1.00x costs nothing measurable here)"
             )
+    ratios = res.get("time_per_flop") or {}
+    if ratios:
+        lines.append(
+            f"\ntime vs FLOPs, each plugin alone against vanilla (target: time/FLOP <= {DEFAULT_TIME_PER_FLOP:.2f}, "
+            + ", ".join(f"{k} <= {x:.2f}" for k, x in TIME_PER_FLOP_TARGET.items())
+            + "):"
+        )
+        for plugin, (t_ratio, f_ratio, q) in ratios.items():
+            target = TIME_PER_FLOP_TARGET.get(plugin, DEFAULT_TIME_PER_FLOP)
+            mark = "ok" if q <= target else f"OVER {target:.2f}"
+            lines.append(f"  {plugin:<18} time {t_ratio:5.2f}x  FLOPs {f_ratio:5.2f}x  time/FLOP {q:5.2f}  {mark}")
     lines.append("\nMFLOP/token added by each plugin (variant minus the variant without it):")
     for v in res["variants"]:
         if v["flops_per_token_by_plugin"]:

@@ -47,7 +47,15 @@ RECORDED = [
     "train_tokens",
     "val_bpb_se",
     "val_window",
+    "train_seconds",
 ]
+
+
+def fixed_seconds(rec: dict) -> float:
+    """A run's cost outside its training steps: process start, imports, data and tokenizer,
+    model and Lightning set-up, validation, the final score and writing its files."""
+    wall, train = rec.get("wall_s"), rec.get("train_seconds")
+    return wall - train if isinstance(wall, (int, float)) and isinstance(train, (int, float)) else math.nan
 
 
 def run_row(m: dict, variant: str, seed: int, baseline: str, change: str, kind: str) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from escarda_lab.bench import main, steady_seconds_per_step
 from tests.conftest import ROOT, tiny_overrides
 
@@ -85,6 +87,10 @@ def test_single_experiment_is_compared_with_its_vanilla_shape(corpus, tmp_path, 
     assert "each plugin alone (vanilla+X)" in out
     assert names[-1] == "vanilla+null" and ratios["null"] == res["variants"][-1]["ratio_to_baseline"]
     assert res["variants"][-1]["flops_per_token"] == base["flops_per_token"] and "noise floor" in out
+    t, f, q = res["time_per_flop"]["mtp"]
+    mtp = next(v for v in res["variants"] if v["name"] == "vanilla+mtp")
+    assert t == ratios["mtp"] and f == pytest.approx(mtp["flops_per_token"] / base["flops_per_token"])
+    assert q == pytest.approx(t / f) and "time/FLOP" in out and "null" not in res["time_per_flop"]
 
 
 def test_grid_file_benchmarks_its_variants_against_its_baseline(corpus, tmp_path, capsys):

@@ -4,6 +4,7 @@ pinned to GPUs) or as a submitit job array."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import subprocess
@@ -20,6 +21,7 @@ from escarda_lab.grid.expand import Run
 from escarda_lab.grid.record import prepare_folder, record, varied_keys
 from escarda_lab.grid.spec import GridConfig
 from escarda_lab.io import atomic_write, read_json
+from escarda_lab.records import fixed_seconds
 from escarda_lab.suites import evaluate_args
 
 
@@ -199,6 +201,11 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
                 + (f" val/acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
+                + (
+                    f" ({rec['wall_s']:.0f} s: {rec['train_seconds']:.0f} training, {fixed_seconds(rec):.0f} fixed)"
+                    if math.isfinite(fixed_seconds(rec))
+                    else ""
+                )
             )
 
     todo = []
@@ -257,5 +264,14 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
         if todo:
             hours = (time.perf_counter() - t0) / 3600
             rate = len(todo) / hours
-            echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time: {rate:.1f} runs/hour")
+            recs = [results[(r.cfg.name, r.seed)] for r in todo if (r.cfg.name, r.seed) in results]
+            fixed = [x for x in map(fixed_seconds, recs) if math.isfinite(x)]
+            walls = [rec["wall_s"] for rec in recs if isinstance(rec.get("wall_s"), (int, float))]
+            cost = (
+                f"; per run {sum(walls) / len(walls):.0f} s, of it {sum(fixed) / len(fixed):.0f} s fixed cost "
+                f"({100 * sum(fixed) / sum(walls):.0f}%: start, imports, data, set-up, validation, final score)"
+                if fixed and walls and sum(walls) > 0
+                else ""
+            )
+            echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time: {rate:.1f} runs/hour{cost}")
     return [results[(r.cfg.name, r.seed)] for r in runs]
