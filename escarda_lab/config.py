@@ -83,10 +83,11 @@ class TrainConfig:
     val_every: int = bounded(100, min=1)
     val_batches: int = bounded(20, min=1)
     # steadier end-of-run readings (Heineman et al. 2025, "Signal and Noise"): the whole validation
-    # split is also scored at the `average_last` - 1 evaluation steps before the end (val_every
-    # apart) and their mean is val_bpb_avg; `ema` > 0 keeps an exponential moving average of the
-    # weights (that decay) and scores it at the end as val_bpb_ema
+    # split is also scored at the `average_last` - 1 steps before the end (`average_every` apart;
+    # 0 = val_every) and their mean is val_bpb_avg; `ema` > 0 keeps an exponential moving average
+    # of the weights (that decay) and scores it at the end as val_bpb_ema
     average_last: int = bounded(1, min=1)
+    average_every: int = bounded(0, min=0)
     ema: float = bounded(0.0, min=0, below=1)
     log_every: int = bounded(10, min=1)
     checkpoint_every: int = bounded(100, min=1)

@@ -251,7 +251,7 @@ class EscardaModule(L.LightningModule):
     def window_steps(self) -> list[int]:
         """The steps before the end whose whole-split score is averaged into val_bpb_avg."""
         t = self.cfg.train
-        return [t.max_steps - i * t.val_every for i in range(1, t.average_last)]
+        return [t.max_steps - i * (t.average_every or t.val_every) for i in range(1, t.average_last)]
 
     def score_window(self) -> None:
         """At a step of the averaging window: score the whole validation split (the end of the

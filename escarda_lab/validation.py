@@ -126,11 +126,11 @@ def validate(cfg: Any, where) -> None:
         "shorten the warmup or train longer",
     )
     need(
-        (t.average_last - 1) * t.val_every < t.max_steps,
+        (t.average_last - 1) * (t.average_every or t.val_every) < t.max_steps,
         "train.average_last",
-        f"average_last={t.average_last} evaluations val_every={t.val_every} apart start before step 0 "
-        f"(max_steps={t.max_steps})",
-        "average fewer evaluations or evaluate more often (train.val_every)",
+        f"average_last={t.average_last} scores {t.average_every or t.val_every} steps apart start before "
+        f"step 0 (max_steps={t.max_steps})",
+        "average fewer scores or space them closer (train.average_every)",
     )
     need(
         t.compile in ("auto", True, False, *COMPILE_MODES),
