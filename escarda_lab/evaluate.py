@@ -193,7 +193,8 @@ def score_val_split(model, dm, token_bytes: Tensor, device=None) -> dict:
     the number a run ends with."""
     rows = score_rows(model, dm.final_loader(), token_bytes, device)
     val = nll_summary(rows.sum(0))
-    return {**val, "byte_perplexity": 2 ** val["bpb"], "bpb_se": bpb_se(rows)}
+    batch_bpb = [round(bits_per_byte(float(r[0]), float(r[2])), 5) for r in rows]
+    return {**val, "byte_perplexity": 2 ** val["bpb"], "bpb_se": bpb_se(rows), "batch_bpb": batch_bpb}
 
 
 def split_bpb(model, cfg, source: str, tokenizer=None) -> dict:

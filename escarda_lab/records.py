@@ -46,6 +46,7 @@ RECORDED = [
     "instability",
     "train_tokens",
     "val_bpb_se",
+    "val_batch_bpb",
     "val_window",
     "train_seconds",
 ]
@@ -80,6 +81,7 @@ def run_row(m: dict, variant: str, seed: int, baseline: str, change: str, kind: 
         "grad_spikes": (m.get("instability") or {}).get("grad_spikes", 0),
         "eval_se": m.get("val_bpb_se", math.nan),  # the final score's standard error over batches
         "ckpt_sd": window_sd(m.get("val_window") or []),
+        "batch_bpb": m.get("val_batch_bpb") or [],
     }
 
 

@@ -92,6 +92,7 @@ def noise_lines(summary: pd.DataFrame, unit: str) -> list[str]:
             f"seed sd ({unit})": num(r["seed sd"], ".4f"),
             "checkpoint sd (bpb)": num(r["checkpoint sd"], ".4f"),
             "eval SE (bpb)": num(r["evaluation sd"], ".4f"),
+            "paired eval SE": num(r["paired eval SE"], ".4f"),
             "sd of Δ": num(r["sd_diff"], ".4f"),
             "pair r": num(r["pair_r"], ".2f"),
             "largest": r["largest"],
@@ -103,8 +104,9 @@ def noise_lines(summary: pd.DataFrame, unit: str) -> list[str]:
         "",
         "Seed sd: the variant's spread over seeds. Checkpoint sd: the spread of each run's last "
         "`train.average_last` whole-split scores (— with one). Eval SE: the final score's standard error "
-        "over validation batches. Pairing removes what the two arms share: sd of Δ = "
-        "√(sd_v² + sd_b² − 2·r·sd_v·sd_b). "
+        "over validation batches; paired eval SE: that of the difference from the baseline, batch by batch "
+        "(both arms score the same batches, so what the batches share cancels). Pairing removes what the "
+        "two arms share: sd of Δ = √(sd_v² + sd_b² − 2·r·sd_v·sd_b). "
         f"Signal-to-noise (sd of the variant means / median seed sd): **{num(snr, '.2f')}**.",
         "",
         table(shown_),

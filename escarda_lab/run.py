@@ -208,6 +208,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         "val_acc": val["acc"],  # exact match at the scored positions (next-token accuracy for text)
         "val_tokens": val["tokens"],
         "val_bpb_se": val["bpb_se"],  # over the validation batches
+        "val_batch_bpb": val["batch_bpb"],  # per batch: paired with another run's, the paired eval SE
         "val_bpb_avg": sum(w["bpb"] for w in window) / len(window),  # mean of the last average_last scores
         "val_window": [[w["step"], w["bpb"]] for w in window],
         "val_history": module.val_history,  # [step, bpb] of the periodic (val_batches) evaluations

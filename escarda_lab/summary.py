@@ -143,6 +143,7 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01, met
             bpb = (g.set_index("seed").val_bpb - base.set_index("seed").val_bpb).dropna()
             row.update(
                 st,
+                eval_se_paired=paired_eval_se(g, base),
                 delta_bpb=float(bpb.mean()) if len(bpb) else math.nan,
                 p_welch=welch_p(g[metric], base[metric]),
                 pair_r=float(np.corrcoef(both.v, both.b)[0, 1]) if len(both) > 2 else math.nan,
@@ -257,6 +258,22 @@ def readings(summary: pd.DataFrame, alpha: float, margin: float) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+def paired_eval_se(mine: pd.DataFrame, base: pd.DataFrame) -> float:
+    """The evaluation's standard error of a paired difference: per seed, the sd over validation
+    batches of (variant − baseline) bpb over √batches (both score the same batches, so what the
+    batches share cancels), averaged over seeds. NaN without per-batch scores."""
+    if "batch_bpb" not in mine or "batch_bpb" not in base:
+        return math.nan
+    b = base.set_index("seed").batch_bpb
+    out = []
+    for seed, v in zip(mine.seed, mine.batch_bpb):
+        w = b.get(seed)
+        if isinstance(v, list) and isinstance(w, list) and len(v) == len(w) > 1:
+            d = np.asarray(v) - np.asarray(w)
+            out.append(float(d.std(ddof=1)) / math.sqrt(len(d)))
+    return float(np.mean(out)) if out else math.nan
+
+
 NOISE_SOURCES = {"metric_std": "seed", "ckpt_sd": "checkpoint", "eval_se": "evaluation"}
 
 
@@ -275,6 +292,7 @@ def noise_budget(summary: pd.DataFrame) -> tuple[pd.DataFrame, float]:
                 "variant": r["variant"],
                 "seeds": r["seeds"],
                 **{f"{name} sd": sources[name] for name in sources},
+                "paired eval SE": r.get("eval_se_paired", math.nan),
                 "sd_diff": r.get("sd_diff", math.nan),
                 "pair_r": r.get("pair_r", math.nan),
                 "largest": max(known, key=known.get) if known else "",

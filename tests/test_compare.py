@@ -427,12 +427,15 @@ def test_the_noise_budget_separates_seed_checkpoint_and_evaluation_noise(tmp_pat
         path = tmp_path / "no_engram" / f"seed{seed}" / "metrics.json"
         m = read_json(path)
         window = [[80, m["val_bpb"] + 0.02], [90, m["val_bpb"] + 0.01], [100, m["val_bpb"]]]
-        write_json(path, {**m, "val_window": window, "val_bpb_se": 0.003})
+        write_json(path, {**m, "val_window": window, "val_bpb_se": 0.003, "val_batch_bpb": [1.0, 2.0, 3.1, 4.0]})
+        base = tmp_path / "full" / f"seed{seed}" / "metrics.json"
+        write_json(base, {**read_json(base), "val_batch_bpb": [1.0, 2.0, 3.0, 4.0]})
     s = summary.summarize(summary.load_runs(tmp_path))
     noise, snr = summary.noise_budget(s)
     row = noise.set_index("variant").loc["no_engram"]
     assert row["checkpoint sd"] == pytest.approx(0.01) and row["evaluation sd"] == pytest.approx(0.003)
     assert row["seed sd"] == pytest.approx(0.1) and row["largest"] == "seed"
+    assert row["paired eval SE"] == pytest.approx(np.std([0, 0, 0.1, 0], ddof=1) / 2)  # batch by batch
     assert math.isnan(noise.set_index("variant").loc["full", "checkpoint sd"])
     means = s.set_index("variant").metric_mean
     assert snr == pytest.approx(np.std(means, ddof=1) / np.median(s.metric_std))
