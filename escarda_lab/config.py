@@ -86,6 +86,9 @@ class TrainConfig:
     # split is also scored at the `average_last` - 1 steps before the end (`average_every` apart;
     # 0 = val_every) and their mean is val_bpb_avg; `ema` > 0 keeps an exponential moving average
     # of the weights (that decay) and scores it at the end as val_bpb_ema
+    # cap on the tokens the run's final score reads (0 = the whole validation split): evenly spread
+    # windows (probe tasks: the first test examples), the same for every run of the split
+    final_val_tokens: int = bounded(0, min=0)
     average_last: int = bounded(1, min=1)
     average_every: int = bounded(0, min=0)
     ema: float = bounded(0.0, min=0, below=1)

@@ -215,7 +215,8 @@ class ProbeData(StepData):
         p = tokens.probe
         n = min(len(p.test_inputs), cfg.train.val_batches * cfg.data.batch_size)
         self.val_rows = np.arange(n)
-        self.all_rows = np.arange(len(p.test_inputs))
+        cap = cfg.train.final_val_tokens // cfg.data.seq_len
+        self.all_rows = np.arange(min(len(p.test_inputs), cap) if cap > 0 else len(p.test_inputs))
 
     def train_batches(self, rank: int, world: int) -> Dataset:
         return ProbeBatches(self.tokens.probe, self.cfg.data.batch_size, config.seeds(self.cfg)[1], rank, world)
@@ -324,6 +325,9 @@ class EscardaData(StepData):
                 "use more text or a shorter seq_len",
             )
         n = min(len(starts), cfg.train.val_batches * d.batch_size)
+        cap = cfg.train.final_val_tokens // d.seq_len
+        if 0 < cap < len(starts):  # evenly spread windows, the same for every run of this split
+            starts = starts[np.linspace(0, len(starts) - 1, max(cap, 1)).round().astype(int)]
         self.all_val_starts = starts
         # Periodic validation: the same evenly spread windows every time, so curves compare.
         self.val_starts = starts[np.linspace(0, len(starts) - 1, n).round().astype(int)]
@@ -336,7 +340,7 @@ class EscardaData(StepData):
         return self.loader(self.val_starts)
 
     def final_loader(self) -> DataLoader:
-        """The whole validation split, unsharded: what a run ends with."""
+        """The whole validation split (or train.final_val_tokens of it), unsharded: what a run ends with."""
         return self.loader(self.all_val_starts, shard=False)
 
     def loader(self, starts: np.ndarray, shard: bool = True) -> DataLoader:

@@ -126,6 +126,12 @@ def validate(cfg: Any, where) -> None:
         "shorten the warmup or train longer",
     )
     need(
+        t.final_val_tokens == 0 or t.final_val_tokens >= cfg.data.seq_len,
+        "train.final_val_tokens",
+        f"final_val_tokens={t.final_val_tokens} is less than one window of seq_len={cfg.data.seq_len}",
+        "use 0 (the whole split) or at least data.seq_len tokens",
+    )
+    need(
         (t.average_last - 1) * (t.average_every or t.val_every) < t.max_steps,
         "train.average_last",
         f"average_last={t.average_last} scores {t.average_every or t.val_every} steps apart start before "

@@ -323,3 +323,16 @@ def test_an_averaging_window_longer_than_the_run_is_refused(corpus, tmp_path, ca
     over = tiny_overrides(corpus, tmp_path, **{"train.average_last": 4, "train.val_every": 2})
     assert main(["experiments/vanilla.yaml", *over]) == 2
     assert "train.average_last" in capsys.readouterr().err
+
+
+def test_final_val_tokens_caps_the_final_score_to_evenly_spread_windows(corpus, tmp_path):
+    over = tiny_overrides(corpus, tmp_path, **{"train.final_val_tokens": 96})  # 3 windows of 32
+    assert main(["experiments/vanilla.yaml", *over]) == 0
+    m = read_json(tmp_path / "vanilla" / "seed0" / "metrics.json")
+    assert m["val_tokens"] == 96 and len(m["val_batch_bpb"]) == 1  # batch_size 4: one batch of 3
+
+
+def test_final_val_tokens_below_one_window_is_refused(corpus, tmp_path, capsys):
+    over = tiny_overrides(corpus, tmp_path, **{"train.final_val_tokens": 10})
+    assert main(["experiments/vanilla.yaml", *over]) == 2
+    assert "train.final_val_tokens" in capsys.readouterr().err

@@ -187,6 +187,13 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
     grid_dir.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], dict] = {}
     lock = threading.Lock()
+    pace = {"t0": time.perf_counter(), "trained": 0, "todo": 0}  # for the ETA
+
+    def eta() -> str:
+        pace["trained"] += 1
+        left = pace["todo"] - pace["trained"]
+        per_run = (time.perf_counter() - pace["t0"]) / pace["trained"]
+        return f"; ETA {left * per_run / 60:.0f} min for {left} more" if left > 0 else ""
 
     def save(r: Run, rec: dict) -> None:
         with lock:
@@ -202,7 +209,9 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
                 + (f" val/acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
                 + (
-                    f" ({rec['wall_s']:.0f} s: {rec['train_seconds']:.0f} training, {fixed_seconds(rec):.0f} fixed)"
+                    f" ({rec['wall_s']:.0f} s: {rec['train_seconds']:.0f} training, {fixed_seconds(rec):.0f} fixed"
+                    + eta()
+                    + ")"
                     if math.isfinite(fixed_seconds(rec))
                     else ""
                 )
@@ -235,6 +244,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 if stopping.is_set():
                     return {"returncode": None, "skipped": True}
                 me = threading.get_ident()
+                echo(f"start {r.cfg.name} seed{r.seed}: log {r.folder / 'log.txt'}")
 
                 def track(child: subprocess.Popen | None) -> None:  # the child this worker waits on, if any
                     if child is None:
@@ -246,7 +256,8 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
             finally:
                 free.put(gpu)
 
-        t0 = time.perf_counter()
+        t0 = pace["t0"] = time.perf_counter()
+        pace["todo"] = len(todo)
         pool = ThreadPoolExecutor(max_workers=len(slots))
         try:
             futures = [pool.submit(job, r) for r in todo]
