@@ -5,19 +5,19 @@ For every n in 2..max_ngram and every hash head k there is a table E_{n,k} of `t
 (pad id before the start; strictly causal), concatenates the G rows e_t [G · dim] and adds
 
     escarda / ids   x_t <- x_t + σ(w · x_t + gate_bias) · W_e e_t          (at the embedding)
-    deepseek        h_t <- h_t + Ṽ_t + SiLU(DWConv(RMSNorm(Ṽ)))_t,  Ṽ_t = α_t W_v e_t,
-                    α_t = σ(ssqrt(⟨RMSNorm(W_k e_t), RMSNorm(h_t)⟩ / √D))  (before the listed blocks)
+    deepseek        per residual stream s, before the listed blocks (DeepSeekEngram):
+                    H_s <- H_s + V_s + SiLU(DWConv(RMSNorm_s(V_s))),  V_s = g_s (W_v e_t + b_v),
+                    g_s = σ(ssqrt(⟨RMSNorm_s(W_k,s e_t + b_k,s), RMSNorm_s(H_s)⟩ / √D))
 
 The key of an n-gram:
     escarda   (as released) a frozen random projection of its token embeddings to compress_dim
               dims, sign-quantised: bucket = Σ_i [p_i > 0] 2^i mod table_size. It can collapse
               (the released model sent every key to bucket 0), which `stats()` exposes.
     ids       multiplicative hash of the token ids: (Σ_j id_{t-j} a_{g,j}) mod P mod table_size
-    deepseek  DeepSeek's Engram (arXiv 2601.07372; its reference code's NgramHashMapping): for
-              each order n, mix_n = XOR_{k<n} (id_{t-k} · a_k) with odd multipliers a_k shared by
-              every order and head; head j of order n takes mix_n mod p_{n,j}, the p_{n,j}
-              distinct primes <= table_size (DeepSeek sizes each head's table to its prime; here
-              every table has table_size rows and rows >= p_{n,j} stay unused)
+    deepseek  DeepSeek's Engram (arXiv 2601.07372; its reference code's NgramHashMapping): per
+              engram layer l and order n, mix = XOR_{k<n} (id_{t-k} · a_{l,k}) with odd
+              multipliers per layer; head j of order n takes mix mod p_{l,n,j}, a prime >=
+              table_size distinct over layers, orders and heads, and its table has p_{l,n,j} rows
 """
 
 from __future__ import annotations
@@ -81,6 +81,12 @@ class Engram(Embedding):
         N, K = cfg.max_ngram, cfg.heads
         self.N, self.size = N, cfg.table_size
         self.G = (N - 1) * K
+        self.make_tables(m, cfg)
+        self._probe: dict[str, Tensor] = {}
+
+    def make_tables(self, m, cfg: EngramConfig) -> None:
+        """The hash state and the tables: one set of G tables of table_size rows for the model."""
+        N, K = cfg.max_ngram, cfg.heads
         n_of = torch.arange(2, N + 1).repeat_interleave(K)  # n of each table g
         self.register_buffer("offsets", torch.arange(self.G) * cfg.table_size, persistent=False)
         # ctx[..., j] is the token j steps back; table g uses j < n_g only.
@@ -91,7 +97,6 @@ class Engram(Embedding):
         self.register_buffer("moduli", torch.tensor(primes_below(cfg.table_size, self.G)), persistent=False)
         self.init_keys(m, cfg, gen, used)
         self.tables = nn.Embedding(self.G * cfg.table_size, cfg.dim)
-        self._probe: dict[str, Tensor] = {}
 
     def init_keys(self, m, cfg: EngramConfig, gen: torch.Generator, used: Tensor) -> None:
         """Key state beyond the multipliers (none by default)."""
@@ -211,57 +216,113 @@ class IdsEngram(EscardaEngram):
         return ((ctx.unsqueeze(-2) * self.mult).sum(-1) % PRIME) % self.size
 
 
+def primes_above(start: int, count: int, seen: set[int]) -> list[int]:
+    """The next `count` primes > start not in `seen` (which they join): DeepSeek's table sizes."""
+    out, k = [], start
+    while len(out) < count:
+        k += 1
+        if k > 1 and all(k % d for d in range(2, int(k**0.5) + 1)) and k not in seen:
+            out.append(k)
+            seen.add(k)
+    return out
+
+
+HASH_SEED, LAYER_SEED_STEP = 0, 10007  # the reference's seed; layer l hashes with seed + 10007 l
+
+
 @component("engram", slot="embedding", config=EngramConfig, variant="deepseek")
 class DeepSeekEngram(Engram):
-    """DeepSeek's Engram: multiplicative-XOR keys modulo a prime per table, and a context-gated
-    value added to the residual state before the listed blocks."""
+    """DeepSeek's Engram (arXiv 2601.07372; its reference forward, engram_demo_v1.py), before each
+    listed block l, on the residual streams H_s (s = 1..n, one with no hyper-connections):
 
-    def __init__(self, m, cfg: EngramConfig):
+        e_t = [E_{l,n,j}[mix_{l,n,t} mod p_{l,n,j}]]_{n,j}       per-layer tables and hashes
+        g_{t,s} = σ(sign(q)·√max(|q|, 1e-6)),  q = ⟨RMSNorm_s(W_k,s e_t + b_k,s), RMSNorm_s(H_{t,s})⟩ / √D
+        V_{t,s} = g_{t,s} (W_v e_t + b_v)
+        H_s <- H_s + V_s + SiLU(DWConv_dil=max_ngram(RMSNorm_s(V_s)))   (depthwise over n·D channels)
+
+    mix_{l,n,t} = XOR_{k<n} id_{t-k} · a_{l,k}, odd a_{l,k} drawn per layer (numpy's default_rng at
+    seed + 10007 l, below int64 max / vocab / 2); the p_{l,n,j} are the next primes >= table_size,
+    distinct over every layer, order and head, and table (l, n, j) has p_{l,n,j} rows. Not
+    reproduced: the tokenizer-compression step (ids are hashed as they are) and the pad id
+    (this tokenizer's <pad>, 0). The conv kernel starts at zero (the block starts as V alone)."""
+
+    @classmethod
+    def build(cls, model_cfg, cfg, streams: int = 1) -> nn.Module:
+        return cls(model_cfg, cfg, streams)
+
+    def __init__(self, m, cfg: EngramConfig, streams: int = 1):
+        self.n_streams = streams
         super().__init__(m, cfg)
-        width = self.G * cfg.dim
+        width, D, n = self.G * cfg.dim, m.d_model, streams
+        self.w_k = nn.ModuleList(nn.ModuleList(nn.Linear(width, D) for _ in range(n)) for _ in self.layers)
+        self.w_v = nn.ModuleList(nn.Linear(width, D) for _ in self.layers)
+        self.k_norm = nn.ModuleList(nn.ModuleList(RMSNorm(D, m.norm_eps) for _ in range(n)) for _ in self.layers)
+        self.h_norm = nn.ModuleList(nn.ModuleList(RMSNorm(D, m.norm_eps) for _ in range(n)) for _ in self.layers)
+        self.v_norm = nn.ModuleList(nn.ModuleList(RMSNorm(D, m.norm_eps) for _ in range(n)) for _ in self.layers)
+        self.conv = nn.Parameter(torch.zeros(len(self.layers), n * D, cfg.conv_kernel))
+        self.kernel, self.dilation = cfg.conv_kernel, cfg.max_ngram
+
+    def make_tables(self, m, cfg: EngramConfig) -> None:
+        import numpy as np
+
         self.layers = list(cfg.layers)
-        self.w_k = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
-        self.w_v = nn.ModuleList(nn.Linear(width, m.d_model, bias=False) for _ in self.layers)
-        self.k_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
-        self.h_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
-        self.v_norm = nn.ModuleList(RMSNorm(m.d_model, m.norm_eps) for _ in self.layers)
-        self.conv = nn.Parameter(torch.zeros(len(self.layers), m.d_model, cfg.conv_kernel))
-        self.kernel = cfg.conv_kernel
+        half = max(1, (2**63 - 1) // m.vocab_size // 2)
+        seen: set[int] = set()
+        self.tables = nn.ModuleList()
+        for i, layer in enumerate(self.layers):
+            rng = np.random.default_rng(HASH_SEED + LAYER_SEED_STEP * layer)
+            mult = torch.from_numpy(rng.integers(0, half, size=self.N, dtype=np.int64) * 2 + 1)
+            primes = [p for _ in range(2, self.N + 1) for p in primes_above(cfg.table_size - 1, cfg.heads, seen)]
+            self.register_buffer(f"xor_mult{i}", mult, persistent=False)
+            self.register_buffer(f"moduli{i}", torch.tensor(primes), persistent=False)
+            self.register_buffer(f"offsets{i}", torch.tensor([0, *primes[:-1]]).cumsum(0), persistent=False)
+            self.tables.append(nn.Embedding(sum(primes), cfg.dim))
+        self.register_buffer("order_of", torch.arange(2, self.N + 1).repeat_interleave(cfg.heads) - 2, persistent=False)
 
     def init_weights(self) -> None:
         nn.init.zeros_(self.conv)
 
-    def init_keys(self, m, cfg: EngramConfig, gen: torch.Generator, used: Tensor) -> None:
-        # One odd multiplier per offset k, shared by every order and head (the heads of an order
-        # differ only in their prime modulus); below 2^31, so id · a fits int64 for any vocabulary.
-        self.register_buffer("xor_mult", torch.randint(0, 2**30, (self.N,), generator=gen) * 2 + 1, persistent=False)
-        self.register_buffer("order_of", torch.arange(2, self.N + 1).repeat_interleave(cfg.heads) - 2, persistent=False)
-
-    def keys(self, ctx: Tensor, x: Tensor, state: dict | None) -> Tensor:
-        mix = [ctx[..., 0] * self.xor_mult[0]]  # mix[n - 2] after the loop: the order-n hash
+    def keys(self, ctx: Tensor, x: Tensor, state: dict | None, i: int = 0) -> Tensor:
+        """[B, T, G] bucket of every table of the i-th engram layer."""
+        a = getattr(self, f"xor_mult{i}")
+        mix = [ctx[..., 0] * a[0]]  # mix[n - 2] after the loop: the order-n hash
         for k in range(1, self.N):
-            mix.append(mix[-1] ^ (ctx[..., k] * self.xor_mult[k]))
+            mix.append(mix[-1] ^ (ctx[..., k] * a[k]))
         mixes = torch.stack(mix[1:], dim=-1)  # [B, T, N - 1], orders 2..N
-        return mixes[..., self.order_of] % self.moduli
+        return mixes[..., self.order_of] % getattr(self, f"moduli{i}")
 
     def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
-        self._memory = self.lookup(ids, x, cache)
+        state = cache.state(self) if cache is not None else None
+        ctx = self.context(ids.long(), state, "ids", PAD)  # [B, T, N]
+        self._memory = []
+        for i in range(len(self.layers)):
+            b = self.keys(ctx, x, state, i)
+            if probing(self) and i == 0:
+                self._probe.update(ctx=ctx.detach(), buckets=b.detach())
+            self._memory.append(self.tables[i](b + getattr(self, f"offsets{i}")).flatten(-2))  # [B, T, G·dim]
         return x
 
     def before_block(self, ids: Tensor, S: Tensor, residual, layer: int, cache=None) -> Tensor:
         if layer not in self.layers:
             return S
         i = self.layers.index(layer)
-        e, h = self._memory, residual.read(S)
-        s = (self.k_norm[i](self.w_k[i](e)) * self.h_norm[i](h)).sum(-1, keepdim=True) / math.sqrt(h.shape[-1])
-        alpha = torch.sigmoid(s.sign() * (s.abs() + 1e-6).sqrt())
-        v = alpha * self.w_v[i](e)
+        e, H = self._memory[i], residual.read_streams(S)  # [B, T, G·dim], [B, T, n, D]
+        D = H.shape[-1]
+        gates = []
+        for s in range(self.n_streams):
+            q = (self.k_norm[i][s](self.w_k[i][s](e)) * self.h_norm[i][s](H[..., s, :])).sum(-1, keepdim=True)
+            q = q / math.sqrt(D)
+            gates.append(torch.sigmoid(q.sign() * q.abs().clamp_min(1e-6).sqrt()))
+        V = torch.stack(gates, dim=-2) * self.w_v[i](e).unsqueeze(-2)  # [B, T, n, D]
         if probing(self):
-            self._probe["gate"] = alpha.detach().mean()
-        return residual.add(S, v + F.silu(self.causal_conv(self.v_norm[i](v), i, cache)))
+            self._probe["gate"] = torch.stack(gates).detach().mean()
+        normed = torch.stack([self.v_norm[i][s](V[..., s, :]) for s in range(self.n_streams)], dim=-2)
+        conv = self.causal_conv(normed.flatten(-2), i, cache).unflatten(-1, (self.n_streams, D))
+        return residual.add_streams(S, V + F.silu(conv))
 
     def causal_conv(self, u: Tensor, i: int, cache) -> Tensor:
-        """Depthwise causal convolution over time of u [B, T, D] with kernel conv[i] [D, k]."""
+        """Depthwise causal convolution over time of u [B, T, C], kernel conv[i] [C, k], dilation max_ngram."""
         state = cache.state(self) if cache is not None else None
-        full = self.with_history(u, self.kernel - 1, state, f"conv{i}", 0.0)
-        return F.conv1d(full.transpose(1, 2), self.conv[i].unsqueeze(1), groups=u.shape[-1]).transpose(1, 2)
+        full = self.with_history(u, (self.kernel - 1) * self.dilation, state, f"conv{i}", 0.0)
+        w = self.conv[i].unsqueeze(1)
+        return F.conv1d(full.transpose(1, 2), w, groups=u.shape[-1], dilation=self.dilation).transpose(1, 2)

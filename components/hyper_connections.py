@@ -272,6 +272,12 @@ class HyperConnections(Residual):
     def read(self, X: Tensor) -> Tensor:
         return X.mean(dim=-2)
 
+    def read_streams(self, X: Tensor) -> Tensor:
+        return X
+
+    def add_streams(self, X: Tensor, delta: Tensor) -> Tensor:
+        return X + delta
+
     def add(self, X: Tensor, delta: Tensor) -> Tensor:
         if broadcast_streams(X):  # still the expanded embedding: stays one (the first sublayer's fast paths)
             return self.expand(X[..., 0, :] + delta)

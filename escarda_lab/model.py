@@ -177,9 +177,13 @@ class EscardaLM(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         # Keyed by plugin name (not position), so a plugin's parameter names, and with them its
         # initial values, do not depend on which other embedding plugins are on.
-        self.embedders = nn.ModuleDict({e.name: e.build(m, c) for e, c in registry.enabled("embedding", comps)})
         ((res, res_cfg),) = registry.enabled("residual", comps)
-        self.residual = res.build(m, res_cfg, n_sites=2 * m.n_layers)
+        residual = res.build(m, res_cfg, n_sites=2 * m.n_layers)
+        streams = residual.streams
+        self.embedders = nn.ModuleDict(
+            {e.name: e.build(m, c, streams=streams) for e, c in registry.enabled("embedding", comps)}
+        )
+        self.residual = residual
         self.blocks = nn.ModuleList(Block(m, comps, i) for i in range(m.n_layers))
         refine = registry.enabled("refine", comps)
         self.refine = refine[0][0].build(m, refine[0][1]) if refine else None

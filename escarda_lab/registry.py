@@ -205,10 +205,24 @@ class Residual(Plugin):
     def add(self, S: Tensor, delta: Tensor) -> Tensor:
         """S with a feature delta [B,T,D] added to every stream."""
 
+    def read_streams(self, S: Tensor) -> Tensor:
+        """Every stream of S as [B,T,n,D] (one stream: S with a stream axis)."""
+        return S.unsqueeze(-2)
+
+    def add_streams(self, S: Tensor, delta: Tensor) -> Tensor:
+        """S with delta [B,T,n,D] added stream by stream."""
+        return S + delta.squeeze(-2)
+
 
 class Embedding(Plugin):
     """`__init__(model_cfg, cfg)`: edits the token embedding, before the first block and/or
     before every block."""
+
+    @classmethod
+    def build(cls, model_cfg, cfg, streams: int = 1) -> nn.Module:
+        """`streams`: the residual's stream count, for a plugin that works per stream (override
+        `build` to take it, as DeepSeek's engram does)."""
+        return cls(model_cfg, cfg)
 
     @abstractmethod
     def forward(self, ids: Tensor, x: Tensor, cache=None) -> Tensor:
