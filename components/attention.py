@@ -176,7 +176,7 @@ class MultiHeadAttention(AttentionProbe, Attention):
 class MLAConfig(ComponentConfig):
     variant: Literal["escarda", "deepseek"] = "escarda"
     q_lora_rank: int = bounded(128, min=0)  # query bottleneck (both variants); 0 = full-rank queries
-    o_lora_rank: int = bounded(128, min=1)  # output bottleneck (escarda)
+    o_lora_rank: int = bounded(128, min=0)  # output bottleneck (escarda); 0 = full-rank output
     kv_lora_rank: int = bounded(128, min=1)  # shared KV latent (deepseek)
     # deepseek: width of each head's value (null: model.head_dim, the query/key width
     # qk_nope_head_dim + qk_rope_head_dim); DeepSeek-V3 uses 128 against 192
@@ -213,7 +213,7 @@ class EscardaMLA(MultiHeadAttention):
         self.wq = LowRank.or_full(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
 
     def build_output(self, m, cfg: MLAConfig) -> None:
-        self.wo = LowRank(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model, m.norm_eps if cfg.o_norm else None)
+        self.wo = LowRank.or_full(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model, m.norm_eps if cfg.o_norm else None)
 
     def low_rank(self) -> list[LowRank]:
         return [w for w in (self.wq, self.wo) if isinstance(w, LowRank)]
