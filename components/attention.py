@@ -213,7 +213,8 @@ class EscardaMLA(MultiHeadAttention):
         self.wq = LowRank.or_full(m.d_model, cfg.q_lora_rank, m.n_heads * m.head_dim, m.norm_eps)
 
     def build_output(self, m, cfg: MLAConfig) -> None:
-        self.wo = LowRank.or_full(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model, m.norm_eps if cfg.o_norm else None)
+        eps = m.norm_eps if cfg.o_norm else None
+        self.wo = LowRank.or_full(m.n_heads * m.head_dim, cfg.o_lora_rank, m.d_model, eps)
 
     def low_rank(self) -> list[LowRank]:
         return [w for w in (self.wq, self.wo) if isinstance(w, LowRank)]
