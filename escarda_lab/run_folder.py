@@ -123,7 +123,15 @@ def verify_checkpoint(ckpt: Path) -> None:
     """A UserError naming `ckpt` unless it matches its checksum (or, without one, reads as a zip)."""
     import zipfile
 
-    fix = f"delete {ckpt} (and its .sha256) to restart the run from scratch, or restore it from a copy"
+    from escarda_lab.io import read_json
+
+    if (read_json(ckpt.parent / "metrics.json") or {}).get("status") == "finished":  # its weights are lost
+        fix = (
+            f"restore {ckpt} from a copy, or delete the run folder {ckpt.parent} (metrics.json with it, "
+            "else a grid skips the run as finished) to train it again"
+        )
+    else:
+        fix = f"delete {ckpt} (and its .sha256) to restart the run from scratch, or restore it from a copy"
     recorded = ckpt.with_name(ckpt.name + ".sha256")
     if recorded.exists():
         if checksum(ckpt) != recorded.read_text().strip():

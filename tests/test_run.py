@@ -336,3 +336,17 @@ def test_final_val_tokens_below_one_window_is_refused(corpus, tmp_path, capsys):
     over = tiny_overrides(corpus, tmp_path, **{"train.final_val_tokens": 10})
     assert main(["experiments/vanilla.yaml", *over]) == 2
     assert "train.final_val_tokens" in capsys.readouterr().err
+
+
+def test_a_finished_runs_damaged_checkpoint_says_to_delete_the_folder_not_just_the_file(finished, tmp_path):
+    import shutil
+
+    from escarda_lab.errors import UserError
+    from escarda_lab.run_folder import load_run
+
+    folder = tmp_path / "copy"
+    shutil.copytree(finished, folder)
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        load_run(folder)
+    assert f"delete the run folder {folder}" in str(e.value) and "metrics.json" in str(e.value)
