@@ -207,6 +207,8 @@ class NormedProjection(torch.autograd.Function):
 class HyperConnections(Residual):
     """Static: pre, post, R learned per sublayer (init pre = e_(site mod n), post = 1, R = I)."""
 
+    time_per_flop_target = 1.15  # n streams read and written at every sublayer: memory-bound
+
     def __init__(self, m, cfg: HyperConnectionsConfig, n_sites: int):
         super().__init__()
         self.n_streams, self.iters, self.eps = cfg.streams, cfg.sinkhorn_iters, cfg.eps

@@ -83,6 +83,9 @@ class Plugin(nn.Module):
     variant: str = ""
     #: FFN plugins: `forward(x, ids=ids)` also receives the token ids [B, T] (e.g. hash routing).
     needs_ids: bool = False
+    #: The step-time ratio over the FLOP ratio (both against vanilla) `bench` accepts for this
+    #: plugin: its own FLOPs are its architecture, anything above them is its code's overhead.
+    time_per_flop_target: float = 1.10
     #: Set in `forward` to `(term, weight)`: `weight * term` is added to the training loss and
     #: `term` is logged as `train/<component_name>`. Any plugin may set it; None = no term.
     aux_loss: tuple[Tensor, float] | None = None
