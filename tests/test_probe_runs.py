@@ -227,3 +227,30 @@ def test_lower_accuracy_without_a_component_means_it_helps():
     assert s.loc["no_x", "verdict"] == "helps"
     s = summary.summarize(fake_runs(no, full), metric="val_acc").set_index("variant")
     assert s.loc["no_x", "verdict"] == "hurts"
+
+
+@pytest.mark.slow
+def test_mla_with_a_full_rank_output_forms_the_induction_circuit_its_released_output_does_not(tmp_path):
+    """docs/results/probes/mla: Escarda's factorised output projection (W_ob W_oa, nothing between)
+    is what keeps a 2-layer, d_model-64 model from learning induction. Same seed and batches, 800
+    steps: low-rank queries with a full-rank output (o_lora_rank: 0, orthogonal factors) solve it;
+    the released output (rank 16) stays near chance (1/64)."""
+    common = [
+        "model.n_layers=2",
+        "train.max_steps=800",
+        "train.val_every=800",
+        "train.checkpoint_every=800",
+        "train.log_every=100",
+        "components.mla.enabled=true",
+        "components.mla.q_lora_rank=16",
+        f"output.dir={tmp_path}",
+    ]
+    grid_off = ["grid.axes={model.n_layers: [2]}", "grid.seeds=[0]", "grid.parallel=1"]
+    fixed = ["name=fixed", "components.mla.o_lora_rank=0", "components.mla.factor_init=orthogonal"]
+    released = ["name=released", "components.mla.o_lora_rank=16"]
+    acc = {}
+    for name, extra in (("fixed", fixed), ("released", released)):
+        assert main([str(ROOT / "experiments/probes/induction_depth.yaml"), *common, *grid_off, *extra]) == 0
+        (folder,) = (tmp_path / name).glob("*/seed0")
+        acc[name] = json.loads((folder / "metrics.json").read_text())["val_acc"]
+    assert acc["fixed"] > 0.9 and acc["released"] < 0.3, acc
