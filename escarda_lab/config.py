@@ -338,7 +338,10 @@ def read_grid(path: str | Path) -> tuple[dict, str] | None:
                     "`grid:` must be a mapping",
                     "write e.g. `grid: {seeds: [0, 1], leave_one_out: [engram]}`",
                 )
-            grid = OmegaConf.to_container(OmegaConf.merge(grid or {}, raw["grid"]))
+            child = raw["grid"]
+            # a key whose kind changes (seeds: a list in the parent, {min, max, step} here) is replaced
+            parent = {k: v for k, v in (grid or {}).items() if not (k in child and type(v) is not type(child[k]))}
+            grid = OmegaConf.to_container(OmegaConf.merge(parent, child))
             src = source
     return (grid, src) if grid is not None else None
 

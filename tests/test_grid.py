@@ -519,3 +519,10 @@ def test_an_unknown_verdict_metric_is_refused(corpus, tmp_path):
     bad = TWO_BY_TWO.replace("parallel: 2", "parallel: 2\n  metric: val_bpb_best")
     with pytest.raises(ConfigError, match="grid.metric"):
         grid.expand(write(tmp_path, bad), tiny_overrides(corpus, tmp_path / "runs"))
+
+
+def test_a_child_grid_may_turn_its_parents_seed_list_into_a_sequential_design(corpus, tmp_path):
+    write(tmp_path, TWO_BY_TWO, "parent.yaml")
+    child = write(tmp_path, "extends: parent.yaml\ngrid:\n  seeds: {{min: 2, max: 4, step: 2}}\n", "child.yaml")
+    g = grid.expand(child, tiny_overrides(corpus, tmp_path / "runs")).spec
+    assert g.seeds == [0, 1, 2, 3] and g.sequential.looks() == [2, 4]
