@@ -91,7 +91,12 @@ def check_same_config(folder: Path, new_yaml: str, source: str) -> None:
 
         a = config.flatten(OmegaConf.to_container(OmegaConf.create(old.read_text())))
         b = config.flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
-        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESULT_NEUTRAL)
+        default = config.flatten(config.schema_class()())
+        # a key added to the schema since the run was written, at its default: the run trained that way
+        added = {k for k in b.keys() - a.keys() if k in default and b[k] == default[k]}
+        diff = sorted(
+            k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESULT_NEUTRAL and k not in added
+        )
         if diff:
             changes = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
             raise ConfigError(

@@ -350,3 +350,15 @@ def test_a_finished_runs_damaged_checkpoint_says_to_delete_the_folder_not_just_t
     with pytest.raises(UserError) as e:
         load_run(folder)
     assert f"delete the run folder {folder}" in str(e.value) and "metrics.json" in str(e.value)
+
+
+def test_a_run_written_before_a_key_existed_is_the_same_run_at_that_keys_default(finished, corpus, tmp_path):
+    import shutil
+
+    folder = tmp_path / "escarda" / "seed0"
+    shutil.copytree(finished, folder)
+    old = [line for line in (folder / "config.yaml").read_text().splitlines() if not line.strip().startswith("ema:")]
+    (folder / "config.yaml").write_text("\n".join(old) + "\n")  # as written before train.ema existed
+    assert main(["experiments/escarda.yaml", *tiny_overrides(corpus, tmp_path)]) == 0
+    over = tiny_overrides(corpus, tmp_path) + ["train.ema=0.5"]  # a real change is still refused
+    assert main(["experiments/escarda.yaml", *over]) == 2
