@@ -105,7 +105,8 @@ def noise_lines(summary: pd.DataFrame, unit: str) -> list[str]:
         "Seed sd: the variant's spread over seeds. Checkpoint sd: the spread of each run's last "
         "`train.average_last` whole-split scores (— with one). Eval SE: the final score's standard error "
         "over validation batches; paired eval SE: that of the difference from the baseline, batch by batch "
-        "(both arms score the same batches, so what the batches share cancels). Pairing removes what the "
+        "(both arms score the same batches, so what the batches share cancels; `largest` weighs seed, "
+        "checkpoint and paired evaluation noise). Pairing removes what the "
         "two arms share: sd of Δ = √(sd_v² + sd_b² − 2·r·sd_v·sd_b). "
         f"Signal-to-noise (sd of the variant means / median seed sd): **{num(snr, '.2f')}**.",
         "",

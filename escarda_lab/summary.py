@@ -286,7 +286,10 @@ def noise_budget(summary: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     rows = []
     for r in summary.to_dict("records"):
         sources = {name: r.get(col, math.nan) for col, name in NOISE_SOURCES.items()}
-        known = {k: v for k, v in sources.items() if isinstance(v, float) and math.isfinite(v)}
+        # the evaluation noise a comparison sees is the paired one (both arms score the same
+        # batches); the unpaired SE is shown but not weighed
+        weigh = {"seed": sources["seed"], "checkpoint": sources["checkpoint"], "evaluation": r.get("eval_se_paired")}
+        known = {k: v for k, v in weigh.items() if isinstance(v, float) and math.isfinite(v)}
         rows.append(
             {
                 "variant": r["variant"],
