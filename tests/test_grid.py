@@ -444,7 +444,16 @@ def test_a_signal_to_the_grid_stops_every_run_at_a_checkpoint_and_the_rerun_resu
     over = tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 3000, "train.checkpoint_every": 50})
     cmd = [sys.executable, "-m", "escarda_lab.run", str(path), *over]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # as from a terminal: a shell starts background jobs with SIGINT ignored, and an ignored SIGINT
+    # is inherited (and rightly left alone), so the grid is started with the default handler
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     folder = tmp_path / "runs" / "g" / "full" / "seed0"
     deadline = time.time() + 120
     while not (folder / "last.ckpt").exists():  # the run is under way in its own process
