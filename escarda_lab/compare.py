@@ -33,7 +33,7 @@ help_if_asked(__name__, "compare")
 import sys
 from pathlib import Path
 
-from escarda_lab import cli, plots, report, summary
+from escarda_lab import cli, looks, plots, report, summary
 from escarda_lab.errors import UserError
 from escarda_lab.io import atomic_write
 from escarda_lab.records import METRICS
@@ -49,7 +49,7 @@ def write(
     runs = summary.load_runs(grid_dir)
     metric = metric or plan.get("metric", "val_bpb")
     table = summary.summarize(runs, alpha, margin, metric)
-    summary.sequential_readout(table, runs, plan, alpha, margin, metric)
+    looks.sequential_readout(table, runs, plan, alpha, margin, metric)
     paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
     atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
     atomic_write(paths["csv"], report.csv_text(table))

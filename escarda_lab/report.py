@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from escarda_lab.noise import noise_budget
 from escarda_lab.records import METRICS
 from escarda_lab.stats import STATISTICS, Statistic
-from escarda_lab.summary import SOLVED, calibration, in_family, noise_budget, readings
+from escarda_lab.summary import SOLVED, calibration, in_family, readings
 from escarda_lab.summary import plan as summary_plan
 
 

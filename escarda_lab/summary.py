@@ -17,8 +17,7 @@ from escarda_lab import suites
 from escarda_lab.errors import DataError
 from escarda_lab.io import read_json, read_jsonl
 from escarda_lab.records import METRICS, run_row
-from escarda_lab.sequential import DEFAULT_SPENDING, decide, looks_of
-from escarda_lab.stats import Plan, direction, holm, paired, verdict, welch_p
+from escarda_lab.stats import Plan, holm, paired, verdict, welch_p
 
 
 def load_plan(grid_dir: str | Path) -> dict:
@@ -206,39 +205,6 @@ def adjust(summary: pd.DataFrame) -> None:
         summary.loc[outside, adj] = np.minimum(1.0, m * summary.loc[outside, col])
 
 
-def sequential_readout(
-    summary: pd.DataFrame, runs: pd.DataFrame, plan: dict, alpha: float, margin: float, metric: str
-) -> list:
-    """`grid.seeds: {min, max, step}`: the family's verdicts from the group-sequential procedure
-    (escarda_lab.sequential), in place, with each comparison's `look` (1-based) and the seeds it
-    used. A look counts for a comparison only once all its seeds finished. Returns the decisions
-    (empty for a fixed-seed grid); an undecided one ("" verdict) is what the next look trains."""
-    seq = plan.get("sequential")
-    if not seq:
-        return []
-    looks = looks_of(seq["min"], seq["max"], seq["step"])
-    family = summary[in_family(summary)]
-    ok = runs[runs.status == "finished"]
-    p_diff = np.full((len(looks), len(family)), math.nan)
-    p_equiv = p_diff.copy()
-    for j, r in enumerate(family.itertuples()):
-        mine = ok[ok.variant == r.variant].set_index("seed")[metric]
-        base = ok[ok.variant == r.baseline].set_index("seed")[metric]
-        for k, n in enumerate(looks):
-            d = (mine.reindex(plan["seeds"][:n]) - base.reindex(plan["seeds"][:n])).dropna()
-            if len(d) == n:
-                st = paired(d.to_numpy(), alpha, margin, only=("p_paired", "tost"))
-                p_diff[k, j], p_equiv[k, j] = st["p_paired"], st["p_tost"]
-    decisions = decide(p_diff, p_equiv, looks, alpha, seq.get("spending", DEFAULT_SPENDING))
-    higher = METRICS[metric].higher_is_better
-    summary["look"] = math.nan
-    for (idx, r), dec in zip(family.iterrows(), decisions):
-        word = {"difference": direction(r["kind"], r["delta"], higher), "equivalent": f"equivalent (±{margin:g})"}
-        summary.loc[idx, "verdict"] = word.get(dec.verdict, "inconclusive")
-        summary.loc[idx, "look"] = dec.look + 1 if dec.verdict else math.nan
-    return decisions
-
-
 def readings(summary: pd.DataFrame, alpha: float, margin: float) -> pd.DataFrame | None:
     """Each variant read twice: at the baseline's tuned value ("same recipe": what the change does
     to this exact recipe) and at its own ("own best": each arm at its best); None without twins."""
@@ -272,40 +238,6 @@ def paired_eval_se(mine: pd.DataFrame, base: pd.DataFrame) -> float:
             d = np.asarray(v) - np.asarray(w)
             out.append(float(d.std(ddof=1)) / math.sqrt(len(d)))
     return float(np.mean(out)) if out else math.nan
-
-
-NOISE_SOURCES = {"metric_std": "seed", "ckpt_sd": "checkpoint", "eval_se": "evaluation"}
-
-
-def noise_budget(summary: pd.DataFrame) -> tuple[pd.DataFrame, float]:
-    """Per variant, where the noise of its verdict metric comes from: seed-to-seed sd, the
-    checkpoint-to-checkpoint sd over its final scores (train.average_last > 1), the evaluation's
-    own standard error (over validation batches), the sd of the paired differences and the pair
-    correlation; and the grid's signal-to-noise ratio (Heineman et al. 2025): the sd of the
-    variant means over the median seed sd."""
-    rows = []
-    for r in summary.to_dict("records"):
-        sources = {name: r.get(col, math.nan) for col, name in NOISE_SOURCES.items()}
-        # the evaluation noise a comparison sees is the paired one (both arms score the same
-        # batches); the unpaired SE is shown but not weighed
-        weigh = {"seed": sources["seed"], "checkpoint": sources["checkpoint"], "evaluation": r.get("eval_se_paired")}
-        known = {k: v for k, v in weigh.items() if isinstance(v, float) and math.isfinite(v)}
-        rows.append(
-            {
-                "variant": r["variant"],
-                "seeds": r["seeds"],
-                **{f"{name} sd": sources[name] for name in sources},
-                "paired eval SE": r.get("eval_se_paired", math.nan),
-                "sd_diff": r.get("sd_diff", math.nan),
-                "pair_r": r.get("pair_r", math.nan),
-                "largest": max(known, key=known.get) if known else "",
-            }
-        )
-    table = pd.DataFrame(rows)
-    tested = summary[~summary.kind.astype(str).str.startswith(OUTSIDE_FAMILY)]
-    spread = float(np.std(tested.metric_mean.dropna(), ddof=1)) if tested.metric_mean.notna().sum() > 1 else math.nan
-    noise = float(np.nanmedian(summary.metric_std)) if summary.metric_std.notna().any() else math.nan
-    return table, spread / noise if noise and math.isfinite(noise) else math.nan
 
 
 def pooled_sd(summary: pd.DataFrame) -> float:

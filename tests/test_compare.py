@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from escarda_lab import compare, plots, report, stats, summary
+from escarda_lab import compare, noise, plots, report, stats, summary
 from escarda_lab.errors import DataError
 from escarda_lab.io import read_json, write_json
 from tests.conftest import ROOT
@@ -431,12 +431,12 @@ def test_the_noise_budget_separates_seed_checkpoint_and_evaluation_noise(tmp_pat
         base = tmp_path / "full" / f"seed{seed}" / "metrics.json"
         write_json(base, {**read_json(base), "val_batch_bpb": [1.0, 2.0, 3.0, 4.0]})
     s = summary.summarize(summary.load_runs(tmp_path))
-    noise, snr = summary.noise_budget(s)
-    row = noise.set_index("variant").loc["no_engram"]
+    budget, snr = noise.noise_budget(s)
+    row = budget.set_index("variant").loc["no_engram"]
     assert row["checkpoint sd"] == pytest.approx(0.01) and row["evaluation sd"] == pytest.approx(0.003)
     assert row["seed sd"] == pytest.approx(0.1) and row["largest"] == "seed"
     assert row["paired eval SE"] == pytest.approx(np.std([0, 0, 0.1, 0], ddof=1) / 2)  # batch by batch
-    assert math.isnan(noise.set_index("variant").loc["full", "checkpoint sd"])
+    assert math.isnan(budget.set_index("variant").loc["full", "checkpoint sd"])
     means = s.set_index("variant").metric_mean
     assert snr == pytest.approx(np.std(means, ddof=1) / np.median(s.metric_std))
     assert "## Noise budget" in compare.write(tmp_path)["md"].read_text()

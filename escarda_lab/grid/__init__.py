@@ -110,6 +110,7 @@ def train_looks(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> l
     the next seeds of the comparisons still undecided (with their baselines, the controls and the
     other runs that test nothing). Rerunning resumes: finished runs are skipped and the decisions
     recomputed from them."""
+    from escarda_lab import looks as readout
     from escarda_lab import summary
 
     looks = g.sequential.looks()
@@ -123,7 +124,7 @@ def train_looks(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> l
         results = train_runs(g, list(chosen.values()), grid_dir, echo)
         plan, table_runs = summary.load_plan(grid_dir), summary.load_runs(grid_dir)
         table = summary.summarize(table_runs, 0.05, g.margin, plan["metric"])
-        decisions = summary.sequential_readout(table, table_runs, plan, 0.05, g.margin, plan["metric"])
+        decisions = readout.sequential_readout(table, table_runs, plan, 0.05, g.margin, plan["metric"])
         family = table[summary.in_family(table)]
         verdicts = dict(zip(family.variant, table.loc[family.index, "verdict"]))
         open_ = [name for name, d in zip(family.variant, decisions) if not d.verdict]
