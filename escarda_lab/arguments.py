@@ -69,6 +69,12 @@ def _compare(p):
     p.add_argument("--target", type=float, default=None, help="with --plan: the effect to detect (None: the margin)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts")
     p.add_argument(
+        "--out",
+        default=None,
+        help="with run folders: write summary.md, summary.csv, curves.png and forest.png here (a grid's "
+        "comparison is always written into the grid folder)",
+    )
+    p.add_argument(
         "--margin", type=float, default=None, help="equivalence margin (None: the grid's `margin`, else 0.01)"
     )
     p.add_argument(

@@ -59,7 +59,7 @@ def write(
     curve = summary.curves(grid_dir, "val/")
     if curve.empty and paths["png"].exists():  # keep the curves drawn when the runs were here
         paths["png"] = grid_dir / "paired.png"
-    plots.plot(runs, table, curve, paths["png"], metric)
+    plots.plot(runs, table, curve, paths["png"], metric, margin)
     if plan.get("settings"):
         paths["difficulty"] = grid_dir / "difficulty.png"
         plots.plot_settings(summary.by_setting(runs, plan), plan, paths["difficulty"], metric)
@@ -92,6 +92,26 @@ def write(
         plots.plot_tune(plan, ax, plots.variant_colours(table.variant))
         fig.tight_layout()
         plots.save_figure(fig, paths["tune"])
+    return paths
+
+
+def write_folders(table, plan: dict, runs, out: Path, alpha: float, margin: float) -> dict[str, Path]:
+    """`compare RUN RUN --out DIR`: the comparison of run folders, written as a grid's would be."""
+    from escarda_lab.errors import DataError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = f"cannot create the output folder ({e.strerror})"
+        raise DataError(str(out), None, why, "give --out a writable folder") from None
+    metric = table.metric.iloc[0]
+    names = {"md": "summary.md", "csv": "summary.csv", "png": "curves.png", "forest": "forest.png"}
+    paths = {k: out / v for k, v in names.items()}
+    atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
+    atomic_write(paths["csv"], report.csv_text(table))
+    curve = summary.curves_of(plan["folders"], metric.replace("_", "/"))
+    plots.plot_forest(table, paths["forest"], margin)
+    plots.plot(runs, table, curve, paths["png"], metric, margin)
     return paths
 
 
@@ -129,9 +149,21 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("command line", "paths", "no grid or run folder given", "pass e.g. runs/leave_one_out")
         if len(args.paths) > 1 or not (Path(args.paths[0]) / "grid.json").exists():
             margin = 0.01 if args.margin is None else args.margin
-            table, plan = summary.compare_folders(args.paths, args.alpha, margin, args.metric)
+            table, plan, runs = summary.compare_folders(args.paths, args.alpha, margin, args.metric)
             print(report.markdown(table, plan, args.alpha, margin))
+            if args.out:
+                paths = write_folders(table, plan, runs, Path(args.out), args.alpha, margin)
+                print("wrote " + ", ".join(str(x) for x in paths.values()))
+            else:
+                print("(printed only: add --out DIR to write summary.md, summary.csv, curves.png and forest.png)")
             return
+        if args.out:
+            raise UserError(
+                "command line",
+                "--out",
+                f"a grid's comparison is written into the grid folder {args.paths[0]}",
+                "leave --out out for a grid (it is for run folders compared directly)",
+            )
         paths = write(args.paths[0], args.alpha, args.margin, args.metric)
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(x) for x in paths.values()))

@@ -13,7 +13,14 @@ from escarda_lab.io import atomic_path
 from escarda_lab.records import METRICS
 
 
-def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: Path, metric: str = "val_bpb") -> None:
+def plot(
+    runs: pd.DataFrame,
+    summary: pd.DataFrame,
+    curve: pd.DataFrame,
+    path: Path,
+    metric: str = "val_bpb",
+    margin: float | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +31,7 @@ def plot(runs: pd.DataFrame, summary: pd.DataFrame, curve: pd.DataFrame, path: P
     else:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
         plot_curves(curve, ax1, metric.replace("_", "/"), variant_colours(summary.variant))
-    plot_deltas(runs, summary, ax2, metric)
+    plot_deltas(runs, summary, ax2, metric, margin)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -63,18 +70,26 @@ def plot_curves(curve: pd.DataFrame, ax, tag: str = "val/bpb", colours: dict | N
     ax.set_xlabel("step")
     ax.set_ylabel(tag)
     ax.set_title(f"{tag}: mean ± std over seeds")
-    steps = sorted(c.step.unique())
-    if len(steps) >= 3:  # the first evaluation (near-uniform loss) would squash the rest
-        lo, hi = c.value.min(), c[c.step == steps[1]].value.max()
-        ax.set_ylim(lo - 0.02 * (hi - lo), hi)
+    if len(c):  # every point inside the axes; a log axis when the first evaluations would squash the rest
+        lo, hi = c.value.min(), c.value.max()
+        if lo > 0 and hi / lo > 2:
+            ax.set_yscale("log")
+            ax.set_ylim(lo / 1.02, hi * 1.02)
+        elif hi > lo:
+            ax.set_ylim(lo - 0.03 * (hi - lo), hi + 0.03 * (hi - lo))
     if len(c):
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
 
-def plot_deltas(runs: pd.DataFrame, summary: pd.DataFrame, ax, metric: str = "val_bpb") -> None:
+def plot_deltas(
+    runs: pd.DataFrame, summary: pd.DataFrame, ax, metric: str = "val_bpb", margin: float | None = None
+) -> None:
     """Paired differences to the baseline: one dot per seed (variant − baseline on that seed), the
-    mean as a bar and its 95% t interval as a line."""
+    mean as a bar and its 95% t interval as a line, over the ±margin band of equivalence."""
+    if margin:
+        ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12, lw=0, label=f"±margin {margin:g}")
+        ax.legend(fontsize=8, loc="lower right")
     ok = runs[runs.status == "finished"]
     delta = summary.delta if "delta" in summary else summary.delta_bpb
     for i, (r, dm) in enumerate(zip(summary.itertuples(), delta)):

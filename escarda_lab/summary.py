@@ -64,21 +64,26 @@ def load_runs(grid_dir: str | Path) -> pd.DataFrame:
 
 
 def curves(grid_dir: str | Path, prefix: str = "val/bpb") -> pd.DataFrame:
-    """TensorBoard scalars whose tag starts with `prefix`, as rows (variant, seed, tag, step, value)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    """TensorBoard scalars of a grid's runs whose tag starts with `prefix`, as rows (variant, seed,
+    tag, step, value)."""
     grid_dir = Path(grid_dir)
     plan = load_plan(grid_dir)
+    folders = [(v["name"], s, grid_dir / v["name"] / f"seed{s}") for v in plan["variants"] for s in plan["seeds"]]
+    return curves_of(folders, prefix)
+
+
+def curves_of(folders, prefix: str = "val/bpb") -> pd.DataFrame:
+    """The same from (variant, seed, run folder) triples: any runs, in or out of a grid."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     rows = []
-    for v in plan["variants"]:
-        for seed in plan["seeds"]:
-            folder = grid_dir / v["name"] / f"seed{seed}"
-            for events in sorted(folder.glob("events.out.tfevents.*")):
-                acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-                acc.Reload()
-                for tag in acc.Tags()["scalars"]:
-                    if tag.startswith(prefix):
-                        rows += [(v["name"], seed, tag, e.step, e.value) for e in acc.Scalars(tag)]
+    for name, seed, folder in folders:
+        for events in sorted(Path(folder).glob("events.out.tfevents.*")):
+            acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in acc.Tags()["scalars"]:
+                if tag.startswith(prefix):
+                    rows += [(name, seed, tag, e.step, e.value) for e in acc.Scalars(tag)]
     df = pd.DataFrame(rows, columns=["variant", "seed", "tag", "step", "value"])
     return df.drop_duplicates(["variant", "seed", "tag", "step"], keep="last")
 
@@ -342,10 +347,11 @@ def _first(x) -> float:
 
 def compare_folders(
     paths: list[str], alpha: float = 0.05, margin: float = 0.01, metric: str | None = None
-) -> tuple[pd.DataFrame, dict]:
+) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """Any run folders, outside a grid: `runs/a` (every seed<k>/ in it) or `runs/a/seed0`; the
-    first name is the baseline; runs of two names pair on their common seeds."""
-    rows, names = [], []
+    first name is the baseline; runs of two names pair on their common seeds. Returns the verdict
+    table, the plan (with each run's folder) and the runs."""
+    rows, names, folders = [], [], []
     for raw in paths:
         path = Path(raw)
         runs = [path] if (path / "metrics.json").exists() else sorted(path.glob("seed*/"))
@@ -358,6 +364,7 @@ def compare_folders(
         for r in runs:
             m = read_json(r / "metrics.json") or {}
             rows.append(run_row(m, name, m.get("seed", 0), "", str(r), "changed"))
+            folders.append((name, m.get("seed", 0), str(r)))
     df = pd.DataFrame(rows)
     df["baseline"] = names[0]
     df.loc[df.variant == names[0], "kind"] = "base"
@@ -367,8 +374,9 @@ def compare_folders(
         "baseline": names[0],
         "seeds": sorted(df.seed.unique().tolist()),
         "title": f"# Runs compared: {', '.join(f'`{n}`' for n in names)}",
+        "folders": folders,
     }
-    return summarize(df, alpha, margin, metric), plan
+    return summarize(df, alpha, margin, metric), plan, df
 
 
 def _is_probe(path: str) -> bool:

@@ -302,6 +302,21 @@ def test_compare_takes_run_folders_outside_a_grid(finished_grid, capsys):
     assert compare_main([str(grid_dir / "full"), str(grid_dir / "xsa")]) == 0
     out = capsys.readouterr().out
     assert "Runs compared: `full`, `xsa`" in out and "`xsa`" in out and "2/2" in out and "Δ bpb (paired)" in out
+    assert "add --out DIR" in out  # says that nothing was written, and how to write it
+
+
+def test_compare_out_writes_the_run_folders_comparison_with_its_curves(finished_grid, tmp_path, capsys):
+    from escarda_lab.compare import main as compare_main
+
+    _, _, grid_dir = finished_grid
+    out = tmp_path / "cmp"
+    assert compare_main([str(grid_dir / "full"), str(grid_dir / "xsa"), "--out", str(out)]) == 0
+    assert "Runs compared: `full`, `xsa`" in (out / "summary.md").read_text()
+    assert (out / "summary.csv").read_text().startswith("variant,")
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "forest.png").stat().st_size > 10_000
+    width = int.from_bytes((out / "curves.png").read_bytes()[16:20], "big")
+    assert width > 1200  # two panels: the runs' learning curves were found beside the paired differences
+    assert compare_main([str(grid_dir), "--out", str(out)]) == 2  # a grid writes into its own folder
 
 
 def test_rerunning_a_finished_grid_skips_every_run(finished_grid):
