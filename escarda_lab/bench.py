@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from escarda_lab import accounting, config, data, registry
+from escarda_lab import accounting, conditions, config, data, registry
 from escarda_lab.cli import prepare_torch, quiet_libraries, release_free_memory, user_error
 from escarda_lab.device import on_gpu, sync
 from escarda_lab.errors import UserError
@@ -302,6 +302,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     device = device_of(base)
     tokens_per_step = base.data.batch_size * base.data.seq_len
     probe = accounting.probe_kind(base)
+    before = conditions.measure(device.type)
     peak_before = accounting.matmul_peak_flops(**probe)
     loop: dict[str, list[float]] = {"pytorch": [], "lightning": []}
     train: list[list[float]] = [[] for _ in cfgs]
@@ -333,6 +334,8 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
         "loop_overhead": [],
         "variants": [],
         "data_wait_fraction": statistics.median(data_wait),  # of the Lightning loop's step time
+        "rounds": rounds,
+        "conditions": {**before, "load_end": conditions.load()},
     }
     for name, secs in loop.items():
         s = statistics.median(secs)
@@ -376,7 +379,15 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
 
 
 def report(res: dict, decode: bool) -> str:
+    why = conditions.why_noisy(res.get("conditions"), res.get("rounds"))
     lines = [
+        (
+            f"NOISY: {why}. Ratios drift from run to run under these conditions: use --rounds 3 or more on a "
+            "machine with nothing else running."
+            if why
+            else f"conditions: {res.get('rounds')} rounds, load {(res.get('conditions') or {}).get('load', 0):.1f} "
+            f"on {(res.get('conditions') or {}).get('cpus', '?')} cores (quiet)"
+        ),
         f"{res['device']}: matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s ({res['precision']}), "
         f"{res['tokens_per_step']} tokens/step, torch {res['torch']}, {res['threads']} threads",
         f"\nloop overhead ({res['variants'][0]['name']}):",

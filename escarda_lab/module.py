@@ -147,7 +147,7 @@ class EscardaModule(L.LightningModule):
     def compute_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         return total_loss(self.model, batch, self.model(batch["ids"]))
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         loss, terms = self.compute_loss(batch)
         if not torch.isfinite(loss):
             raise Diverged(self.global_step, "the training loss")
@@ -155,7 +155,8 @@ class EscardaModule(L.LightningModule):
             self._pending["train/loss"] = loss.detach()
             self._pending.update({f"train/{name}": term.detach() for name, term in terms.items()})
             self._pending["lr"] = self.lr_schedulers().get_last_lr()[0]
-        return loss
+        ce = terms.get("cross_entropy")  # the LM loss alone, comparable with val/loss
+        return {"loss": loss, **({"cross_entropy": ce.detach()} if ce is not None else {})}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         max_norm = self.cfg.train.grad_clip or float("inf")
@@ -380,7 +381,9 @@ class StopOnSignal(L.Callback):
 
 class ProgressLog(L.Callback):
     """Progress as log lines, for logs that are not a terminal (`| tee`, a grid's log.txt, SLURM):
-    step, train loss, the last val bpb, tokens/s and ETA, every tenth of the run or `seconds`."""
+    step, the batch's cross-entropy and the total objective (cross-entropy plus every weighted
+    auxiliary loss: the two differ whenever JEPA, MTP, z-loss or a router loss is on), the last
+    periodic val bpb with its token count, tokens/s and ETA, every tenth of the run or `seconds`."""
 
     def __init__(self, seconds: float = 60.0, parts: int = 10, log=None):
         import logging
@@ -404,13 +407,15 @@ class ProgressLog(L.Callback):
         done = step - self._start_step
         rate = done / max(now - self._t0, 1e-9)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        ce = outputs.get("cross_entropy") if isinstance(outputs, dict) else None
         val = getattr(pl_module, "last_val", None)
         self.out.info(
-            "step %d/%d  loss %.4f%s  %.0f tokens/s  ETA %s",
+            "step %d/%d  %sobjective %.4f%s  %.0f tokens/s  ETA %s",
             step,
             total,
+            f"train cross-entropy {float(ce):.4f}  " if ce is not None else "",
             float(loss),
-            f"  val/bpb {val['bpb']:.4f}" if val else "",
+            f"  val/bpb {val['bpb']:.4f} (periodic subset, {val['tokens']:,} tokens)" if val else "",
             rate * pl_module.tokens_per_step,
             clock((total - step) / rate if rate > 0 else float("nan")),
         )

@@ -159,7 +159,8 @@ def plot_cost_benefit(summary: pd.DataFrame, ax_speed, ax_params, colours: dict 
         ax.set_ylabel("Δ val bpb (up = worse)")
         ax.grid(alpha=0.3)
     ax_speed.axvline(1, color="k", lw=0.8)
-    ax_speed.set_title("cost vs benefit: speed")
+    noisy = "speed_noisy" in s and s.speed_noisy.sum() > 0
+    ax_speed.set_title("cost vs benefit: speed" + (" (noisy: timed on a shared machine)" if noisy else ""))
     ax_params.set_title("cost vs benefit: parameters")
 
 

@@ -49,6 +49,8 @@ RECORDED = [
     "val_batch_bpb",
     "val_window",
     "train_seconds",
+    "val_tokens",
+    "conditions",
 ]
 
 
@@ -82,6 +84,7 @@ def run_row(m: dict, variant: str, seed: int, baseline: str, change: str, kind: 
         "eval_se": m.get("val_bpb_se", math.nan),  # the final score's standard error over batches
         "ckpt_sd": window_sd(m.get("val_window") or []),
         "batch_bpb": m.get("val_batch_bpb") or [],
+        "conditions": m.get("conditions"),  # the machine's load and the runs sharing it (escarda_lab.conditions)
     }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from escarda_lab.conditions import speed_note
 from escarda_lab.noise import noise_budget
 from escarda_lab.records import METRICS
 from escarda_lab.stats import STATISTICS, Statistic
@@ -115,6 +116,15 @@ def noise_lines(summary: pd.DataFrame, unit: str) -> list[str]:
     ]
 
 
+def speed_line(summary: pd.DataFrame) -> str:
+    """Whether the speed and tokens/s columns were measured on a machine the runs had to themselves."""
+    if "speed_timed" not in summary:
+        return speed_note(0, 0, "")
+    noisy = summary[summary.speed_noisy > 0]
+    why = noisy.speed_why.mode().iloc[0] if len(noisy) else ""
+    return speed_note(int(summary.speed_timed.sum()), int(summary.speed_noisy.sum()), why)
+
+
 def markdown(
     summary: pd.DataFrame, plan: dict, alpha: float = 0.05, margin: float = 0.01, prior_sd: float | None = None
 ) -> str:
@@ -165,6 +175,8 @@ def markdown(
         "over seeds (what pairing buys), Welch's unpaired p, training throughput, components flagged dead.",
         "",
         table(more),
+        "",
+        speed_line(summary),
     ]
     evals = [c[:-5] for c in summary.columns if c.startswith("eval/") and c.endswith(" mean")]
     if evals:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from escarda_lab import config
+from escarda_lab import conditions, config
 from escarda_lab.cli import credited, prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import Diverged, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
@@ -163,6 +163,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         "compiled": t.compile,
         "flops_per_token": module.flops_per_token,
         "peak_flops": peak,
+        "conditions": conditions.measure(trainer.strategy.root_device.type),
     }
     if trainer.is_global_zero:
         write_json(folder / "metrics.json", {**base, "status": "running", "step": start_step})
@@ -216,6 +217,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         "tokens_per_s": trainer.global_step * module.tokens_per_step / max(module.train_seconds, 1e-9),
         "train_seconds": module.train_seconds,
         "wall_seconds_this_process": time.perf_counter() - t0,
+        "conditions": {**base["conditions"], "load_end": conditions.load()},
         "stats": module.model.stats(),
     }
     if module.ema is not None:
@@ -391,8 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if metrics:
         log.info(
-            "%s: val/loss %.4f  val/bpb %.4f  val/acc %.4f  (%s params, %.0f tokens/s, MFU %.1f%%)",
+            "%s: whole validation split (%s tokens): val/loss %.4f (cross-entropy)  val/bpb %.4f  val/acc %.4f"
+            "  (%s params, %.0f tokens/s, MFU %.1f%%)",
             run_dir(cfg),
+            f"{metrics['val_tokens']:,}",
             metrics["val_loss"],
             metrics["val_bpb"],
             metrics["val_acc"],

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from escarda_lab import suites
+from escarda_lab.conditions import noisy_counts
 from escarda_lab.errors import DataError
 from escarda_lab.io import read_json, read_jsonl
 from escarda_lab.records import METRICS, run_row
@@ -127,6 +128,9 @@ def summarize(runs: pd.DataFrame, alpha: float = 0.05, margin: float = 0.01, met
             "eval_se": _mean(g.eval_se) if "eval_se" in g else math.nan,
             "dead": ", ".join(sorted({d for ds in group.dead for d in ds.split(", ") if d})),
         }
+        row["speed_timed"], row["speed_noisy"], row["speed_why"] = noisy_counts(
+            g.conditions if "conditions" in g else []
+        )
         for col in [c for c in runs.columns if c.startswith("eval/")]:
             row[f"{col} mean"], row[f"{col} std"] = _mean(g[col]), _std(g[col])
         if name == base_name:

@@ -31,7 +31,10 @@ def test_bench_prints_loops_variants_and_decode(corpus, tmp_path, capsys):
         ]
     )
     assert code == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("NOISY: 1 round (< 3)")  # one round is never a measurement to quote
+    res = json.loads(out[-1])
+    assert res["rounds"] == 1 and res["conditions"]["cpus"] >= 1
     assert [v["name"] for v in res["loop_overhead"]] == ["pytorch", "lightning"] and res["peak_flops"] > 1e9
     assert 0 <= res["data_wait_fraction"] < 1
     assert [v["name"] for v in res["variants"]] == ["vanilla", "escarda"]

@@ -81,7 +81,10 @@ def test_progress_lines_when_stderr_is_not_a_terminal(corpus, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert len(lines) >= 4
     assert all("tokens/s" in line and "ETA" in line for line in lines)
-    assert "val/bpb" in lines[-1] and lines[-1].startswith("step 200/200")
+    assert all("train cross-entropy" in line and "objective" in line for line in lines)  # each under its name
+    assert "val/bpb" in lines[-1] and "periodic subset" in lines[-1] and lines[-1].startswith("step 200/200")
+    final = [r.getMessage() for r in caplog.records if "whole validation split" in r.getMessage()]
+    assert len(final) == 1 and "(cross-entropy)" in final[0]  # the final score names its split and tokens
 
 
 def test_no_stray_hparams_yaml(finished):

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from escarda_lab.conditions import RUNS_AT_ONCE
 from escarda_lab.errors import ConfigError
 from escarda_lab.grid.expand import Run
 from escarda_lab.grid.record import prepare_folder, record, varied_keys
@@ -31,6 +32,7 @@ def child_env(parallel: int, gpu: str | None = None) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     env["PYTHONUNBUFFERED"] = "1"
+    env[RUNS_AT_ONCE] = str(parallel)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
@@ -208,6 +210,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
                 + (f" val/acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
+                + (f" (whole val split, {rec['val_tokens']:,} tokens)" if rec.get("val_tokens") else "")
                 + (
                     f" ({rec['wall_s']:.0f} s: {rec['train_seconds']:.0f} training, {fixed_seconds(rec):.0f} fixed"
                     + eta()
