@@ -412,9 +412,13 @@ def report(res: dict) -> str:
                 f"{kind} {name}: bpb {v['bpb']:.4f}  byte perplexity {v['byte_perplexity']:.3f}  ({v['bytes']:,} bytes)"
             )
     if "minimal_pairs" in res:
+        from escarda_lab.minimal_pairs import below_chance
+
         lines.append("minimal pairs (acc ± stderr):")
+        flags = below_chance(res["minimal_pairs"])
         for name, v in res["minimal_pairs"].items():
-            lines.append(f"  {name:<28} {v['acc']:.3f} ± {v['acc_stderr']:.3f}  (n={v['n']})")
+            flag = f"  BELOW CHANCE by > 3 s.e.: {flags[name]}" if name in flags else ""
+            lines.append(f"  {name:<28} {v['acc']:.3f} ± {v['acc_stderr']:.3f}  (n={v['n']}){flag}")
     for name, v in res.get("tasks", {}).items():
         lines.append(
             f"task {name}: acc {v['acc']:.3f} ± {v['acc_stderr']:.3f}  acc_norm {v['acc_norm']:.3f} "

@@ -7,7 +7,11 @@ A model "gets" a pair when log P(good) > log P(bad) (whole sentences, summed ove
 from __future__ import annotations
 
 import itertools
+import math
 import random
+import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from escarda_lab.stats import mean_stderr
@@ -164,25 +168,37 @@ def determiner_noun(rng) -> list[Pair]:
 
 
 def anaphor_agreement(rng) -> list[Pair]:
+    """Gender ("The king praised himself / herself") and number, both ways ("The kings praised
+    themselves / himself", "The king praised himself / themselves"), over the gendered nouns so
+    that each reflexive is the good word about as often as the bad one."""
     out = []
     reflexive = {"m": "himself", "f": "herself"}
     for (sg, pl, gender), (verb, _) in itertools.product(NOUNS, TRANSITIVE):
-        if gender in reflexive:  # gender: "The king praised himself / herself"
-            other = "herself" if gender == "m" else "himself"
-            out.append(_pair("anaphor_agreement", ["The", sg, verb, "_", "."], 3, reflexive[gender], other))
-        # number: "The kings praised themselves / himself"
-        wrong = rng.choice(["himself", "herself"])
-        out.append(_pair("anaphor_agreement", ["The", pl, verb, "_", "."], 3, "themselves", wrong))
+        if gender not in reflexive:
+            continue
+        other = "herself" if gender == "m" else "himself"
+        out.append(_pair("anaphor_agreement", ["The", sg, verb, "_", "."], 3, reflexive[gender], other))
+        out.append(_pair("anaphor_agreement", ["The", sg, verb, "_", "."], 3, reflexive[gender], "themselves"))
+        out.append(
+            _pair("anaphor_agreement", ["The", pl, verb, "_", "."], 3, "themselves", rng.choice(["himself", "herself"]))
+        )
     return out
 
 
 def irregular_past_participle(rng) -> list[Pair]:
+    """ "has written" / "has wrote", and counterbalanced "wrote" / "written" without the auxiliary,
+    so that neither form wins by being the commoner word."""
     out = []
     for (sg, pl, _), (past, participle, obj) in itertools.product(NOUNS, IRREGULAR):
         plural = rng.random() < 0.5
-        aux = "have" if plural else "has"
-        words = ["The", pl if plural else sg, aux, "_", *obj.split(), "."]
-        out.append(_pair("irregular_past_participle", words, 3, participle, past))
+        subject = pl if plural else sg
+        if rng.random() < 0.5:
+            words = ["The", subject, "have" if plural else "has", "_", *obj.split(), "."]
+            out.append(_pair("irregular_past_participle", words, 3, participle, past))
+        else:
+            out.append(
+                _pair("irregular_past_participle", ["The", subject, "_", *obj.split(), "."], 2, past, participle)
+            )
     return out
 
 
@@ -201,13 +217,25 @@ def existential_there(rng) -> list[Pair]:
 
 
 def negative_polarity(rng) -> list[Pair]:
-    """BLiMP's sentential negation licensor: "has not ever seen" / "has probably ever seen"."""
+    """The negative-polarity item "either" against its positive-polarity counterpart "too"
+    (Klima 1964): "The king has not seen the sea either / *too" and "The king has seen the sea too /
+    *either". Both halves swap the same two words in the same local context, so word frequency
+    and the neighbouring words cannot decide a pair (a unigram or bigram model scores 0.5); only
+    whether "not" licenses the last word does. (BLiMP's "has not ever / *has probably ever" swaps
+    the licensor itself, which a model gets right by knowing that "not" is common.)"""
     out = []
-    for (sg, _, _), participle, obj in itertools.product(NOUNS, PARTICIPLES, OBJECTS):
-        words = ["The", sg, "has", "_", "ever", participle, *obj.split(), "."]
-        out.append(_pair("negative_polarity", words, 3, "not", rng.choice(["probably", "surely", "often", "also"])))
+    for (sg, _, _), participle, obj, negated in itertools.product(NOUNS, PARTICIPLES, OBJECTS, [False, True]):
+        words = ["The", sg, "has", *(["not"] if negated else []), participle, *obj.split(), "_", "."]
+        good, bad = ("either", "too") if negated else ("too", "either")
+        out.append(_pair("negative_polarity", words, len(words) - 2, good, bad))
     return out
 
+
+# What a bigram model may do on a paradigm, beside chance: where the deciding word is next to the
+# swapped one, a bigram legitimately knows the rule (`LOCAL`); where a word of the other number
+# stands next to it by design, a bigram is misled below chance (`ATTRACTOR`, Linzen et al. 2016).
+LOCAL = {"sv_agreement", "determiner_noun_agreement", "irregular_past_participle", "existential_there"}
+ATTRACTOR = {"sv_agreement_across_pp"}
 
 PARADIGMS = {
     "sv_agreement": sv_agreement,
@@ -248,3 +276,54 @@ def score(scorer, pairs: list[Pair]) -> dict:
     every = [x for h in hits.values() for x in h]
     out["overall"] = {"acc": sum(every) / len(every), "acc_stderr": mean_stderr(every), "n": len(every)}
     return out
+
+
+def below_chance(res: dict) -> dict[str, str]:
+    """Paradigms whose accuracy lies below chance by more than 3 standard errors: the model
+    prefers the ungrammatical sentence, which a report must not average away."""
+    out = {}
+    for name, v in res.items():
+        se = max(v["acc_stderr"], 0.5 / math.sqrt(max(v["n"], 1)))  # a 0/1 score has se 0; use chance's
+        if name != "overall" and v["acc"] < 0.5 - 3 * se:
+            out[name] = (
+                "misled by the attractor next to the verb (agreement attraction), as a bigram model is"
+                if name in ATTRACTOR
+                else "the model prefers the ungrammatical sentence"
+            )
+    return out
+
+
+WORD = re.compile(r"[a-z']+|[.,;:!?]")
+
+
+class NGramScorer:
+    """A word unigram (n=1) or bigram (n=2) model fitted on texts, with the scorer interface
+    `score` uses: the frequency baseline every paradigm is checked against. A paradigm on which it
+    scores far from 0.5 is decided by how common the words are (or by their neighbours), not by
+    the grammar it names. Unigram: add-one; bigram: Dirichlet smoothing towards the unigram."""
+
+    def __init__(self, texts: Iterable[str], n: int = 2, mu: float = 100.0):
+        self.n, self.mu = n, mu
+        self.uni: Counter = Counter()
+        self.bi: Counter = Counter()
+        for text in texts:
+            words = ["<s>", *WORD.findall(text.lower())]
+            self.uni.update(words)
+            if n == 2:
+                self.bi.update(zip(words, words[1:]))
+        self.total, self.vocab = sum(self.uni.values()), len(self.uni) + 1
+
+    def p1(self, w: str) -> float:
+        return (self.uni[w] + 1) / (self.total + self.vocab)
+
+    def logprob(self, sentence: str) -> float:
+        words = ["<s>", *WORD.findall(sentence.lower())]
+        if self.n == 1:
+            return sum(math.log(self.p1(w)) for w in words[1:])
+        return sum(
+            math.log((self.bi[(v, w)] + self.mu * self.p1(w)) / (self.uni[v] + self.mu))
+            for v, w in zip(words, words[1:])
+        )
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return [(self.logprob(context + continuation), False) for context, continuation in requests]

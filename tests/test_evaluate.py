@@ -151,7 +151,7 @@ EXPECTED_DIFFERENCE = {  # what may differ between the good and the bad word
     "anaphor_agreement": "reflexive",
     "irregular_past_participle": "participle",
     "existential_there": "be",
-    "negative_polarity": "licensor",
+    "negative_polarity": "either/too",
 }
 
 
@@ -163,10 +163,59 @@ def allowed(kind: str, good: str, bad: str) -> bool:
     if kind == "reflexive":
         return {good, bad} <= {"himself", "herself", "themselves"}
     if kind == "participle":
-        return any((good, bad) == (pp, past) for past, pp, _ in mp.IRREGULAR)
+        return any({good, bad} == {pp, past} for past, pp, _ in mp.IRREGULAR)
     if kind == "be":
         return {good, bad} in ({"is", "are"}, {"was", "were"})
-    return good == "not"
+    return {good, bad} == {"either", "too"}
+
+
+@pytest.fixture(scope="module")
+def ngram_results():
+    """Unigram and bigram word models fitted on the default training corpus, scored on 200 pairs
+    of every paradigm."""
+    from escarda_lab import corpora
+
+    texts = [text for _, text in corpora.iter_texts("classics")]
+    pairs = mp.generate(per_paradigm=200)
+    return {n: mp.score(mp.NGramScorer(texts, n), pairs) for n in (1, 2)}
+
+
+def within_chance(v: dict) -> bool:
+    return abs(v["acc"] - 0.5) <= 3 * v["acc_stderr"]
+
+
+@pytest.mark.parametrize("paradigm", list(mp.PARADIGMS))
+def test_word_frequency_alone_decides_no_paradigm(ngram_results, paradigm):
+    assert within_chance(ngram_results[1][paradigm]), ngram_results[1][paradigm]
+
+
+@pytest.mark.parametrize("paradigm", list(mp.PARADIGMS))
+def test_a_bigram_model_is_at_chance_unless_the_rule_is_local_or_an_attractor_traps_it(ngram_results, paradigm):
+    v = ngram_results[2][paradigm]
+    if paradigm in mp.LOCAL:  # the deciding word is adjacent: a bigram may know the rule
+        assert v["acc"] > 0.5 - 3 * v["acc_stderr"], v
+    elif paradigm in mp.ATTRACTOR:  # a word of the other number stands next to the verb
+        assert v["acc"] < 0.5 + 3 * v["acc_stderr"], v
+    else:
+        assert within_chance(v), v
+
+
+def test_negative_polarity_swaps_the_same_two_words_both_ways():
+    pairs = [p for p in mp.generate(per_paradigm=200) if p.paradigm == "negative_polarity"]
+    licensed = [p for p in pairs if " not " in p.good]
+    assert all(p.good.endswith("either.") for p in licensed)
+    assert all(p.good.endswith("too.") for p in pairs if p not in licensed)
+    assert 0.4 < len(licensed) / len(pairs) < 0.6
+
+
+def test_a_paradigm_below_chance_is_flagged_and_the_attractor_named():
+    res = {
+        "sv_agreement_across_pp": {"acc": 0.30, "acc_stderr": 0.03, "n": 200},
+        "negative_polarity": {"acc": 0.45, "acc_stderr": 0.035, "n": 200},
+        "sv_agreement": {"acc": 0.20, "acc_stderr": 0.03, "n": 200},
+    }
+    flags = mp.below_chance(res)
+    assert set(flags) == {"sv_agreement_across_pp", "sv_agreement"} and "attraction" in flags["sv_agreement_across_pp"]
 
 
 def test_pairs_differ_in_exactly_the_paradigm_word():
