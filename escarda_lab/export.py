@@ -85,9 +85,14 @@ def export(run: str | Path, out: str | Path) -> Path:
     model, tok, cfg = load_run(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # Tied weights are written once per name (safetensors refuses shared storage); loading
-    # assigns the same values to the one shared parameter twice.
-    state = {f"model.{k}": v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
+    # A tied head is not written: transformers ties it back to the embedding on loading
+    # (`tie_word_embeddings`), so the loaded model has the run's parameters, not one matrix twice.
+    tied = cfg.model.tie_embeddings
+    state = {
+        f"model.{k}": v.detach().to(torch.float32).contiguous().clone()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "head.weight")
+    }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the folder is meant to be shared
     escarda = json.loads(json.dumps(asdict(cfg), default=str))
@@ -105,7 +110,7 @@ def export(run: str | Path, out: str | Path) -> Path:
         "bos_token_id": tok.bos_id,
         "eos_token_id": EOS,
         "pad_token_id": PAD,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": bool(tied),
         "torch_dtype": "float32",
         "escarda": escarda,
     }

@@ -85,6 +85,34 @@ def test_transformers_logits_equal_ours(run, exported):
         assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_the_exported_model_has_the_runs_parameters_with_the_head_still_tied(run, exported):
+    from transformers import AutoModelForCausalLM
+
+    from escarda_lab.run_folder import load_run
+
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
+    ours, _, _ = load_run(run)
+    assert hf.num_parameters() == sum(p.numel() for p in ours.parameters())
+    assert hf.model.head.weight is hf.model.embed.weight
+
+
+def test_cached_generation_feeds_one_token_a_step_and_equals_the_full_forward(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True).eval()
+    ids = AutoTokenizer.from_pretrained(str(exported)).encode(TEXT, return_tensors="pt")
+    fed, forward = [], hf.model.forward
+    hf.model.forward = lambda x, cache=None: fed.append(x.shape[1]) or forward(x, cache=cache)
+    out = hf.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    hf.model.forward = forward
+    assert fed == [ids.shape[1]] + [1] * 5  # the prompt once, then only the new token
+    with torch.no_grad():
+        full = hf(out.sequences).logits[0, ids.shape[1] - 1 : -1]
+    assert torch.allclose(torch.cat(out.logits), full, atol=1e-5, rtol=0)
+    uncached = hf.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert uncached.tolist() == out.sequences.tolist()
+
+
 def test_pipeline_generates_text(exported):
     from transformers import pipeline
 
