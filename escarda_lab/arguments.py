@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     "bench": "Interleaved A/B timing of experiments in one process: training step, decoding, ratios.",
     "lm_eval_adapter": "Run lm-evaluation-harness tasks on a finished run.",
     "accounting": "Parameter breakdown of an experiment by plugin.",
+    "results": "Every run under a folder in one table (an SQLite index, <root>/results.sqlite): a filter "
+    "(WHERE clause) or a SELECT over the table `runs`; config keys are columns.",
 }
 
 
@@ -47,6 +49,18 @@ def _run(p):
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config (grids: the table of runs) and train nothing"
     )
+
+
+def _results(p):
+    p.add_argument(
+        "query",
+        nargs="?",
+        default="",
+        help="a filter such as \"grid = 'leave_one_out' AND status = 'finished'\", or a SELECT over `runs` "
+        '(config keys are quoted columns: "model.d_model"); none: every run',
+    )
+    p.add_argument("--root", default="runs", help="the folder the runs are under (output.dir)")
+    p.add_argument("--no-refresh", action="store_true", help="query the index as it is, without re-reading the folders")
 
 
 def _compare(p):
@@ -178,6 +192,7 @@ def _accounting(p):
 ARGUMENTS = {
     "run": _run,
     "compare": _compare,
+    "results": _results,
     "evaluate": _evaluate,
     "generate": _generate,
     "export": _export,

@@ -45,6 +45,7 @@ def write(
 ) -> dict[str, Path]:
     grid_dir = Path(grid_dir)
     plan = summary.load_plan(grid_dir)
+    refresh_index(grid_dir)
     margin = plan.get("margin", 0.01) if margin is None else margin
     runs = summary.load_runs(grid_dir)
     metric = metric or plan.get("metric", "val_bpb")
@@ -93,6 +94,19 @@ def write(
         fig.tight_layout()
         plots.save_figure(fig, paths["tune"])
     return paths
+
+
+def refresh_index(grid_dir: Path) -> None:
+    """The grid's rows of the results index beside it (escarda_lab.results); a warning if it cannot."""
+    import logging
+    import sqlite3
+
+    from escarda_lab import results
+
+    try:
+        results.refresh(grid_dir.parent, under=grid_dir)
+    except (sqlite3.Error, OSError, UserError) as e:
+        logging.getLogger("escarda_lab").warning("the results index beside %s was not refreshed: %s", grid_dir, e)
 
 
 def write_folders(table, plan: dict, runs, out: Path, alpha: float, margin: float) -> dict[str, Path]:

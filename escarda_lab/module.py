@@ -155,8 +155,9 @@ class EscardaModule(L.LightningModule):
             self._pending["train/loss"] = loss.detach()
             self._pending.update({f"train/{name}": term.detach() for name, term in terms.items()})
             self._pending["lr"] = self.lr_schedulers().get_last_lr()[0]
-        ce = terms.get("cross_entropy")  # the LM loss alone, comparable with val/loss
-        return {"loss": loss, **({"cross_entropy": ce.detach()} if ce is not None else {})}
+        # The LM loss alone (the objective whose term is the head's NLL), comparable with val/loss.
+        ce = next((terms[n] for n, o in self.model.objectives.items() if o.head_terms == {"nll": 1.0}), None)
+        return {"loss": loss, **({"lm_nll": ce.detach()} if ce is not None else {})}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         max_norm = self.cfg.train.grad_clip or float("inf")
@@ -407,7 +408,7 @@ class ProgressLog(L.Callback):
         done = step - self._start_step
         rate = done / max(now - self._t0, 1e-9)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        ce = outputs.get("cross_entropy") if isinstance(outputs, dict) else None
+        ce = outputs.get("lm_nll") if isinstance(outputs, dict) else None
         val = getattr(pl_module, "last_val", None)
         self.out.info(
             "step %d/%d  %sobjective %.4f%s  %.0f tokens/s  ETA %s",

@@ -51,6 +51,7 @@ RECORDED = [
     "train_seconds",
     "val_tokens",
     "conditions",
+    "git_commit",
 ]
 
 

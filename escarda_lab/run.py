@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from escarda_lab import conditions, config
+from escarda_lab import conditions, config, results
 from escarda_lab.cli import credited, prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import Diverged, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
@@ -164,6 +164,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         "flops_per_token": module.flops_per_token,
         "peak_flops": peak,
         "conditions": conditions.measure(trainer.strategy.root_device.type),
+        "git_commit": git_commit(),
     }
     if trainer.is_global_zero:
         write_json(folder / "metrics.json", {**base, "status": "running", "step": start_step})
@@ -231,6 +232,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     metrics["mfu"] = metrics["tokens_per_s"] * module.flops_per_token / peak
     write_hparams(folder, cfg, metrics)
     write_json(folder / "metrics.json", metrics)
+    results.index_run(folder)
     return metrics
 
 
@@ -261,6 +263,30 @@ def record(folder: Path, metrics: dict) -> None:
         write_json(folder / "metrics.json", metrics)
     except OSError as e:
         log.warning("%s: could not record status %s in metrics.json: %s", folder, metrics.get("status"), e)
+        return
+    results.index_run(folder)
+
+
+def git_commit() -> str | None:
+    """The commit of the escarda_lab checkout that ran (+ "-dirty" with uncommitted changes);
+    None outside a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def hparams_of(folder: Path, cfg) -> dict:
