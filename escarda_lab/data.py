@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from escarda_lab import config, corpora, probe_sets, probes, shards
 from escarda_lab.errors import DataError
+from escarda_lab.io import read_json
 from escarda_lab.tokenizer import BOS, BPETokenizer, ByteTokenizer, ProbeTokenizer, Tokenizer, load_tokenizer
 
 # ------------------------------------------------------------------------------------- token cache
@@ -62,11 +65,14 @@ def prepare(data_cfg, source: str = "data", seed: int = 0, tokenizer: Tokenizer 
     folder = root / f"{key}-v{data_cfg.val_fraction}-{tok_id}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f"{folder.name}.lock"):  # parallel runs build each cache once
+        log = logging.getLogger("escarda_lab")
+        if (folder / "meta.json").exists():
+            found = read_json(folder / "meta.json")  # None (with a warning) when damaged
+            why = shards.damage(folder, found) if found is not None else "its meta.json is damaged"
+            if why:
+                log.warning("the token cache in %s is damaged (%s): rebuilding it with its own tokenizer", folder, why)
+                shards.discard(folder)
         if not (folder / "meta.json").exists():
-            import logging
-            import time
-
-            log = logging.getLogger("escarda_lab")
             log.info(
                 "building the token cache of %s (%s) in %s: once per corpus and tokenizer",
                 data_cfg.corpus,
@@ -74,7 +80,22 @@ def prepare(data_cfg, source: str = "data", seed: int = 0, tokenizer: Tokenizer 
                 folder,
             )
             t0 = time.perf_counter()
-            _build(data_cfg, folder, source, total, tokenizer)
+            try:
+                _build(data_cfg, folder, source, total, tokenizer)
+            except OSError as e:
+                from escarda_lab.run_folder import storage_error
+
+                err = storage_error(
+                    e,
+                    folder,
+                    "the token cache",
+                    "data.cache_dir",
+                    "free space (or point data.cache_dir / ESCARDA_CACHE at a larger disk) and rerun: the build "
+                    "resumes after its last finished shard",
+                )
+                if err is None:
+                    raise
+                raise err from None
             log.info("token cache built in %.0f s", time.perf_counter() - t0)
     meta = json.loads((folder / "meta.json").read_text())
     tok = load_tokenizer(folder, tk.kind)

@@ -40,15 +40,19 @@ def check_writable(folder: Path, source: str) -> None:
 STORAGE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EFBIG"}
 
 
-def storage_error(e: BaseException, folder: Path, what: str) -> UserError | None:
+def storage_error(
+    e: BaseException, folder: Path, what: str, key: str = "output.dir", fix: str | None = None
+) -> UserError | None:
     """The one-paragraph error for a write that failed for lack of space or permission (torch's
-    zip writer reports ENOSPC as a RuntimeError "file write failed"), else None."""
+    zip writer reports ENOSPC as a RuntimeError "file write failed", numpy's tofile as "N requested
+    and M written"), else None."""
     import errno
     import shutil
 
     name = errno.errorcode.get(getattr(e, "errno", None) or -1, "")
     text = str(e)
-    if name not in STORAGE_ERRNOS and "write failed" not in text and "No space left" not in text:
+    short = "requested and" in text and "written" in text  # numpy's short write: the disk filled up
+    if name not in STORAGE_ERRNOS and "write failed" not in text and "No space left" not in text and not short:
         return None
     try:
         free = shutil.disk_usage(next(p for p in [folder, *folder.parents] if p.exists())).free / 2**20
@@ -57,9 +61,10 @@ def storage_error(e: BaseException, folder: Path, what: str) -> UserError | None
     why = "the disk is read-only or not writable" if name in ("EROFS", "EACCES") else "no space left on the device"
     return UserError(
         str(folder),
-        "output.dir",
+        key,
         f"writing {what} into {folder} failed: {why} ({free:.1f} MB free there); everything written before is intact",
-        "free space (or point output.dir at a larger disk) and rerun the same command: training resumes "
+        fix
+        or f"free space (or point {key} at a larger disk) and rerun the same command: training resumes "
         "from the last complete checkpoint",
     )
 

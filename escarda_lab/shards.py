@@ -134,7 +134,8 @@ class ShardWriter:
             with atomic_path(self.folder / f"{name}.idx") as tmp:
                 index.tofile(tmp)
             s = self.state[split]
-            s["shards"].append({"file": f"{name}.bin", "tokens": int(stream.size)})
+            digest = hashlib.blake2b(stream.tobytes(), digest_size=16).hexdigest()
+            s["shards"].append({"file": f"{name}.bin", "tokens": int(stream.size), "blake2b": digest})
             s["documents"] += len(docs)
             s["tokens"] += int(stream.size)
             s["bytes"] += sum(b for _, _, b in docs)
@@ -208,6 +209,39 @@ def build(
     write_json(folder / "meta.json", meta)
     (folder / "progress.json").unlink(missing_ok=True)
     return meta
+
+
+def damage(folder: Path, meta: dict) -> str:
+    """What is wrong with a finished cache's shards ("" when nothing): a missing shard, one whose
+    size or checksum differs from what meta.json recorded, or (in caches written before checksums)
+    a token id outside the vocabulary. Hashing costs about a second per GB."""
+    if meta.get("format") != "shards":
+        return ""
+    dtype = np.dtype(meta["dtype"])
+    for split in SPLITS:
+        for sh in meta[split]["shards"]:
+            path = folder / sh["file"]
+            if not path.exists():
+                return f"{path} is missing"
+            if path.stat().st_size != sh["tokens"] * dtype.itemsize:
+                return f"{path} holds {path.stat().st_size:,} bytes, not the {sh['tokens'] * dtype.itemsize:,} recorded"
+            if "blake2b" in sh:
+                with open(path, "rb") as f:
+                    if hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest() != sh["blake2b"]:
+                        return f"{path} does not match its checksum"
+            elif len(tokens := np.memmap(path, dtype=dtype, mode="r")) and int(tokens.max()) >= meta["vocab_size"]:
+                return f"{path} holds token ids outside the vocabulary of {meta['vocab_size']}"
+    return ""
+
+
+def discard(folder: Path) -> None:
+    """Remove a damaged cache's shards and meta.json; the tokenizer stays, so a rebuild gives the
+    same tokens."""
+    (folder / "meta.json").unlink(missing_ok=True)
+    (folder / "progress.json").unlink(missing_ok=True)
+    for split in SPLITS:
+        for path in [*folder.glob(f"{split}-*.bin"), *folder.glob(f"{split}-*.idx"), folder / f"{split}.bin"]:
+            path.unlink(missing_ok=True)
 
 
 def streams(folder: Path, meta: dict) -> dict[str, TokenStream | np.ndarray]:

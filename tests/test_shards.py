@@ -114,3 +114,53 @@ def test_an_edited_corpus_file_gets_a_new_cache(corpus, tmp_path):
     src.write_text(src.read_text() + "\n\nA new paragraph at the end.\n")
     b = data.prepare(data_cfg(src, tmp_path))
     assert len(b.train) + len(b.val) > len(a.train) + len(a.val)
+
+
+def cache_folder(tmp_path):
+    return next(p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "fingerprints")
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("ids", "does not match its checksum"),  # a shard overwritten with ids outside the vocabulary
+        ("truncate", "not the"),
+        ("delete", "is missing"),
+    ],
+)
+def test_a_damaged_shard_is_named_and_rebuilt_to_the_same_tokens(corpus, tmp_path, small_shards, caplog, damage, words):
+    cfg = data_cfg(corpus, tmp_path, kind="bpe", vocab_size=300, sample_bytes=50_000)
+    first = data.prepare(cfg)
+    train, val = np.array(first.train[:]), np.array(first.val[:])
+    shard = cache_folder(tmp_path) / first.meta["train"]["shards"][1]["file"]
+    del first
+    if damage == "ids":
+        tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
+        tokens[10:20] = 65_000
+        tokens.flush()
+        del tokens
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        shard.unlink()
+    again = data.prepare(cfg)
+    assert f"{shard.name}" in caplog.text and words in caplog.text and "rebuilding" in caplog.text
+    assert np.array_equal(np.asarray(again.train[:]), train) and np.array_equal(np.asarray(again.val[:]), val)
+
+
+def test_every_shard_records_a_checksum(corpus, tmp_path, small_shards):
+    td = data.prepare(data_cfg(corpus, tmp_path))
+    assert all(len(sh["blake2b"]) == 32 for s in shards.SPLITS for sh in td.meta[s]["shards"])
+    assert shards.damage(cache_folder(tmp_path), td.meta) == ""
+
+
+def test_a_full_disk_while_building_the_cache_is_one_paragraph_naming_the_cache(corpus, tmp_path, monkeypatch):
+    from escarda_lab.errors import UserError
+
+    def full(self, docs_done):  # what numpy's tofile raises when the disk fills mid-shard
+        raise OSError("198200 requested and 22528 written")
+
+    monkeypatch.setattr(shards.ShardWriter, "flush", full)
+    with pytest.raises(UserError) as e:
+        data.prepare(data_cfg(corpus, tmp_path))
+    assert e.value.key == "data.cache_dir" and "no space left" in str(e.value) and "resumes" in str(e.value)
