@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch import Tensor
 
 from escarda_lab.device import on_gpu, sync
@@ -428,6 +429,26 @@ def clock(seconds: float) -> str:
         return "?"
     s = int(round(seconds))
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class BesideCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint straight to the path it is given. AtomicCheckpoint gives it a temp name
+    beside last.ckpt and renames it into place, so nothing is staged elsewhere: Lightning's own
+    save goes through an fsspec transaction that stages the whole file in $TMPDIR (often another,
+    smaller disk) and then copies it across."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "wb") as f:
+                torch.save(checkpoint, f)
+        except RuntimeError as e:  # torch's zip writer, failing after the disk filled: report the disk
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 class AtomicCheckpoint(L.Callback):

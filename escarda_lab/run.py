@@ -94,6 +94,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     from escarda_lab.evaluate import score_val_split
     from escarda_lab.module import (
         AtomicCheckpoint,
+        BesideCheckpointIO,
         EscardaModule,
         Interrupted,
         ProgressLog,
@@ -141,6 +142,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         enable_checkpointing=False,
+        plugins=[BesideCheckpointIO()],
         callbacks=[saver := AtomicCheckpoint(ckpt, t.checkpoint_every), StopOnSignal(saver)]
         + ([] if sys.stderr.isatty() else [ProgressLog()]),
         logger=logger,

@@ -87,6 +87,17 @@ def test_a_3mb_tmpfs_as_output_dir_gives_one_paragraph_and_a_rerun_after_freeing
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+def test_checkpoints_are_staged_beside_the_run_never_in_tmpdir(corpus, tmp_path, monkeypatch):
+    import tempfile
+
+    staged = []  # temp files made outside a folder we chose: $TMPDIR (Lightning's fsspec transaction)
+    real = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: staged.append(k.get("dir")) or real(*a, **k))
+    assert main([VANILLA, *tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 6})]) == 0
+    assert (tmp_path / "runs" / "vanilla" / "seed0" / "last.ckpt").stat().st_size > 0
+    assert staged and None not in staged  # every temp file sits beside its target
+
+
 def test_an_output_dir_that_is_a_file_names_the_key(corpus, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main([VANILLA, *tiny_overrides(corpus, tmp_path / "afile")]) == 2
