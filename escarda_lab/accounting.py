@@ -64,8 +64,24 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
 
 
+PROBE_TOKENS = 1024  # longest sequence the FLOP probe runs; longer ones are extrapolated
+
+
 def train_flops_per_token(model: nn.Module, loss_fn, seq_len: int, device="cpu") -> float:
-    """FLOPs of one forward + backward on one sequence of seq_len tokens, per token."""
+    """FLOPs of one forward + backward on one sequence of seq_len tokens, per token.
+
+    Per token, a causal decoder's FLOPs are affine in the sequence length (a constant per token
+    plus attention's T×T scores over T), so beyond PROBE_TOKENS the probe counts two shorter
+    sequences and extrapolates the line: a 100k-token config is costed in a second instead of
+    running a 100k-token step just to count it."""
+    if seq_len <= PROBE_TOKENS:
+        return _counted_flops_per_token(model, loss_fn, seq_len, device)
+    t1, t2 = PROBE_TOKENS // 2, PROBE_TOKENS
+    f1, f2 = (_counted_flops_per_token(model, loss_fn, t, device) for t in (t1, t2))
+    return f2 + (f2 - f1) * (seq_len - t2) / (t2 - t1)
+
+
+def _counted_flops_per_token(model: nn.Module, loss_fn, seq_len: int, device="cpu") -> float:
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
     batch = {"ids": ids, "labels": ids.clone()}
     with fc.FlopCounterMode(display=False) as counter:

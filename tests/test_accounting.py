@@ -20,3 +20,33 @@ def test_cli_prints_the_breakdown(capsys):
     assert main([str(ROOT / "experiments/escarda_86m.yaml")]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("total") and "engram" in out
+
+
+def tiny_model(max_seq_len: int):
+    from escarda_lab.model import EscardaLM
+    from escarda_lab.objectives import total_loss
+
+    over = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.vocab_size=64"]
+    over += [f"model.max_seq_len={max_seq_len}", f"data.seq_len={max_seq_len}"]
+    cfg = config.load(ROOT / "experiments/escarda.yaml", over)
+    model = EscardaLM(cfg)
+    return model, lambda b: total_loss(model, b, model(b["ids"]))[0]
+
+
+def test_flops_beyond_the_probe_length_are_extrapolated_exactly_enough(monkeypatch):
+    from escarda_lab import accounting
+
+    model, loss = tiny_model(2048)
+    counted = accounting._counted_flops_per_token(model, loss, 2048)
+    monkeypatch.setattr(accounting, "PROBE_TOKENS", 512)
+    extrapolated = accounting.train_flops_per_token(model, loss, 2048)
+    assert abs(extrapolated / counted - 1) < 0.01
+
+
+def test_a_100k_token_config_is_costed_without_running_a_100k_step():
+    from escarda_lab import accounting
+
+    model, loss = tiny_model(100_000)
+    seen = []
+    per_token = accounting.train_flops_per_token(model, lambda b: seen.append(b["ids"].shape[1]) or loss(b), 100_000)
+    assert max(seen) <= accounting.PROBE_TOKENS and per_token > accounting.train_flops_per_token(model, loss, 1024)
