@@ -269,6 +269,28 @@ def record(folder: Path, metrics: dict) -> None:
     results.index_run(folder)
 
 
+@contextmanager
+def storage_errors_in_threads(folder: Path):
+    """A full disk seen first by a background writer (TensorBoard's event thread) is one log line,
+    not a thread traceback after the run's own paragraph; other thread errors print as before."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and storage_error(args.exc_value, folder, "") is not None:
+            name = args.thread.name if args.thread is not None else "a background thread"
+            log.warning("%s stopped writing into %s: %s", name, folder, args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def git_commit() -> str | None:
     """The commit of the escarda_lab checkout that ran (+ "-dirty" with uncommitted changes);
     None outside a git checkout."""
@@ -399,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_yaml(cfg), end="")
             log.info("would train into %s", run_dir(cfg))
             return 0
-        metrics = train(cfg, args.experiment)
+        with storage_errors_in_threads(run_dir(cfg)):
+            metrics = train(cfg, args.experiment)
     except UserError as e:
         print(user_error(credited(e, args.experiment, args.overrides)), file=sys.stderr)
         return 2

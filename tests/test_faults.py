@@ -223,3 +223,22 @@ def test_a_truncated_metrics_json_is_ignored_with_a_warning_and_the_run_resumes(
     caplog.set_level("WARNING")
     assert main([VANILLA, *over]) == 0  # not trusted as finished: resumed from last.ckpt and scored again
     assert "is damaged" in caplog.text and json.loads(metrics.read_text())["status"] == "finished"
+
+
+def test_a_full_disk_in_a_background_writer_is_one_line_not_a_thread_traceback(tmp_path, capsys, caplog):
+    import errno
+    import threading
+
+    from escarda_lab.run import storage_errors_in_threads
+
+    def writer():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = threading.excepthook
+    with storage_errors_in_threads(tmp_path):
+        t = threading.Thread(target=writer, name="TensorBoard event writer")
+        t.start()
+        t.join()
+    assert "Traceback" not in capsys.readouterr().err
+    assert "TensorBoard event writer stopped writing into" in caplog.text and "No space left" in caplog.text
+    assert threading.excepthook is before  # put back afterwards
