@@ -25,7 +25,15 @@ from escarda_lab.cli import credited, prepare_torch, quiet_libraries, user_error
 from escarda_lab.errors import Diverged, UserError
 from escarda_lab.io import atomic_write, read_json, write_json
 from escarda_lab.records import METRICS
-from escarda_lab.run_folder import check_same_config, check_writable, run_dir, storage_error, verify_checkpoint
+from escarda_lab.run_folder import (
+    check_inputs,
+    check_same_config,
+    check_writable,
+    inputs_of,
+    run_dir,
+    storage_error,
+    verify_checkpoint,
+)
 
 log = logging.getLogger("escarda_lab")
 
@@ -106,6 +114,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.yaml").exists():  # a grid writes it before starting the run
         atomic_write(folder / "config.yaml", resolved)
+    check_inputs(folder, inputs_of(cfg, tokens), (folder / "last.ckpt").exists(), source)
     tokens.tokenizer.save(folder)  # generate / evaluate / export read it from the run folder
 
     cfg = resolve_runtime(cfg)  # after config.yaml: "auto" stays "auto" there, resolved per machine

@@ -178,3 +178,45 @@ def load_run(path: str | Path):
     model = EscardaLM(cfg)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return model.eval(), tokenizer.run_tokenizer(folder, cfg.data), cfg
+
+
+def inputs_of(cfg, tokens) -> dict:
+    """What a run reads, pinned when it starts: the corpus, a digest of its tokens (the token
+    cache's shard checksums and sizes, or the probe set), and a digest of the tokenizer."""
+    import hashlib
+    import json
+
+    meta = {k: v for k, v in tokens.meta.items() if k not in ("corpus",)}
+    tok = tokens.tokenizer
+    tok_text = tok.hf.to_str() if hasattr(tok, "hf") else f"{type(tok).__name__}:{tok.vocab_size}"
+    return {
+        "corpus": str(cfg.data.corpus),
+        "tokens": hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:32],
+        "tokenizer": hashlib.sha256(tok_text.encode()).hexdigest()[:32],
+    }
+
+
+def check_inputs(folder: Path, pinned: dict, resuming: bool, source: str) -> None:
+    """A fresh run pins its inputs in inputs.json; a resume that would read other tokens or another
+    tokenizer (the corpus files were edited, or the cache rebuilt with a new tokenizer) is refused."""
+    import json
+
+    from escarda_lab.io import atomic_write, read_json
+
+    path = folder / "inputs.json"
+    before = read_json(path) if resuming else None
+    if before is None:
+        atomic_write(path, json.dumps(pinned, indent=2) + "\n")
+        return
+    changed = [k for k in ("tokens", "tokenizer") if before.get(k) != pinned[k]]
+    if changed:
+        what = " and ".join({"tokens": "the corpus's tokens", "tokenizer": "the tokenizer"}[k] for k in changed)
+        raise UserError(
+            source,
+            "data.corpus",
+            f"{folder} started on other inputs: {what} differ from those pinned in {path} when it started "
+            f"(corpus {before.get('corpus')!r} then, {pinned['corpus']!r} now); resuming would train the rest on "
+            "different data",
+            "restore the corpus files the run started with, or delete the run folder (or set another `name`) "
+            "to start over on the new data",
+        )

@@ -242,3 +242,19 @@ def test_a_full_disk_in_a_background_writer_is_one_line_not_a_thread_traceback(t
     assert "Traceback" not in capsys.readouterr().err
     assert "TensorBoard event writer stopped writing into" in caplog.text and "No space left" in caplog.text
     assert threading.excepthook is before  # put back afterwards
+
+
+def test_a_resume_on_an_edited_corpus_is_refused_and_the_run_left_as_it_was(corpus, tmp_path, capsys):
+    src = tmp_path / "corpus.txt"
+    src.write_text(corpus.read_text())
+    over = tiny_overrides(src, tmp_path / "runs", **{"train.max_steps": 6})
+    assert main([VANILLA, *over]) == 0
+    folder = tmp_path / "runs" / "vanilla" / "seed0"
+    assert json.loads((folder / "inputs.json").read_text())["corpus"] == str(src)
+    (folder / "metrics.json").unlink()  # as if it had stopped before the end: last.ckpt remains
+    ckpt = (folder / "last.ckpt").read_bytes()
+    src.write_text(src.read_text() + "\n\nA paragraph added after the run started.\n")
+    assert main([VANILLA, *over]) == 2
+    msg = one_paragraph(capsys.readouterr().err)
+    assert "started on other inputs" in msg and "the corpus's tokens" in msg and "data.corpus" in msg
+    assert (folder / "last.ckpt").read_bytes() == ckpt  # nothing lost
