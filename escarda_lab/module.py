@@ -122,6 +122,8 @@ class EscardaModule(L.LightningModule):
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.train_seconds = 0.0  # summed over resumes (saved in checkpoints)
+        self.process_train_seconds = 0.0  # this process's share (for the run's timings)
+        self.val_seconds = 0.0  # this process's periodic validation
         self._window_seconds, self._window_steps = 0.0, 0
         self._val_sums: Tensor | None = None
         self._pending: dict[str, Tensor | float] = {}
@@ -194,6 +196,7 @@ class EscardaModule(L.LightningModule):
         dt = time.perf_counter() - self._t0
         self.score_window()  # after the timing: scoring is not training time
         self.train_seconds += dt
+        self.process_train_seconds += dt
         self._window_seconds += dt
         self._window_steps += 1
         if not self._pending:
@@ -240,6 +243,7 @@ class EscardaModule(L.LightningModule):
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(SUMS, dtype=torch.float64, device=self.device)
+        self._val_t0 = time.perf_counter()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._val_sums += window_nll(self.model, batch, self.token_bytes)
@@ -248,6 +252,7 @@ class EscardaModule(L.LightningModule):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         val = nll_summary(sums.cpu())
         self.last_val = val
+        self.val_seconds += time.perf_counter() - self._val_t0
         self.val_history.append([self.global_step, val["bpb"]])
         self.write_metrics({"val/loss": val["loss"], "val/bpb": val["bpb"], "val/acc": val["acc"]}, self.global_step)
 

@@ -52,6 +52,7 @@ RECORDED = [
     "val_tokens",
     "conditions",
     "git_commit",
+    "timings",
 ]
 
 

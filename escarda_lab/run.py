@@ -47,7 +47,9 @@ def train(cfg, source: str = "experiment") -> dict:
     prepare_torch()
     folder = run_dir(cfg)
     check_writable(folder, source)
+    clock = {"start": time.perf_counter()}
     tokens = data.prepare(cfg.data, source, config.seeds(cfg)[1])
+    clock["data"] = time.perf_counter()
     cfg = config.with_vocab(cfg, tokens.tokenizer.vocab_size, source)
     check_memory(cfg, source)  # before anything is written or built at that size
     resolved = config.to_yaml(cfg)
@@ -57,9 +59,9 @@ def train(cfg, source: str = "experiment") -> dict:
         log.info("%s is finished (val/bpb %.4f): skipping", folder, previous["val_bpb"])
         return previous
     if os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP rank Lightning started: rank 0 holds the lock
-        return fit(cfg, source, folder, tokens, resolved)
+        return fit(cfg, source, folder, tokens, resolved, clock)
     with run_lock(folder, source):
-        return fit(cfg, source, folder, tokens, resolved)
+        return fit(cfg, source, folder, tokens, resolved, clock)
 
 
 @contextmanager
@@ -86,7 +88,7 @@ def run_lock(folder: Path, source: str):
         lock.release()
 
 
-def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
+def fit(cfg, source: str, folder: Path, tokens, resolved: str, clock: dict | None = None) -> dict:
     """Train (or resume) the run in `folder`, holding its lock; returns metrics.json's content."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -180,6 +182,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
     if trainer.is_global_zero:
         write_json(folder / "metrics.json", {**base, "status": "running", "step": start_step})
     t0 = time.perf_counter()
+    clock = {**(clock or {}), "fit": t0}
     try:
         trainer.fit(module, dm, ckpt_path=resume)
     except Interrupted as e:
@@ -210,6 +213,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         return {}
 
     # The number a grid compares: the whole validation split in non-overlapping windows.
+    clock["fit_end"] = time.perf_counter()
     val = score_val_split(module.model, dm, tokens.token_bytes, module.device)
     window = [*module.window_scores, {"step": trainer.global_step, "bpb": val["bpb"]}]
     metrics = {
@@ -236,6 +240,8 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str) -> dict:
         with module.ema.applied():
             ema = score_val_split(module.model, dm, tokens.token_bytes, module.device)
         metrics.update(val_bpb_ema=ema["bpb"], val_loss_ema=ema["loss"], val_acc_ema=ema["acc"])
+    clock["final_val_end"] = time.perf_counter()
+    metrics["timings"] = timings(clock, module)
     metrics["instability"] = instability(module.grad_norms, t.warmup_steps)
     metrics["dead_components"] = module.model.health(metrics["stats"], module.stat_peak)
     for name, why in metrics["dead_components"].items():
@@ -276,6 +282,26 @@ def record(folder: Path, metrics: dict) -> None:
         log.warning("%s: could not record status %s in metrics.json: %s", folder, metrics.get("status"), e)
         return
     results.index_run(folder)
+
+
+def timings(clock: dict, module) -> dict:
+    """Where this process's time went, in seconds: start-up (interpreter, imports, config), the
+    data (token cache and tokenizer), set-up (model, FLOP and peak probes, Lightning), the training
+    steps, the periodic validation, the rest of the fit (checkpoints, logging, statistics) and the
+    final whole-split score. A grid sums them into its fixed-cost table."""
+    import escarda_lab
+
+    fit = clock["fit_end"] - clock["fit"]
+    steps = module.process_train_seconds
+    return {
+        "startup": clock["start"] - escarda_lab.STARTED,
+        "data": clock["data"] - clock["start"],
+        "setup": clock["fit"] - clock["data"],
+        "training": steps,
+        "periodic_val": module.val_seconds,
+        "fit_other": max(fit - steps - module.val_seconds, 0.0),
+        "final_val": clock["final_val_end"] - clock["fit_end"],
+    }
 
 
 @contextmanager

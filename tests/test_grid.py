@@ -550,3 +550,17 @@ def test_a_child_grid_may_turn_its_parents_seed_list_into_a_sequential_design(co
     child = write(tmp_path, "extends: parent.yaml\ngrid:\n  seeds: {{min: 2, max: 4, step: 2}}\n", "child.yaml")
     g = grid.expand(child, tiny_overrides(corpus, tmp_path / "runs")).spec
     assert g.seeds == [0, 1, 2, 3] and g.sequential.looks() == [2, 4]
+
+
+def test_each_run_records_where_its_time_went_and_the_grid_sums_it(finished_grid):
+    from escarda_lab.grid.launch import PHASES, phase_line
+
+    _, _, grid_dir = finished_grid
+    recs = results(grid_dir)
+    for rec in recs:
+        t = rec["timings"]
+        assert set(t) == set(PHASES) and all(v >= 0 for v in t.values())
+        assert t["training"] == pytest.approx(rec["train_seconds"], rel=1e-6)  # one process trained it all
+        assert sum(t.values()) <= rec["wall_s"] + 1e-6
+    line = phase_line(recs)
+    assert line.startswith("time per run by phase") and "final score" in line and "training steps" in line

@@ -25,6 +25,31 @@ from escarda_lab.io import atomic_write, read_json
 from escarda_lab.records import fixed_seconds
 from escarda_lab.suites import evaluate_args
 
+PHASES = {  # metrics.json `timings` -> what the grid log calls them
+    "startup": "start-up and imports",
+    "data": "data",
+    "setup": "set-up",
+    "training": "training steps",
+    "periodic_val": "periodic validation",
+    "fit_other": "checkpoints and logging",
+    "final_val": "final score",
+}
+
+
+def phase_line(recs: list[dict]) -> str:
+    """Where the runs' time went, summed over runs: each phase's share of the in-process time."""
+    sums = dict.fromkeys(PHASES, 0.0)
+    for rec in recs:
+        t = rec.get("timings")
+        if isinstance(t, dict):
+            for k in PHASES:
+                sums[k] += float(t.get(k, 0.0))
+    total = sum(sums.values())
+    if total <= 0:
+        return ""
+    parts = ", ".join(f"{PHASES[k]} {100 * v / total:.0f}%" for k, v in sums.items())
+    return f"time per run by phase (mean {total / len(recs):.0f} s in the run's process): {parts}"
+
 
 def child_env(parallel: int, gpu: str | None = None) -> dict:
     """Each run gets its share of the cores (two tiny runs on two cores beat one run on both),
@@ -288,4 +313,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 else ""
             )
             echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time: {rate:.1f} runs/hour{cost}")
+            split = phase_line(recs)
+            if split:
+                echo(split)
     return [results[(r.cfg.name, r.seed)] for r in runs]
