@@ -140,27 +140,22 @@ def test_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- lm-eval
 
 
-def test_lm_eval_simple_evaluate_matches_our_scorer(run, tmp_path, monkeypatch):
+def test_the_shipped_lm_eval_task_matches_our_scorer(run, monkeypatch):
+    """examples/lm_eval/minimal_pairs.yaml, the README's example, run as the README says."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     from escarda_lab.lm_eval_adapter import EscardaEvalLM
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    pairs = mp.generate(per_paradigm=6, seed=1)
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"good": p.good, "bad": p.bad}) + "\n" for p in pairs))
-    (tmp_path / "task.yaml").write_text(
-        "task: escarda_minimal_pairs_test\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files: {{test: {tmp_path / 'pairs.jsonl'}}}\n"
-        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: ""\n'
-        'doc_to_choice: "{{[good, bad]}}"\ndoc_to_target: 0\ntarget_delimiter: ""\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+    monkeypatch.chdir(ROOT)  # data_files is relative to the repository root
+    lines = (ROOT / "examples/lm_eval/minimal_pairs.jsonl").read_text().splitlines()
+    pairs = [mp.Pair(d["paradigm"], d["good"], d["bad"], 0) for d in map(json.loads, lines)]
     lm = EscardaEvalLM(str(run), batch_size=8)
     res = lm_eval.simple_evaluate(
-        model=lm, tasks=["escarda_minimal_pairs_test"], task_manager=TaskManager(include_path=str(tmp_path))
+        model=lm, tasks=["escarda_minimal_pairs"], task_manager=TaskManager(include_path=str(ROOT / "examples/lm_eval"))
     )
-    theirs = res["results"]["escarda_minimal_pairs_test"]["acc,none"]
+    theirs = res["results"]["escarda_minimal_pairs"]["acc,none"]
     assert theirs == pytest.approx(mp.score(lm.scorer, pairs)["overall"]["acc"], abs=1e-12)
 
 
