@@ -178,6 +178,24 @@ def seeds(cfg) -> tuple[int, int]:
     return pick(getattr(cfg, "init_seed", None)), pick(getattr(cfg, "data_seed", None))
 
 
+def non_string_key(d, prefix: str = "") -> tuple[str, object] | None:
+    """The first mapping key that YAML did not read as a string (`null`, `~`, `yes`, `1`): its
+    parent's dotted path and the key; None when every key is a string."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if not isinstance(k, str):
+                return prefix, k
+            found = non_string_key(v, f"{prefix}.{k}" if prefix else k)
+            if found is not None:
+                return found
+    elif isinstance(d, list):
+        for item in d:
+            found = non_string_key(item, prefix)
+            if found is not None:
+                return found
+    return None
+
+
 def read_yaml(path: Path, source: str | None = None) -> dict:
     source = source or str(path)
     if path.is_dir():
@@ -203,6 +221,17 @@ def read_yaml(path: Path, source: str | None = None) -> dict:
                 None,
                 f"the file holds a YAML {type(shape).__name__}, not a mapping of keys to values",
                 "write `key: value` lines at the top level (e.g. `extends: escarda.yaml`)",
+            )
+        bad = non_string_key(shape or {})
+        if bad is not None:
+            where, key = bad
+            shown = "null" if key is None else str(key).lower() if isinstance(key, bool) else str(key)
+            kind = "null (no value)" if key is None else "a boolean" if isinstance(key, bool) else "a number"
+            raise ConfigError(
+                str(path),
+                where or None,
+                f"the key `{shown}` under `{where or 'the top level'}` is read by YAML as {kind}, not a name",
+                f'quote it ("{shown}": ...) or choose another name',
             )
         raw = OmegaConf.to_container(OmegaConf.load(path))
     except yaml.YAMLError as e:

@@ -134,6 +134,15 @@ def test_a_yaml_file_that_is_only_a_string_is_refused_without_echoing_it(tmp_pat
     assert "just some words just" not in str(e.value)
 
 
+@pytest.mark.parametrize("key, shown", [("null", "null"), ("yes", "true"), ("3", "3")])
+def test_a_key_yaml_reads_as_null_boolean_or_number_is_named_with_the_fix(tmp_path, key, shown):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"extends: {ROOT}/experiments/vanilla.yaml\ngrid:\n  variants:\n    {key}: {{model.d_model: 64}}\n")
+    with pytest.raises(ConfigError) as e:
+        config.read_grid(path)
+    assert e.value.key == "grid.variants" and f"`{shown}`" in str(e.value) and f'quote it ("{shown}"' in e.value.fix
+
+
 @pytest.mark.parametrize("override", ["seed=4294967296", "data_seed=-1", "name=" + "n" * 300])
 def test_out_of_range_seeds_and_overlong_names_are_refused_before_any_folder(override, tmp_path, capsys):
     assert main([str(ROOT / "experiments/vanilla.yaml"), f"output.dir={tmp_path}", override]) == 2
