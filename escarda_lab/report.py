@@ -191,6 +191,15 @@ def markdown(
     both = readings(summary, alpha, margin)
     if both is not None:
         lines = [*two_readings(both, key or "value", unit, alpha), "", *lines]
+    else:
+        one = (
+            f"**Readings:** `{key}` was tuned per variant and every variant's choice equals the baseline's, so "
+            "the *same recipe* and *each at its best* readings are one table."
+            if key
+            else "**Readings:** one, *same recipe*: every arm trains with the baseline's settings (learning "
+            "rate included); the grid tuned nothing per variant, so there is no *each at its best* reading."
+        )
+        lines = [one, "", *lines]
     target = plan.get("target_effect") or margin
     power = summary_plan(summary, alpha, target, margin, prior_sd)
     power_lines = ["**Power (prospective).**", *power.lines(unit)] if power else []

@@ -298,7 +298,12 @@ def calibration(summary: pd.DataFrame, alpha: float = 0.05) -> str | None:
     nulls = [r for c, r in rows if c and c[0] == "null"]
     budgets = sorted(((c[1], r) for c, r in rows if c and c[0] == "budget"), key=lambda x: x[0])
     if not nulls and not budgets:
-        return None
+        return (
+            "**Calibration:** none measured here: the grid has no null controls (the baseline against "
+            "itself on other seeds) and no positive controls (the baseline with fewer tokens), so its "
+            "error rates rest on the procedure's simulation (tests/test_verdict_simulation.py), not on "
+            "this grid's runs (`grid.calibration: {nulls, budgets}` adds them)."
+        )
     unit = METRICS[summary.metric.iloc[0]].label
     m = int(in_family(summary).sum())
     judged = f"as the strictest of the {m} comparisons would be" if m else f"at alpha {alpha:g}: no variant comparisons"

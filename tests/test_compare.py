@@ -251,6 +251,7 @@ def test_write_produces_markdown_csv_and_png(tmp_path):
     md = paths["md"].read_text()
     assert "| `no_engram` |" in md and "1.4000 ± 0.1000" in md and "Minimum detectable effect" in md
     assert "**Family:** the 1 variant comparisons" in md and "Holm TOST p" in md
+    assert "**Calibration:** none measured here" in md and "**Readings:** one, *same recipe*" in md  # said, not omitted
     assert paths["csv"].read_text().startswith("variant,") and paths["png"].stat().st_size > 10_000
     assert paths["forest"].stat().st_size > 10_000 and "(forest.png)" in md  # the verdict figure, in summary.md
 
