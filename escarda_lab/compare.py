@@ -58,7 +58,7 @@ def write(
     power = summary.plan(table, alpha, plan.get("target_effect") or margin, margin)
     plots.plot_forest(table, paths["forest"], margin, power.mde(power.first_alpha) if power else None)
     curve = summary.curves(grid_dir, "val/")
-    if curve.empty and paths["png"].exists():  # keep the curves drawn when the runs were here
+    if curve.empty:  # no run folders here (a committed record): the paired panel alone, curves.png kept
         paths["png"] = grid_dir / "paired.png"
     plots.plot(runs, table, curve, paths["png"], metric, margin)
     if plan.get("settings"):

@@ -192,9 +192,17 @@ def markdown(
     if both is not None:
         lines = [*two_readings(both, key or "value", unit, alpha), "", *lines]
     else:
+        base_value = summary.loc[summary.variant == plan["baseline"], "tuned"]
+        differ = [r.variant for r in summary.itertuples() if key and len(base_value) and r.tuned != base_value.iloc[0]]
         one = (
-            f"**Readings:** `{key}` was tuned per variant and every variant's choice equals the baseline's, so "
-            "the *same recipe* and *each at its best* readings are one table."
+            (
+                f"**Readings:** `{key}` was tuned per variant and {', '.join(f'`{v}`' for v in differ)} chose "
+                "another value than the baseline; this grid has no same-recipe twins, so the table is the *each at "
+                "its best* reading only (a grid with `tune.readings: both` adds the *same recipe* one)."
+                if differ
+                else f"**Readings:** `{key}` was tuned per variant and every variant's choice equals the baseline's, "
+                "so the *same recipe* and *each at its best* readings are one table."
+            )
             if key
             else "**Readings:** one, *same recipe*: every arm trains with the baseline's settings (learning "
             "rate included); the grid tuned nothing per variant, so there is no *each at its best* reading."
