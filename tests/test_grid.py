@@ -564,3 +564,15 @@ def test_each_run_records_where_its_time_went_and_the_grid_sums_it(finished_grid
         assert sum(t.values()) <= rec["wall_s"] + 1e-6
     line = phase_line(recs)
     assert line.startswith("time per run by phase") and "final score" in line and "training steps" in line
+
+
+def test_a_later_call_on_some_runs_keeps_every_earlier_record(finished_grid):
+    """A sequential grid's next look (or a rerun stopped early) rewrites results.jsonl: the runs it
+    has not reached yet keep their lines."""
+    from escarda_lab.grid.launch import train_runs
+
+    path, over, grid_dir = finished_grid
+    before = {(r["run"], r["seed"]) for r in results(grid_dir)}
+    g, runs, *_ = grid.resolved(path, over)
+    train_runs(g, runs[:1], grid_dir, echo=lambda *_: None)  # walks one run, as if stopped there
+    assert {(r["run"], r["seed"]) for r in results(grid_dir)} == before == {(r.cfg.name, r.seed) for r in runs}

@@ -21,7 +21,7 @@ from escarda_lab.errors import ConfigError
 from escarda_lab.grid.expand import Run
 from escarda_lab.grid.record import prepare_folder, record, varied_keys
 from escarda_lab.grid.spec import GridConfig
-from escarda_lab.io import atomic_write, read_json
+from escarda_lab.io import atomic_write, read_json, read_jsonl
 from escarda_lab.records import fixed_seconds
 from escarda_lab.suites import evaluate_args
 
@@ -213,6 +213,11 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
     """Train `runs` (skipping finished ones) and record each in <grid_dir>/results.jsonl."""
     grid_dir.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], dict] = {}
+    # What earlier calls recorded (the previous looks of a sequential grid, an interrupted rerun)
+    # stays in results.jsonl until this call records that run again: an interruption while this
+    # call is still walking its list never drops a finished run's line.
+    path = grid_dir / "results.jsonl"
+    earlier = {(rec.get("run"), rec.get("seed")): rec for rec in (read_jsonl(path) if path.exists() else [])}
     lock = threading.Lock()
     pace = {"t0": time.perf_counter(), "trained": 0, "todo": 0}  # for the ETA
 
@@ -225,12 +230,11 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
     def save(r: Run, rec: dict) -> None:
         with lock:
             results[(r.cfg.name, r.seed)] = rec
-            lines = [
-                json.dumps(results[(x.cfg.name, x.seed)], sort_keys=True, default=str)
-                for x in runs
-                if (x.cfg.name, x.seed) in results
-            ]
-            atomic_write(grid_dir / "results.jsonl", "\n".join(lines) + "\n")
+            mine = [(x.cfg.name, x.seed) for x in runs]
+            keys = [k for k in mine if k in results] + [k for k in earlier if k not in results]
+            merged = {**earlier, **results}
+            lines = [json.dumps(merged[k], sort_keys=True, default=str) for k in keys]
+            atomic_write(path, "\n".join(lines) + "\n")
             echo(
                 f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
