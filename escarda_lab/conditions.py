@@ -49,7 +49,7 @@ def noisy_counts(conditions) -> tuple[int, int, str]:
     """Over runs' recorded conditions: (runs that recorded them, runs timed noisily, the commonest why)."""
     known = [c for c in conditions if isinstance(c, dict)]
     why = [w for w in (why_noisy(c) for c in known) if w]
-    return len(known), len(why), max(set(why), key=why.count) if why else ""
+    return len(known), len(why), max(sorted(set(why)), key=why.count) if why else ""  # ties: the first in order
 
 
 def speed_note(timed: int, noisy: int, why: str) -> str:
