@@ -103,6 +103,8 @@ def refresh_index(grid_dir: Path) -> None:
 
     from escarda_lab import results
 
+    if next(grid_dir.glob("*/seed*/metrics.json"), None) is None:  # a committed record: no runs to index
+        return
     try:
         results.refresh(grid_dir.parent, under=grid_dir)
     except (sqlite3.Error, OSError, UserError) as e:
