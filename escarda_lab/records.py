@@ -50,6 +50,7 @@ RECORDED = [
     "val_window",
     "train_seconds",
     "val_tokens",
+    "val_whole_split",
     "conditions",
     "git_commit",
     "timings",

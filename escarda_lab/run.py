@@ -224,6 +224,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str, clock: dict | Non
         "val_bpb": val["bpb"],
         "val_acc": val["acc"],  # exact match at the scored positions (next-token accuracy for text)
         "val_tokens": val["tokens"],
+        "val_whole_split": not t.final_val_tokens,  # 0: the whole split; else evenly spread windows
         "val_bpb_se": val["bpb_se"],  # over the validation batches
         "val_batch_bpb": val["batch_bpb"],  # per batch: paired with another run's, the paired eval SE
         "val_bpb_avg": sum(w["bpb"] for w in window) / len(window),  # mean of the last average_last scores
@@ -479,10 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if metrics:
         log.info(
-            "%s: whole validation split (%s tokens): val/loss %.4f (cross-entropy)  val/bpb %.4f  val/acc %.4f"
+            "%s: %s (%s tokens): val/loss %.4f (cross-entropy)  val/bpb %.4f  val/acc %.4f"
             "  (%s params, %.0f tokens/s, MFU %.1f%%)",
             run_dir(cfg),
-            f"{metrics['val_tokens']:,}",
+            "whole validation split" if metrics.get("val_whole_split", True) else "validation split, capped",
+            f"{metrics.get('val_tokens', 0):,}",
             metrics["val_loss"],
             metrics["val_bpb"],
             metrics["val_acc"],

@@ -83,8 +83,11 @@ def test_progress_lines_when_stderr_is_not_a_terminal(corpus, tmp_path, caplog):
     assert all("tokens/s" in line and "ETA" in line for line in lines)
     assert all("train cross-entropy" in line and "objective" in line for line in lines)  # each under its name
     assert "val/bpb" in lines[-1] and "periodic subset" in lines[-1] and lines[-1].startswith("step 200/200")
-    final = [r.getMessage() for r in caplog.records if "whole validation split" in r.getMessage()]
-    assert len(final) == 1 and "(cross-entropy)" in final[0]  # the final score names its split and tokens
+    final = [
+        r.getMessage() for r in caplog.records if "validation split" in r.getMessage() and "val/loss" in r.getMessage()
+    ]
+    assert len(final) == 1 and "(cross-entropy)" in final[0] and " tokens)" in final[0]  # names its split and tokens
+    assert "whole validation split" in final[0]  # train.final_val_tokens 0: the whole split
 
 
 def test_no_stray_hparams_yaml(finished):
@@ -333,6 +336,7 @@ def test_final_val_tokens_caps_the_final_score_to_evenly_spread_windows(corpus, 
     assert main(["experiments/vanilla.yaml", *over]) == 0
     m = read_json(tmp_path / "vanilla" / "seed0" / "metrics.json")
     assert m["val_tokens"] == 96 and len(m["val_batch_bpb"]) == 1  # batch_size 4: one batch of 3
+    assert m["val_whole_split"] is False  # and the record says it is not the whole split
 
 
 def test_final_val_tokens_below_one_window_is_refused(corpus, tmp_path, capsys):

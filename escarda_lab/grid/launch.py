@@ -239,7 +239,12 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 f"[{len(results)}/{len(runs)}] {r.cfg.name} seed{rec['seed']}: {rec['status']}"
                 + (f" val/bpb {rec['val_bpb']:.4f}" if "val_bpb" in rec else f" ({rec.get('error', '')})")
                 + (f" val/acc {rec['val_acc']:.4f}" if "val_acc" in rec else "")
-                + (f" (whole val split, {rec['val_tokens']:,} tokens)" if rec.get("val_tokens") else "")
+                + (
+                    f" ({'whole val split' if rec.get('val_whole_split', True) else 'val split, capped'}, "
+                    f"{rec['val_tokens']:,} tokens)"
+                    if rec.get("val_tokens")
+                    else ""
+                )
                 + (
                     f" ({rec['wall_s']:.0f} s: {rec['train_seconds']:.0f} training, {fixed_seconds(rec):.0f} fixed"
                     + eta()
