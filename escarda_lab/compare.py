@@ -51,16 +51,7 @@ def write(
     metric = metric or plan.get("metric", "val_bpb")
     table = summary.summarize(runs, alpha, margin, metric)
     looks.sequential_readout(table, runs, plan, alpha, margin, metric)
-    paths = {"md": grid_dir / "summary.md", "csv": grid_dir / "summary.csv", "png": grid_dir / "curves.png"}
-    atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
-    atomic_write(paths["csv"], report.csv_text(table))
-    paths["forest"] = grid_dir / "forest.png"
-    power = summary.plan(table, alpha, plan.get("target_effect") or margin, margin)
-    plots.plot_forest(table, paths["forest"], margin, power.mde(power.first_alpha) if power else None)
-    curve = summary.curves(grid_dir, "val/")
-    if curve.empty:  # no run folders here (a committed record): the paired panel alone, curves.png kept
-        paths["png"] = grid_dir / "paired.png"
-    plots.plot(runs, table, curve, paths["png"], metric, margin)
+    paths = write_comparison(table, plan, runs, summary.curves(grid_dir, "val/"), grid_dir, alpha, margin)
     if plan.get("settings"):
         paths["difficulty"] = grid_dir / "difficulty.png"
         plots.plot_settings(summary.by_setting(runs, plan), plan, paths["difficulty"], metric)
@@ -111,6 +102,19 @@ def refresh_index(grid_dir: Path) -> None:
         logging.getLogger("escarda_lab").warning("the results index beside %s was not refreshed: %s", grid_dir, e)
 
 
+def write_comparison(table, plan: dict, runs, curve, out: Path, alpha: float, margin: float) -> dict[str, Path]:
+    """summary.md, summary.csv, forest.png and the curves with the paired differences (paired.png
+    alone when there are no learning curves: a committed record without its run folders)."""
+    paths = {k: out / v for k, v in {"md": "summary.md", "csv": "summary.csv", "forest": "forest.png"}.items()}
+    paths["png"] = out / ("paired.png" if curve.empty else "curves.png")
+    atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
+    atomic_write(paths["csv"], report.csv_text(table))
+    power = summary.plan(table, alpha, plan.get("target_effect") or margin, margin)
+    plots.plot_forest(table, paths["forest"], margin, power.mde(power.first_alpha) if power else None)
+    plots.plot(runs, table, curve, paths["png"], table.metric.iloc[0], margin)
+    return paths
+
+
 def write_folders(table, plan: dict, runs, out: Path, alpha: float, margin: float) -> dict[str, Path]:
     """`compare RUN RUN --out DIR`: the comparison of run folders, written as a grid's would be."""
     from escarda_lab.errors import DataError
@@ -120,15 +124,7 @@ def write_folders(table, plan: dict, runs, out: Path, alpha: float, margin: floa
     except OSError as e:
         why = f"cannot create the output folder ({e.strerror})"
         raise DataError(str(out), None, why, "give --out a writable folder") from None
-    metric = table.metric.iloc[0]
-    names = {"md": "summary.md", "csv": "summary.csv", "png": "curves.png", "forest": "forest.png"}
-    paths = {k: out / v for k, v in names.items()}
-    atomic_write(paths["md"], report.markdown(table, plan, alpha, margin))
-    atomic_write(paths["csv"], report.csv_text(table))
-    curve = summary.curves_of(plan["folders"], metric.replace("_", "/"))
-    plots.plot_forest(table, paths["forest"], margin)
-    plots.plot(runs, table, curve, paths["png"], metric, margin)
-    return paths
+    return write_comparison(table, plan, runs, summary.curves_of(plan["folders"], "val/"), out, alpha, margin)
 
 
 def plan_text(args) -> str:

@@ -40,7 +40,8 @@ def why_noisy(cond: dict | None, rounds: int | None = None) -> str:
     if shared > 1 and cond.get("device", "cpu") == "cpu":
         reasons.append(f"{shared} runs shared {cond.get('cpus')} cores")
     busy = max(cond.get("load", 0) or 0, cond.get("load_end", 0) or 0)
-    if cond.get("device", "cpu") == "cpu" and busy > BUSY * cond.get("cpus", 1) + (shared > 1) * shared:
+    expected = shared if shared > 1 else 0  # the load the grid's own parallel runs put there (said above)
+    if cond.get("device", "cpu") == "cpu" and busy > BUSY * cond.get("cpus", 1) + expected:
         reasons.append(f"load {busy:.1f} on {cond.get('cpus')} cores")
     return "; ".join(reasons)
 

@@ -7,7 +7,7 @@ file (or "command line"), the dotted key and the fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -17,6 +17,7 @@ from omegaconf import errors as oc_errors
 
 from escarda_lab import probes, registry
 from escarda_lab.errors import ConfigError
+from escarda_lab.io import flatten  # noqa: F401 (config.flatten, used by run_folder and run)
 from escarda_lab.probes import ProbeConfig
 from escarda_lab.registry import bounded
 from escarda_lab.validation import unknown_key, validate, wrong_type
@@ -426,20 +427,6 @@ def replace_dotted(cfg: Any, key: str, value: Any) -> Any:
     if not rest:
         return replace(cfg, **{head: value})
     return replace(cfg, **{head: replace_dotted(getattr(cfg, head), rest, value)})
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mapping / dataclass -> {"a.b.c": scalar}; lists become their repr."""
-    if hasattr(d, "__dataclass_fields__"):
-        d = {f.name: getattr(d, f.name) for f in fields(d)}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) or hasattr(v, "__dataclass_fields__"):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def to_yaml(cfg: Any) -> str:

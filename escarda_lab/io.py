@@ -1,4 +1,5 @@
-"""The one place for atomic writes (temp file in the same folder, fsync, rename) and JSON."""
+"""The one place for atomic writes (temp file in the same folder, fsync, rename), JSON, and nested
+mappings flattened to dotted keys."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -78,4 +80,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
             out.append(r)
         else:
             logging.getLogger("escarda_lab").warning("%s line %d is not an object: skipped", path, i)
+    return out
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping / dataclass -> {"a.b.c": value} (lists stay lists; an empty mapping has no keys)."""
+    if hasattr(d, "__dataclass_fields__"):
+        d = {f.name: getattr(d, f.name) for f in fields(d)}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) or hasattr(v, "__dataclass_fields__"):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
     return out

@@ -121,6 +121,8 @@ class EscardaModule(L.LightningModule):
         self.register_buffer("token_bytes", token_bytes, persistent=False)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        # the objective whose term is the head's NLL: the LM loss alone, comparable with val/loss
+        self.lm_term = next((n for n, o in self.model.objectives.items() if o.head_terms == {"nll": 1.0}), None)
         self.train_seconds = 0.0  # summed over resumes (saved in checkpoints)
         self.process_train_seconds = 0.0  # this process's share (for the run's timings)
         self.val_seconds = 0.0  # this process's periodic validation
@@ -158,9 +160,7 @@ class EscardaModule(L.LightningModule):
             self._pending["train/loss"] = loss.detach()
             self._pending.update({f"train/{name}": term.detach() for name, term in terms.items()})
             self._pending["lr"] = self.lr_schedulers().get_last_lr()[0]
-        # The LM loss alone (the objective whose term is the head's NLL), comparable with val/loss.
-        ce = next((terms[n] for n, o in self.model.objectives.items() if o.head_terms == {"nll": 1.0}), None)
-        return {"loss": loss, **({"lm_nll": ce.detach()} if ce is not None else {})}
+        return {"loss": loss, **({"lm_nll": terms[self.lm_term].detach()} if self.lm_term in terms else {})}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         max_norm = self.cfg.train.grad_clip or float("inf")

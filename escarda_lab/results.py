@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from escarda_lab.errors import DataError, UserError
-from escarda_lab.io import read_json
+from escarda_lab.io import flatten, read_json
 
 log = logging.getLogger("escarda_lab")
 INDEX = "results.sqlite"
@@ -69,17 +69,6 @@ def root_of(run_folder: Path) -> Path:
     return parent.parent if (parent / "grid.json").exists() else parent
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
-    return out
-
-
 def row_of(folder: Path, root: Path) -> dict | None:
     """A run folder's row; None (with a warning) when its files are damaged."""
     import yaml
@@ -109,7 +98,7 @@ def row_of(folder: Path, root: Path) -> dict | None:
         params_active=params.get("active"),
         indexed_at=time.time(),
     )
-    row.update({k: v for k, v in flatten(cfg).items() if k not in FIXED})
+    row.update({k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(cfg).items() if k not in FIXED})
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
