@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 RUNS_AT_ONCE = "ESCARDA_RUNS_AT_ONCE"  # set by a grid for its children: how many runs share the machine
+FORKED = "ESCARDA_FORKED"  # set in a run forked from a grid's warm process (its imports were done there)
 BUSY = 0.5  # a 1-minute load above this share of the cores, before a run starts, means other work ran
 
 
@@ -19,12 +20,14 @@ def load() -> float:
 
 
 def measure(device: str) -> dict:
-    """Now: the 1-minute load average, the cores, the runs sharing the machine and the device."""
+    """Now: the 1-minute load average, the cores, the runs sharing the machine, the device, and
+    whether the run was forked from a warm process (its start-up then holds no imports)."""
     return {
         "load": load(),
         "cpus": os.cpu_count() or 1,
         "runs_at_once": int(os.environ.get(RUNS_AT_ONCE, "1")),
         "device": device,
+        "forked": os.environ.get(FORKED) == "1",
     }
 
 

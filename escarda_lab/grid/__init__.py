@@ -12,6 +12,7 @@
       match: params                # none | params
       parallel: 1
       launcher: local              # local | submitit
+      start: fork                  # fork: local runs fork from a warm process (grid/warm.py) | fresh
       evaluate: [minimal_pairs]    # after training: escarda_lab.evaluate suites, tasks, texts
 
 Each run's fully resolved config is written to its folder as config.yaml before it starts, so

@@ -103,10 +103,12 @@ def run_one(
     evaluate: list[str] = (),
     gpu: str | None = None,
     started: Callable[[subprocess.Popen | None], None] = lambda child: None,
+    warm=None,
 ) -> dict:
     """Train one run in its own process (a finished run is skipped by the run itself), then
     evaluate it if asked; all output is appended to log.txt in the run folder. `started` is told
-    each child process as it starts (and None when it ended), so its caller can stop it."""
+    each child process as it starts (and None when it ended), so its caller can stop it. With a
+    `warm` process (escarda_lab.grid.warm) each child is forked from it instead of a new Python."""
     folder = Path(config_path).parent
     t0 = time.perf_counter()
     commands = [["escarda_lab.run", config_path]]
@@ -117,13 +119,15 @@ def run_one(
         for cmd in commands:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m {' '.join(cmd)}\n".encode())
             log.flush()
-            child = subprocess.Popen(
-                [sys.executable, "-m", *cmd],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(parallel, gpu),
-                preexec_fn=die_with_parent,
-            )
+            child = warm.start(cmd, str(folder / "log.txt")) if warm is not None else None
+            if child is None:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", *cmd],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=child_env(parallel, gpu),
+                    preexec_fn=die_with_parent,
+                )
             started(child)
             rc = child.wait()
             started(None)
@@ -270,13 +274,29 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
     else:
         slots = worker_slots(g, echo)
         free: queue.SimpleQueue = queue.SimpleQueue()
-        for slot in slots:
-            free.put(slot)
+        for i in range(len(slots)):
+            free.put(i)
         live: dict[int, tuple[Run, subprocess.Popen]] = {}  # by worker thread: the child it waits on
         stopping = threading.Event()
+        # by slot: the process its runs fork from (grid.start: fork); imported here, not at the top,
+        # so that `python -m escarda_lab.grid.warm` runs a module the package has not imported
+        from escarda_lab.grid.warm import Warm
+        from escarda_lab.grid.warm import available as warm_available
+
+        warms: dict[int, Warm] = {}
+        if g.start == "fork" and not warm_available() and todo:
+            echo("grid.start: fork needs Linux: each run starts a fresh Python")
+
+        def warm_for(i: int) -> Warm | None:
+            if g.start != "fork" or not warm_available():
+                return None
+            if i not in warms or not warms[i].alive():
+                warms[i] = Warm(child_env(len(slots), slots[i]))
+            return warms[i]
 
         def job(r: Run) -> dict:
-            gpu = free.get()  # a worker holds one slot (GPU share) for the run's whole life
+            i = free.get()  # a worker holds one slot (GPU share) for the run's whole life
+            gpu = slots[i]
             try:
                 if stopping.is_set():
                     return {"returncode": None, "skipped": True}
@@ -289,9 +309,10 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                     else:
                         live[me] = (r, child)
 
-                return run_one(str(r.folder / "config.yaml"), len(slots), evaluate_args(g.evaluate), gpu, track)
+                config_path = str(r.folder / "config.yaml")
+                return run_one(config_path, len(slots), evaluate_args(g.evaluate), gpu, track, warm_for(i))
             finally:
-                free.put(gpu)
+                free.put(i)
 
         t0 = pace["t0"] = time.perf_counter()
         pace["todo"] = len(todo)
@@ -308,6 +329,9 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 echo(f"{r.cfg.name} seed{r.seed}: stopped (exit {rc}); its checkpoint stays, rerun the grid to resume")
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        finally:
+            for w in warms.values():
+                w.close()
         pool.shutdown()
         if todo:
             hours = (time.perf_counter() - t0) / 3600
@@ -321,7 +345,8 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 if fixed and walls and sum(walls) > 0
                 else ""
             )
-            echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time: {rate:.1f} runs/hour{cost}")
+            how = ", each forked from a warm process" if warms else ", each a fresh Python"
+            echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time{how}: {rate:.1f} runs/hour{cost}")
             split = phase_line(recs)
             if split:
                 echo(split)

@@ -106,6 +106,9 @@ class GridConfig:
     # (parallel becomes GPUs × per_gpu); small models leave most of one GPU idle
     per_gpu: int = bounded(0, min=0)
     launcher: Literal["local", "submitit"] = "local"
+    # fork: each local run forks from a process per slot that imported torch and Lightning once
+    # (escarda_lab.grid.warm); fresh: a new Python per run
+    start: Literal["fork", "fresh"] = "fork"
     evaluate: list[str] = field(default_factory=list)  # minimal_pairs, task .jsonl files, text:FILE, corpus:NAME
     vanilla: bool = False  # add the every-plugin-off variant (add_one_in adds it too)
     controls: bool = False  # one null control and half the tokens (calibration {nulls: 1, budgets: [0.5]})

@@ -1,0 +1,194 @@
+"""Warm starts for a grid's runs: one process per worker slot imports torch, Lightning and the
+model once, then forks a child for each run. A child is a new process, as with a fresh
+`python -m escarda_lab.run` (its own memory, seeds, signals and exit code), minus the seconds of
+imports: 3.6 of a flagship run's 53 s on this 2-core machine (`grid.start: fresh` restores one
+Python per run).
+
+The grid talks to a warm process over its stdin/stdout, one JSON line each way:
+    grid -> warm:  {"argv": ["escarda_lab.run", CONFIG], "log": LOG}
+    warm -> grid:  {"pid": PID}                          the child started
+                   {"pid": PID, "returncode": RC}        the child ended (as Popen.returncode)
+Only the grid's own thread writes to a warm process; each child's output goes to its log.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+# What a run and its evaluation import: done once per warm process, inherited by every child.
+PRELOAD = (
+    "torch",
+    "lightning",
+    "lightning.pytorch.loggers",
+    "escarda_lab.run",
+    "escarda_lab.module",
+    "escarda_lab.data",
+    "escarda_lab.model",
+    "escarda_lab.evaluate",
+)
+
+
+def available() -> bool:
+    """Forking after torch is imported is what torch's own DataLoader workers do on Linux; macOS
+    frameworks are not fork-safe, so elsewhere every run starts a fresh Python."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+class Forked:
+    """A run forked by a warm process, with the part of `subprocess.Popen` the grid uses."""
+
+    def __init__(self, pid: int, report):
+        self.pid = pid
+        self.returncode: int | None = None
+        self._ended = threading.Event()
+        threading.Thread(target=self._await, args=(report,), daemon=True).start()
+
+    def _await(self, report) -> None:
+        self.returncode = report()
+        self._ended.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(f"run {self.pid}", timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # it ended between the check and the signal
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Warm:
+    """One warm process for one worker slot, started with the slot's environment (its share of the
+    cores, its GPU) so that torch reads them before it is imported."""
+
+    def __init__(self, env: dict):
+        from escarda_lab.grid.launch import die_with_parent
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "escarda_lab.grid.warm"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            preexec_fn=die_with_parent,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def start(self, argv: list[str], log: str) -> Forked | None:
+        """Fork a child running `python -m *argv` with its output appended to `log`; None when this
+        warm process is gone (the caller starts a fresh Python instead)."""
+        try:
+            self.proc.stdin.write(json.dumps({"argv": argv, "log": log}) + "\n")
+            self.proc.stdin.flush()
+            started = self._read()
+        except (OSError, ValueError):
+            started = None
+        if started is None:
+            self.close()
+            return None
+        return Forked(started["pid"], self._ended)
+
+    def _read(self) -> dict | None:
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def _ended(self) -> int | None:
+        got = self._read()
+        if got is None:  # the warm process died with its child: PR_SET_PDEATHSIG SIGTERMed the child
+            self.close()
+            return -signal.SIGTERM
+        return got["returncode"]
+
+    def close(self) -> None:
+        """EOF ends the warm process once its child (if any) has ended."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+def serve() -> None:
+    """The warm process: preload, then fork one child per request and report how it ended."""
+    import importlib
+
+    sigint = signal.getsignal(signal.SIGINT)  # as the grid left it (ignored in a background job)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the children; the grid stops them
+    for name in PRELOAD:
+        importlib.import_module(name)
+    reply = sys.stdout
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            child(request, sigint)
+        reply.write(json.dumps({"pid": pid}) + "\n")
+        reply.flush()
+        _, status = os.waitpid(pid, 0)
+        reply.write(json.dumps({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+        reply.flush()
+
+
+def child(request: dict, sigint) -> None:
+    """In the forked child: become `python -m argv...` with stdout and stderr in the log; never
+    returns."""
+    import runpy
+    import traceback
+
+    import escarda_lab
+    from escarda_lab.conditions import FORKED
+    from escarda_lab.grid.launch import die_with_parent
+
+    code = 1
+    try:
+        die_with_parent()
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the request pipe stays the warm process's
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.close(null)
+        sys.stdin = open(os.devnull)
+        escarda_lab.STARTED = time.perf_counter()  # this run's start-up counts from the fork
+        os.environ[FORKED] = "1"
+        sys.argv = list(request["argv"])
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    serve()
