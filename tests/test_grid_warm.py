@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -132,3 +133,18 @@ def test_a_forked_grid_run_gives_the_same_numbers_as_a_fresh_one(corpus, tmp_pat
         for key in ["val_bpb", "val_loss", "val_acc", "val_batch_bpb", "step"]:
             assert rec[key] == fresh[key], (run, key)
         assert rec["conditions"]["forked"] and not fresh["conditions"]["forked"]
+
+
+def test_a_grid_whose_warm_process_cannot_start_runs_each_run_fresh(corpus, tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(Warm, "COMMAND", [sys.executable, "-c", "raise SystemExit(1)"])
+    path = tmp_path / "g.yaml"
+    path.write_text(GRID.format(root=ROOT, name="cold", start="fork").replace("parallel: 2", "parallel: 1"))
+    with caplog.at_level(logging.INFO, logger="escarda_lab"):
+        assert main([str(path), *tiny_overrides(corpus, tmp_path / "runs")]) == 0
+    lines = (tmp_path / "runs" / "cold" / "results.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["status"] for r in recs] == ["finished", "finished"]
+    assert not any(r["conditions"]["forked"] for r in recs)
+    assert "ended before its first run: each run starts a fresh Python" in caplog.text

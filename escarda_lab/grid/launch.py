@@ -287,12 +287,19 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
         if g.start == "fork" and not warm_available() and todo:
             echo("grid.start: fork needs Linux: each run starts a fresh Python")
 
+        cold = threading.Event()  # set once a warm process could not start a run: fresh Pythons from then on
+
         def warm_for(i: int) -> Warm | None:
-            if g.start != "fork" or not warm_available():
+            if g.start != "fork" or not warm_available() or cold.is_set():
                 return None
-            if i not in warms or not warms[i].alive():
-                warms[i] = Warm(child_env(len(slots), slots[i]))
-            return warms[i]
+            w = warms.get(i)
+            if w is not None and not w.alive() and not w.served:
+                cold.set()
+                echo("grid.start: fork: a warm process ended before its first run: each run starts a fresh Python")
+                return None
+            if w is None or not w.alive():
+                w = warms[i] = Warm(child_env(len(slots), slots[i]))
+            return w
 
         def job(r: Run) -> dict:
             i = free.get()  # a worker holds one slot (GPU share) for the run's whole life

@@ -76,17 +76,20 @@ class Warm:
     """One warm process for one worker slot, started with the slot's environment (its share of the
     cores, its GPU) so that torch reads them before it is imported."""
 
+    COMMAND = [sys.executable, "-m", "escarda_lab.grid.warm"]
+
     def __init__(self, env: dict):
         from escarda_lab.grid.launch import die_with_parent
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "escarda_lab.grid.warm"],
+            self.COMMAND,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
             text=True,
             preexec_fn=die_with_parent,
         )
+        self.served = 0  # runs forked so far: a warm process that dies before its first cannot start runs
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -103,6 +106,7 @@ class Warm:
         if started is None:
             self.close()
             return None
+        self.served += 1
         return Forked(started["pid"], self._ended)
 
     def _read(self) -> dict | None:
@@ -130,8 +134,15 @@ def serve() -> None:
 
     sigint = signal.getsignal(signal.SIGINT)  # as the grid left it (ignored in a background job)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the children; the grid stops them
+    # CUDA cannot be used in a child forked after it was initialised: ask NVML, not the driver,
+    # whether a GPU is there, and refuse (the grid then starts fresh Pythons) if anything did
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     for name in PRELOAD:
         importlib.import_module(name)
+    import torch
+
+    if torch.cuda.is_initialized():
+        sys.exit("escarda_lab.grid.warm: CUDA was initialised while importing; runs start fresh")
     reply = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)
