@@ -84,19 +84,6 @@ def worker_slots(g: GridConfig, echo=print) -> list[str | None]:
     return [gpu for gpu in gpus for _ in range(g.per_gpu)]
 
 
-def die_with_parent() -> None:
-    """In a child process (Linux): receive SIGTERM when the thread that started it dies, however
-    it dies, so no orphan keeps training (SIGTERM makes a run checkpoint and stop; a rerun resumes).
-    The grid's worker threads live as long as the grid."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except OSError:  # not Linux: a killed grid leaves its children running, as before
-        pass
-
-
 def run_one(
     config_path: str,
     parallel: int = 1,
@@ -109,6 +96,8 @@ def run_one(
     evaluate it if asked; all output is appended to log.txt in the run folder. `started` is told
     each child process as it starts (and None when it ended), so its caller can stop it. With a
     `warm` process (escarda_lab.grid.warm) each child is forked from it instead of a new Python."""
+    from escarda_lab.grid.warm import die_with_parent
+
     folder = Path(config_path).parent
     t0 = time.perf_counter()
     commands = [["escarda_lab.run", config_path]]

@@ -40,6 +40,19 @@ def available() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork")
 
 
+def die_with_parent() -> None:
+    """In a child process (Linux): receive SIGTERM when the thread that started it dies, however
+    it dies, so no orphan keeps training (SIGTERM makes a run checkpoint and stop; a rerun resumes).
+    The grid's worker threads live as long as the grid."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:  # not Linux: a killed grid leaves its children running, as before
+        pass
+
+
 class Forked:
     """A run forked by a warm process, with the part of `subprocess.Popen` the grid uses."""
 
@@ -79,8 +92,6 @@ class Warm:
     COMMAND = [sys.executable, "-m", "escarda_lab.grid.warm"]
 
     def __init__(self, env: dict):
-        from escarda_lab.grid.launch import die_with_parent
-
         self.proc = subprocess.Popen(
             self.COMMAND,
             stdin=subprocess.PIPE,
@@ -166,7 +177,6 @@ def child(request: dict, sigint) -> None:
 
     import escarda_lab
     from escarda_lab.conditions import FORKED
-    from escarda_lab.grid.launch import die_with_parent
 
     code = 1
     try:
