@@ -361,13 +361,20 @@ def compare_folders(
     first name is the baseline; runs of two names pair on their common seeds. Returns the verdict
     table, the plan (with each run's folder) and the runs."""
     rows, names, folders = [], [], []
+    # a run's name is its variant folder's; two folders of one name from different grids (the
+    # same variant under two recipes) are told apart by the grid folder above them
+    variant_dirs = {raw: (Path(raw).parent if Path(raw).name.startswith("seed") else Path(raw)) for raw in paths}
+    owners: dict[str, set] = {}
+    for d in variant_dirs.values():
+        owners.setdefault(d.name, set()).add(d.resolve())
     for raw in paths:
         path = Path(raw)
         runs = [path] if (path / "metrics.json").exists() else sorted(path.glob("seed*/"))
         runs = [r for r in runs if (r / "metrics.json").exists()]
         if not runs:
             raise DataError(raw, None, "no finished run here (no metrics.json)", "pass run folders or grid folders")
-        name = path.parent.name if path.name.startswith("seed") else path.name
+        d = variant_dirs[raw]
+        name = d.name if len(owners[d.name]) == 1 else f"{d.parent.name}/{d.name}"
         if name not in names:
             names.append(name)
         for r in runs:

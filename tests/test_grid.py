@@ -88,6 +88,19 @@ def test_compare_takes_run_folders_outside_a_grid(finished_grid, capsys):
     assert "add --out DIR" in out  # says that nothing was written, and how to write it
 
 
+def test_compare_tells_apart_two_variants_of_one_name_from_two_grids(finished_grid, tmp_path, capsys):
+    import shutil
+
+    from escarda_lab.compare import main as compare_main
+
+    _, _, grid_dir = finished_grid
+    other = tmp_path / "other_grid" / "full"
+    shutil.copytree(grid_dir / "xsa", other)  # the same variant name under another grid
+    assert compare_main([str(grid_dir / "full"), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert f"Runs compared: `{grid_dir.name}/full`, `other_grid/full`" in out and "2/2" in out
+
+
 def test_compare_out_writes_the_run_folders_comparison_with_its_curves(finished_grid, tmp_path, capsys):
     from escarda_lab.compare import main as compare_main
 
@@ -105,8 +118,10 @@ def test_compare_out_writes_the_run_folders_comparison_with_its_curves(finished_
 def test_rerunning_a_finished_grid_skips_every_run(finished_grid):
     path, over, grid_dir = finished_grid
     before = {p: p.stat().st_mtime_ns for p in grid_dir.rglob("metrics.json")}
+    walls = {(r["run"], r["seed"]): r["wall_s"] for r in results(grid_dir)}
     assert main([str(path), *over]) == 0
     assert all(r.get("skipped") for r in results(grid_dir))
+    assert {(r["run"], r["seed"]): r["wall_s"] for r in results(grid_dir)} == walls  # what training took stays
     assert {p: p.stat().st_mtime_ns for p in grid_dir.rglob("metrics.json")} == before
 
 
@@ -311,7 +326,7 @@ def test_sequential_seeds_stop_a_decided_comparison_and_grow_the_undecided_one(c
     grid.run_grid(write(tmp_path, SEQUENTIAL), tiny_overrides(corpus, tmp_path / "runs"), echo=lines.append)
     seeds = {name: sorted(s for n, s in trained if n == name) for name in ("full", "big", "same")}
     assert seeds == {"full": list(range(8)), "big": [0, 1, 2, 3], "same": list(range(8))}
-    assert any(line.startswith("look 1/3 at 4 seeds: decided big (hurts)") for line in lines), lines
+    assert any(line.startswith("look 1/3 at 4 seeds: decided big (hurts at look 1)") for line in lines), lines
     md = compare.write(tmp_path / "runs" / "g")["md"].read_text()
     assert "**Sequential seeds.** Looks at [4, 6, 8]" in md and "| `big` " in md
 

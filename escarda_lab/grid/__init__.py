@@ -129,7 +129,10 @@ def train_looks(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> l
         family = table[summary.in_family(table)]
         verdicts = dict(zip(family.variant, table.loc[family.index, "verdict"]))
         open_ = [name for name, d in zip(family.variant, decisions) if not d.verdict]
-        decided = [f"{name} ({verdicts[name]})" for name, d in zip(family.variant, decisions) if d.verdict]
+        # a rerun finds later looks' seeds already trained: each decision says the look it was made at
+        decided = [
+            f"{name} ({verdicts[name]} at look {d.look + 1})" for name, d in zip(family.variant, decisions) if d.verdict
+        ]
         echo(
             f"look {k + 1}/{len(looks)} at {n} seeds: decided {', '.join(decided) or 'none'}; "
             f"undecided {', '.join(open_) or 'none'}"

@@ -255,7 +255,9 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
         if problem:
             save(r, {**record(r, grid_dir, {}), "status": "failed", "error": problem})
         elif m.get("status") == "finished" and (not g.evaluate or (r.folder / "eval.json").exists()):
-            save(r, record(r, grid_dir, {"skipped": True}))
+            trained = earlier.get((r.cfg.name, r.seed), {})  # what the call that trained it measured
+            kept = {k: trained[k] for k in ("wall_s", "returncode", "job_id") if k in trained}
+            save(r, record(r, grid_dir, {"skipped": True, **kept}))
         else:
             todo.append(r)
     if g.launcher == "submitit":
