@@ -302,7 +302,7 @@ def bench(cfgs: list, tokens: data.TokenData, steps: int, rounds: int, warmup: i
     device = device_of(base)
     tokens_per_step = base.data.batch_size * base.data.seq_len
     probe = accounting.probe_kind(base)
-    before = conditions.measure(device.type)
+    before = conditions.measure(device.type, torch.get_num_threads())
     peak_before = accounting.matmul_peak_flops(**probe)
     loop: dict[str, list[float]] = {"pytorch": [], "lightning": []}
     train: list[list[float]] = [[] for _ in cfgs]

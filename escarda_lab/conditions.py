@@ -19,16 +19,20 @@ def load() -> float:
         return float("nan")
 
 
-def measure(device: str) -> dict:
-    """Now: the 1-minute load average, the cores, the runs sharing the machine, the device, and
-    whether the run was forked from a warm process (its start-up then holds no imports)."""
-    return {
+def measure(device: str, threads: int | None = None) -> dict:
+    """Now: the 1-minute load average, the cores, the runs sharing the machine, the device, whether
+    the run was forked from a warm process (its start-up then holds no imports) and the threads it
+    computes with (torch's intra-op threads: the load it puts on the machine itself)."""
+    cond = {
         "load": load(),
         "cpus": os.cpu_count() or 1,
         "runs_at_once": int(os.environ.get(RUNS_AT_ONCE, "1")),
         "device": device,
         "forked": os.environ.get(FORKED) == "1",
     }
+    if threads is not None:
+        cond["threads"] = int(threads)
+    return cond
 
 
 def why_noisy(cond: dict | None, rounds: int | None = None) -> str:
@@ -43,8 +47,11 @@ def why_noisy(cond: dict | None, rounds: int | None = None) -> str:
     if shared > 1 and cond.get("device", "cpu") == "cpu":
         reasons.append(f"{shared} runs shared {cond.get('cpus')} cores")
     busy = max(cond.get("load", 0) or 0, cond.get("load_end", 0) or 0)
-    expected = shared if shared > 1 else 0  # the load the grid's own parallel runs put there (said above)
-    if cond.get("device", "cpu") == "cpu" and busy > BUSY * cond.get("cpus", 1) + expected:
+    # the load the measurement's own processes put there: its runs' threads (the load at the end
+    # includes them); records older than `threads` count only a grid's parallel runs
+    threads = cond.get("threads")
+    ours = min(cond.get("cpus", 1), shared * threads) if threads else (shared if shared > 1 else 0)
+    if cond.get("device", "cpu") == "cpu" and busy > BUSY * cond.get("cpus", 1) + ours:
         reasons.append(f"load {busy:.1f} on {cond.get('cpus')} cores")
     return "; ".join(reasons)
 

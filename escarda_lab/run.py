@@ -176,7 +176,7 @@ def fit(cfg, source: str, folder: Path, tokens, resolved: str, clock: dict | Non
         "compiled": t.compile,
         "flops_per_token": module.flops_per_token,
         "peak_flops": peak,
-        "conditions": conditions.measure(trainer.strategy.root_device.type),
+        "conditions": conditions.measure(trainer.strategy.root_device.type, torch.get_num_threads()),
         "git_commit": git_commit(),
     }
     if trainer.is_global_zero:

@@ -24,6 +24,16 @@ def test_a_busy_machine_before_the_run_is_noisy():
     assert "load 3.0 on 2 cores" in why_noisy({**QUIET, "load": 3.0})
 
 
+def test_the_load_a_measurement_puts_there_itself_is_not_other_work():
+    alone = {**QUIET, "load": 0.0, "load_end": 2.0, "threads": 2}  # one process computing on both cores
+    assert why_noisy(alone) == ""
+    assert "load 3.5 on 2 cores" in why_noisy({**alone, "load": 3.5})  # more than itself: other work ran
+
+
+def test_a_measurement_records_its_threads():
+    assert measure("cpu", threads=2)["threads"] == 2 and "threads" not in measure("cpu")
+
+
 def test_fewer_than_three_benchmark_rounds_are_noisy():
     assert why_noisy(QUIET, rounds=1) == "1 round (< 3)" and why_noisy(QUIET, rounds=3) == ""
 
