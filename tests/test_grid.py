@@ -172,6 +172,7 @@ def test_grid_evaluate_scores_finished_runs_and_compare_reports_it(finished_grid
     recs = results(grid_dir)
     assert all(0 <= r["eval/minimal_pairs"] <= 1 and "eval/mc/acc" in r for r in recs)
     assert all(not r.get("skipped") for r in recs)  # training skipped, evaluation ran
+    assert all(sum(r["timings"].values()) <= r["wall_s"] and r["eval_wall_s"] > 0 for r in recs)  # each its own
     md = report.markdown(summary.summarize(summary.load_runs(grid_dir)), summary.load_plan(grid_dir), 0.05)
     assert "Evaluations" in md and "minimal_pairs" in md
 

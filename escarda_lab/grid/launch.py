@@ -19,7 +19,7 @@ from typing import Any
 from escarda_lab.conditions import RUNS_AT_ONCE
 from escarda_lab.errors import ConfigError
 from escarda_lab.grid.expand import Run
-from escarda_lab.grid.record import prepare_folder, record, varied_keys
+from escarda_lab.grid.record import prepare_folder, record, remember_training, training_measured, varied_keys
 from escarda_lab.grid.spec import GridConfig
 from escarda_lab.io import atomic_write, read_json, read_jsonl
 from escarda_lab.records import fixed_seconds
@@ -161,7 +161,7 @@ class RequeueableRun:
         return submitit.helpers.DelayedSubmission(RequeueableRun(), *args)
 
 
-def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> None:
+def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save, outcome_of=lambda r, o: o) -> None:
     """One SLURM job array (or submitit's local executor): each task runs `run_one`."""
     try:
         import submitit
@@ -199,7 +199,7 @@ def launch_submitit(g: GridConfig, todo: list[Run], grid_dir: Path, save) -> Non
             outcome = {**job.result(), "job_id": job.job_id}
         except Exception as e:  # the job itself died (timeout, preemption, node failure)
             outcome = {"returncode": None, "job_id": job.job_id, "job_error": str(e).splitlines()[0][:300]}
-        save(r, record(r, grid_dir, outcome))
+        save(r, record(r, grid_dir, outcome_of(r, outcome)))
 
 
 def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> list[dict]:
@@ -247,7 +247,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 )
             )
 
-    todo = []
+    todo, evaluating = [], {}  # evaluating: finished runs this call only evaluates
     varied = varied_keys(runs)
     for r in runs:
         problem = prepare_folder(r, varied)
@@ -255,13 +255,22 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
         if problem:
             save(r, {**record(r, grid_dir, {}), "status": "failed", "error": problem})
         elif m.get("status") == "finished" and (not g.evaluate or (r.folder / "eval.json").exists()):
-            trained = earlier.get((r.cfg.name, r.seed), {})  # what the call that trained it measured
-            kept = {k: trained[k] for k in ("wall_s", "returncode", "job_id") if k in trained}
-            save(r, record(r, grid_dir, {"skipped": True, **kept}))
+            save(r, record(r, grid_dir, {"skipped": True, **training_measured(r)}))
         else:
+            if m.get("status") == "finished":
+                evaluating[(r.cfg.name, r.seed)] = training_measured(r)
             todo.append(r)
+
+    def outcome_of(r: Run, outcome: dict) -> dict:
+        """A run that was only evaluated keeps its training's wall time; the evaluation's is its own."""
+        if (r.cfg.name, r.seed) not in evaluating:
+            remember_training(r, outcome)
+            return outcome
+        out = {k: v for k, v in outcome.items() if k != "wall_s"}
+        return {**out, "eval_wall_s": outcome.get("wall_s"), **evaluating[(r.cfg.name, r.seed)]}
+
     if g.launcher == "submitit":
-        launch_submitit(g, todo, grid_dir, save)
+        launch_submitit(g, todo, grid_dir, save, outcome_of)
     else:
         slots = worker_slots(g, echo)
         free: queue.SimpleQueue = queue.SimpleQueue()
@@ -318,7 +327,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
         try:
             futures = [pool.submit(job, r) for r in todo]
             for r, f in zip(todo, futures):
-                save(r, record(r, grid_dir, f.result()))
+                save(r, record(r, grid_dir, outcome_of(r, f.result())))
         except BaseException:  # Ctrl-C or SIGTERM to the grid: every running run checkpoints and stops
             stopping.set()
             for r, child in list(live.values()):

@@ -155,8 +155,27 @@ def prepare_folder(r: Run, varied: list[str] = ()) -> str | None:
     if not (r.folder / "config.yaml").exists():
         atomic_write(r.folder / "config.yaml", text)
     flat = config.flatten(r.cfg)
-    write_json(
-        r.folder / "grid_run.json",
-        {"variant": r.variant.name, "seed": r.seed, "varied": {k: flat.get(k) for k in varied}},
-    )
+    info = {"variant": r.variant.name, "seed": r.seed, "varied": {k: flat.get(k) for k in varied}}
+    trained = (read_json(r.folder / "grid_run.json") or {}).get("trained")
+    write_json(r.folder / "grid_run.json", {**info, **({"trained": trained} if trained else {})})
     return None
+
+
+def remember_training(r: Run, outcome: dict) -> None:
+    """Keep in grid_run.json what the call that trained the run measured (its wall time and the
+    training seconds it belongs to): later calls that skip or only evaluate it record the same."""
+    m = read_json(r.folder / "metrics.json") or {}
+    if m.get("status") == "finished" and isinstance(outcome.get("wall_s"), (int, float)):
+        info = read_json(r.folder / "grid_run.json") or {}
+        info["trained"] = {"wall_s": outcome["wall_s"], "train_seconds": m.get("train_seconds")}
+        write_json(r.folder / "grid_run.json", info)
+
+
+def training_measured(r: Run) -> dict:
+    """The wall time of the call that trained a finished run, unless it was trained again since
+    (by hand: its training seconds differ); {} when no grid call measured it."""
+    trained = (read_json(r.folder / "grid_run.json") or {}).get("trained") or {}
+    m = read_json(r.folder / "metrics.json") or {}
+    if trained.get("train_seconds") != m.get("train_seconds") or "wall_s" not in trained:
+        return {}
+    return {"wall_s": trained["wall_s"]}
