@@ -148,3 +148,34 @@ def test_a_grid_whose_warm_process_cannot_start_runs_each_run_fresh(corpus, tmp_
     assert [r["status"] for r in recs] == ["finished", "finished"]
     assert not any(r["conditions"]["forked"] for r in recs)
     assert "ended before its first run: each run starts a fresh Python" in caplog.text
+
+
+def test_a_killed_grid_leaves_no_run_training(corpus, tmp_path):
+    """SIGKILL to the grid: its warm process dies with it, and the run forked from that process
+    gets SIGTERM in turn, checkpoints and stops (PR_SET_PDEATHSIG at both steps)."""
+    import subprocess
+
+    from escarda_lab.io import read_json
+
+    path = tmp_path / "g.yaml"
+    path.write_text(f"extends: {ROOT}/experiments/vanilla.yaml\nname: g\ngrid: {{seeds: [0], start: fork}}\n")
+    over = tiny_overrides(corpus, tmp_path / "runs", **{"train.max_steps": 3000, "train.checkpoint_every": 50})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    grid = subprocess.Popen(
+        [sys.executable, "-m", "escarda_lab.run", str(path), *over],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    folder = tmp_path / "runs" / "g" / "full" / "seed0"
+    assert until(lambda: (folder / "last.ckpt").exists(), 120)  # the run is under way
+    pid = int((folder / ".pid").read_text())
+    grid.kill()
+    grid.wait()
+
+    def stopped() -> bool:
+        return (read_json(folder / "metrics.json") or {}).get("status") == "interrupted"
+
+    assert until(stopped, 60)
+    assert until(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text())

@@ -1,7 +1,7 @@
 """Warm starts for a grid's runs: one process per worker slot imports torch, Lightning and the
 model once, then forks a child for each run. A child is a new process, as with a fresh
 `python -m escarda_lab.run` (its own memory, seeds, signals and exit code), minus the seconds of
-imports: 3.6 of a flagship run's 53 s on this 2-core machine (`grid.start: fresh` restores one
+imports: 3.7 of a flagship run's 59 s on a 2-core machine (`grid.start: fresh` restores one
 Python per run).
 
 The grid talks to a warm process over its stdin/stdout, one JSON line each way:
