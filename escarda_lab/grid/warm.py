@@ -45,7 +45,6 @@ def die_with_parent() -> None:
     it dies, so no orphan keeps training (SIGTERM makes a run checkpoint and stop; a rerun resumes).
     The grid's worker threads live as long as the grid."""
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
@@ -159,9 +158,10 @@ def serve() -> None:
         request = json.loads(line)
         reply.flush()
         sys.stderr.flush()
+        warm = os.getpid()
         pid = os.fork()
         if pid == 0:
-            child(request, sigint)
+            child(request, sigint, warm)
         reply.write(json.dumps({"pid": pid}) + "\n")
         reply.flush()
         _, status = os.waitpid(pid, 0)
@@ -169,7 +169,7 @@ def serve() -> None:
         reply.flush()
 
 
-def child(request: dict, sigint) -> None:
+def child(request: dict, sigint, warm: int) -> None:
     """In the forked child: become `python -m argv...` with stdout and stderr in the log; never
     returns."""
     import runpy
@@ -181,6 +181,8 @@ def child(request: dict, sigint) -> None:
     code = 1
     try:
         die_with_parent()
+        if os.getppid() != warm:  # the warm process died before the line above took effect
+            os._exit(128 + signal.SIGTERM)
         signal.signal(signal.SIGINT, sigint)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
