@@ -278,28 +278,11 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
             free.put(i)
         live: dict[int, tuple[Run, subprocess.Popen]] = {}  # by worker thread: the child it waits on
         stopping = threading.Event()
-        # by slot: the process its runs fork from (grid.start: fork); imported here, not at the top,
-        # so that `python -m escarda_lab.grid.warm` runs a module the package has not imported
-        from escarda_lab.grid.warm import Warm
-        from escarda_lab.grid.warm import available as warm_available
+        # imported here, not at the top, so that `python -m escarda_lab.grid.warm` runs a module
+        # the package has not imported
+        from escarda_lab.grid.warm import WarmPool
 
-        warms: dict[int, Warm] = {}
-        if g.start == "fork" and not warm_available() and todo:
-            echo("grid.start: fork needs Linux: each run starts a fresh Python")
-
-        cold = threading.Event()  # set once a warm process could not start a run: fresh Pythons from then on
-
-        def warm_for(i: int) -> Warm | None:
-            if g.start != "fork" or not warm_available() or cold.is_set():
-                return None
-            w = warms.get(i)
-            if w is not None and not w.alive() and not w.served:
-                cold.set()
-                echo("grid.start: fork: a warm process ended before its first run: each run starts a fresh Python")
-                return None
-            if w is None or not w.alive():
-                w = warms[i] = Warm(child_env(len(slots), slots[i]))
-            return w
+        warm = WarmPool(g.start == "fork" and bool(todo), [child_env(len(slots), gpu) for gpu in slots], echo)
 
         def job(r: Run) -> dict:
             i = free.get()  # a worker holds one slot (GPU share) for the run's whole life
@@ -317,7 +300,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                         live[me] = (r, child)
 
                 config_path = str(r.folder / "config.yaml")
-                return run_one(config_path, len(slots), evaluate_args(g.evaluate), gpu, track, warm_for(i))
+                return run_one(config_path, len(slots), evaluate_args(g.evaluate), gpu, track, warm.for_slot(i))
             finally:
                 free.put(i)
 
@@ -337,8 +320,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
-            for w in warms.values():
-                w.close()
+            warm.close()
         pool.shutdown()
         if todo:
             hours = (time.perf_counter() - t0) / 3600
@@ -352,7 +334,7 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
                 if fixed and walls and sum(walls) > 0
                 else ""
             )
-            how = ", each forked from a warm process" if warms else ", each a fresh Python"
+            how = ", each forked from a warm process" if warm.used else ", each a fresh Python"
             echo(f"{len(todo)} run(s) in {60 * hours:.1f} min, {len(slots)} at a time{how}: {rate:.1f} runs/hour{cost}")
             split = phase_line(recs)
             if split:

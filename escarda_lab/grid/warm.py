@@ -138,6 +138,41 @@ class Warm:
             pass
 
 
+class WarmPool:
+    """A grid's warm processes, one per worker slot, each started on its slot's first run (and
+    again if it died after serving runs). Once one dies before its first run, warm starts are not
+    working here: every later run starts a fresh Python, said once."""
+
+    def __init__(self, wanted: bool, envs: list[dict], echo=print):
+        self.envs, self.echo = envs, echo
+        self.warms: dict[int, Warm] = {}
+        self.cold = threading.Event()
+        self.on = wanted and available()
+        if wanted and not available():
+            echo("grid.start: fork needs Linux: each run starts a fresh Python")
+
+    @property
+    def used(self) -> bool:
+        return bool(self.warms)
+
+    def for_slot(self, i: int) -> Warm | None:
+        """Slot i's warm process, or None: start the run as a fresh Python. One thread per slot."""
+        if not self.on or self.cold.is_set():
+            return None
+        w = self.warms.get(i)
+        if w is not None and not w.alive() and not w.served:
+            self.cold.set()
+            self.echo("grid.start: fork: a warm process ended before its first run: each run starts a fresh Python")
+            return None
+        if w is None or not w.alive():
+            w = self.warms[i] = Warm(self.envs[i])
+        return w
+
+    def close(self) -> None:
+        for w in self.warms.values():
+            w.close()
+
+
 def serve() -> None:
     """The warm process: preload, then fork one child per request and report how it ended."""
     import importlib
