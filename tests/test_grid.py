@@ -14,7 +14,7 @@ import pytest
 
 from escarda_lab import grid
 from escarda_lab.errors import ConfigError
-from escarda_lab.io import read_json
+from escarda_lab.io import read_json, write_json
 from escarda_lab.run import main
 from tests.conftest import ROOT, tiny_overrides
 
@@ -119,6 +119,8 @@ def test_rerunning_a_finished_grid_skips_every_run(finished_grid):
     path, over, grid_dir = finished_grid
     before = {p: p.stat().st_mtime_ns for p in grid_dir.rglob("metrics.json")}
     walls = {(r["run"], r["seed"]): r["wall_s"] for r in results(grid_dir)}
+    legacy = read_json(grid_dir / "full" / "seed0" / "grid_run.json")  # as a run trained before it kept "trained"
+    write_json(grid_dir / "full" / "seed0" / "grid_run.json", {k: v for k, v in legacy.items() if k != "trained"})
     assert main([str(path), *over]) == 0
     assert all(r.get("skipped") for r in results(grid_dir))
     assert {(r["run"], r["seed"]): r["wall_s"] for r in results(grid_dir)} == walls  # what training took stays
@@ -328,6 +330,7 @@ def test_sequential_seeds_stop_a_decided_comparison_and_grow_the_undecided_one(c
     seeds = {name: sorted(s for n, s in trained if n == name) for name in ("full", "big", "same")}
     assert seeds == {"full": list(range(8)), "big": [0, 1, 2, 3], "same": list(range(8))}
     assert any(line.startswith("look 1/3 at 4 seeds: decided big (hurts at look 1)") for line in lines), lines
+    assert any(line.startswith("20/24 runs finished") for line in lines), lines  # 8 + 4 + 8 of 3 x 8
     md = compare.write(tmp_path / "runs" / "g")["md"].read_text()
     assert "**Sequential seeds.** Looks at [4, 6, 8]" in md and "| `big` " in md
 

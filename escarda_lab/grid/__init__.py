@@ -32,6 +32,7 @@ from escarda_lab.grid.matching import flops_per_token, params_of, resolve, train
 from escarda_lab.grid.record import plan_table, write_plan
 from escarda_lab.grid.spec import GridConfig
 from escarda_lab.grid.tuning import beyond_edge, pick_tuned
+from escarda_lab.io import read_json
 
 __all__ = [
     "Expansion",
@@ -101,7 +102,8 @@ def run_grid(
     grid_dir.mkdir(parents=True, exist_ok=True)
     write_plan(g, runs, grid_dir, str(path), tuned)
     results = train_runs(g, runs, grid_dir, echo) if g.sequential is None else train_looks(g, runs, grid_dir, echo)
-    done = sum(rec["status"] == "finished" for rec in results)
+    # from the run folders: a resumed sequential grid does not walk the seeds earlier looks settled
+    done = sum((read_json(r.folder / "metrics.json") or {}).get("status") == "finished" for r in runs)
     echo(f"{done}/{len(runs)} runs finished; compare them with `python -m escarda_lab.compare {grid_dir}`")
     return results
 

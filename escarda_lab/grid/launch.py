@@ -252,13 +252,14 @@ def train_runs(g: GridConfig, runs: list[Run], grid_dir: Path, echo=print) -> li
     for r in runs:
         problem = prepare_folder(r, varied)
         m = read_json(r.folder / "metrics.json") or {}
+        line = earlier.get((r.cfg.name, r.seed))  # its results.jsonl line, if any
         if problem:
             save(r, {**record(r, grid_dir, {}), "status": "failed", "error": problem})
         elif m.get("status") == "finished" and (not g.evaluate or (r.folder / "eval.json").exists()):
-            save(r, record(r, grid_dir, {"skipped": True, **training_measured(r)}))
+            save(r, record(r, grid_dir, {"skipped": True, **training_measured(r, line)}))
         else:
             if m.get("status") == "finished":
-                evaluating[(r.cfg.name, r.seed)] = training_measured(r)
+                evaluating[(r.cfg.name, r.seed)] = training_measured(r, line)
             todo.append(r)
 
     def outcome_of(r: Run, outcome: dict) -> dict:

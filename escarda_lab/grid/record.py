@@ -171,11 +171,17 @@ def remember_training(r: Run, outcome: dict) -> None:
         write_json(r.folder / "grid_run.json", info)
 
 
-def training_measured(r: Run) -> dict:
+def training_measured(r: Run, earlier: dict | None = None) -> dict:
     """The wall time of the call that trained a finished run, unless it was trained again since
-    (by hand: its training seconds differ); {} when no grid call measured it."""
-    trained = (read_json(r.folder / "grid_run.json") or {}).get("trained") or {}
+    (by hand: its training seconds differ); {} when no grid call measured it. `earlier`, the run's
+    results.jsonl line, serves runs trained before grid_run.json kept it (and is kept there now)."""
+    info = read_json(r.folder / "grid_run.json") or {}
     m = read_json(r.folder / "metrics.json") or {}
-    if trained.get("train_seconds") != m.get("train_seconds") or "wall_s" not in trained:
+    trained = info.get("trained")
+    if not trained and earlier and isinstance(earlier.get("wall_s"), (int, float)):
+        trained = {"wall_s": earlier["wall_s"], "train_seconds": earlier.get("train_seconds")}
+        if trained["train_seconds"] == m.get("train_seconds") and info:
+            write_json(r.folder / "grid_run.json", {**info, "trained": trained})
+    if not trained or trained.get("train_seconds") != m.get("train_seconds") or "wall_s" not in trained:
         return {}
     return {"wall_s": trained["wall_s"]}
