@@ -17,7 +17,7 @@ from omegaconf import errors as oc_errors
 
 from escarda_lab import probes, registry
 from escarda_lab.errors import ConfigError
-from escarda_lab.io import flatten  # noqa: F401 (config.flatten, used by run_folder and run)
+from escarda_lab.io import flatten  # noqa: F401 (config.flatten: the grid, run and run_folder call it so)
 from escarda_lab.probes import ProbeConfig
 from escarda_lab.registry import bounded
 from escarda_lab.validation import unknown_key, validate, wrong_type

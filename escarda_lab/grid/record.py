@@ -180,8 +180,8 @@ def training_measured(r: Run, earlier: dict | None = None) -> dict:
     trained = info.get("trained")
     if not trained and earlier and isinstance(earlier.get("wall_s"), (int, float)):
         trained = {"wall_s": earlier["wall_s"], "train_seconds": earlier.get("train_seconds")}
-        if trained["train_seconds"] == m.get("train_seconds") and info:
-            write_json(r.folder / "grid_run.json", {**info, "trained": trained})
-    if not trained or trained.get("train_seconds") != m.get("train_seconds") or "wall_s" not in trained:
+    if not trained or trained.get("train_seconds") != m.get("train_seconds"):
         return {}
+    if info and "trained" not in info:
+        write_json(r.folder / "grid_run.json", {**info, "trained": trained})
     return {"wall_s": trained["wall_s"]}

@@ -21,10 +21,9 @@ import sys
 import threading
 import time
 
-# What a run and its evaluation import: done once per warm process, inherited by every child.
+# What a run and its evaluation import (torch and Lightning with them): done once per warm
+# process, inherited by every child.
 PRELOAD = (
-    "torch",
-    "lightning",
     "lightning.pytorch.loggers",
     "escarda_lab.run",
     "escarda_lab.module",
